@@ -1,0 +1,3 @@
+// Precompiled header for translation units that use LibTorch.
+#include <torch/script.h>
+#include <torch/torch.h>
