@@ -48,6 +48,9 @@ class Checkpoint {
   const TensorEntry* Find(absl::string_view name) const;
   // Get returns the tensor `name`, or NOT_FOUND naming it.
   absl::StatusOr<TensorRef> Get(absl::string_view name) const;
+  // ReleasePages drops tensor `name`'s mapped pages from this process's
+  // resident set (see SafetensorsFile::ReleasePages). Views stay valid.
+  void ReleasePages(absl::string_view name) const;
   // Metadata returns the `__metadata__` of the first shard.
   const std::map<std::string, std::string>& Metadata() const;
   // TotalBytes returns the sum of tensor byte sizes.

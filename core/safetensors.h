@@ -86,6 +86,10 @@ class SafetensorsFile {
       absl::string_view name) const;
   // Bytes returns the bytes of an entry of this file's layout.
   absl::Span<const uint8_t> Bytes(const TensorEntry& entry) const;
+  // ReleasePages tells the kernel this process is done with `entry`'s pages
+  // (madvise MADV_DONTNEED). They stay in the page cache, but leave this
+  // process's resident set, so streaming over large files keeps RSS small.
+  void ReleasePages(const TensorEntry& entry) const;
 
  private:
   SafetensorsFile() = default;
@@ -132,12 +136,14 @@ class SafetensorsWriter {
 
   std::string path_;
   std::string temp_path_;
+  // fd_ and committed_ change only in Commit(), under mu_.
   int fd_ = -1;
   bool committed_ = false;
   SafetensorsLayout layout_;
   absl::Mutex mu_;
-  // Bytes written per tensor index; guards against silent holes.
-  std::vector<uint64_t> written_ ABSL_GUARDED_BY(mu_);
+  // Byte ranges [begin, end) written per tensor index (of layout_.tensors);
+  // guards against silent holes and overlapping writes.
+  std::vector<std::map<uint64_t, uint64_t>> written_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace mergeguard

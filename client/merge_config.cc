@@ -1,0 +1,463 @@
+#include "client/merge_config.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <cmath>
+#include <functional>
+#include <set>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "core/file_util.h"
+#include "core/status_macros.h"
+
+namespace mergeguard {
+namespace {
+
+absl::Status FieldError(const YAML::Node& node, absl::string_view field,
+                        absl::string_view problem) {
+  // yaml-cpp marks are 0-based; people count lines from 1.
+  int line = node.IsDefined() ? node.Mark().line + 1 : 0;
+  if (line > 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("line ", line, ": ", field, ": ", problem));
+  }
+  return absl::InvalidArgumentError(absl::StrCat(field, ": ", problem));
+}
+
+std::string Describe(const YAML::Node& node) {
+  if (node.IsScalar()) return absl::StrCat("\"", node.Scalar(), "\"");
+  if (node.IsSequence()) return "a list";
+  if (node.IsMap()) return "a mapping";
+  return "nothing";
+}
+
+absl::StatusOr<double> ReadNumber(const YAML::Node& node,
+                                  absl::string_view field) {
+  double value;
+  if (!node.IsScalar() || !YAML::convert<double>::decode(node, value) ||
+      !std::isfinite(value)) {
+    return FieldError(node, field,
+                      absl::StrCat("expected a number, got ", Describe(node)));
+  }
+  return value;
+}
+
+absl::StatusOr<int64_t> ReadInteger(const YAML::Node& node,
+                                    absl::string_view field) {
+  int64_t value;
+  if (!node.IsScalar() || !YAML::convert<int64_t>::decode(node, value)) {
+    return FieldError(
+        node, field, absl::StrCat("expected an integer, got ", Describe(node)));
+  }
+  return value;
+}
+
+absl::StatusOr<std::string> ReadString(const YAML::Node& node,
+                                       absl::string_view field) {
+  if (!node.IsScalar()) {
+    return FieldError(node, field,
+                      absl::StrCat("expected a string, got ", Describe(node)));
+  }
+  return node.Scalar();
+}
+
+absl::StatusOr<bool> ReadBool(const YAML::Node& node, absl::string_view field) {
+  bool value;
+  if (!node.IsScalar() || !YAML::convert<bool>::decode(node, value)) {
+    return FieldError(node, field,
+                      absl::StrCat("expected true or false, got ",
+                                   Describe(node)));
+  }
+  return value;
+}
+
+// ReadChoice reads a string that must be one of `choices`.
+absl::StatusOr<std::string> ReadChoice(
+    const YAML::Node& node, absl::string_view field,
+    const std::vector<std::string>& choices) {
+  ASSIGN_OR_RETURN(std::string value, ReadString(node, field));
+  value = absl::AsciiStrToLower(value);
+  for (const std::string& choice : choices) {
+    if (value == choice) return value;
+  }
+  return FieldError(node, field,
+                    absl::StrCat("expected one of ", absl::StrJoin(choices, ", "),
+                                 "; got \"", value, "\""));
+}
+
+// ParseByteSize accepts "512MB", "2GiB", "1000000" and the like.
+absl::StatusOr<uint64_t> ReadByteSize(const YAML::Node& node,
+                                      absl::string_view field) {
+  ASSIGN_OR_RETURN(std::string text, ReadString(node, field));
+  std::string digits;
+  size_t i = 0;
+  while (i < text.size() && (absl::ascii_isdigit(text[i]) || text[i] == '.')) {
+    digits += text[i++];
+  }
+  std::string unit = absl::AsciiStrToLower(
+      absl::StripAsciiWhitespace(absl::string_view(text).substr(i)));
+  double number;
+  if (digits.empty() || !absl::SimpleAtod(digits, &number)) {
+    return FieldError(node, field,
+                      absl::StrCat("expected a size such as 2GB, got \"", text,
+                                   "\""));
+  }
+  static const std::map<std::string, double> kUnits = {
+      {"", 1},           {"b", 1},          {"kb", 1e3},
+      {"mb", 1e6},       {"gb", 1e9},       {"kib", 1024.0},
+      {"mib", 1048576.0}, {"gib", 1073741824.0}};
+  auto it = kUnits.find(unit);
+  if (it == kUnits.end()) {
+    return FieldError(node, field,
+                      absl::StrCat("unknown size unit \"", unit,
+                                   "\" (use B, KB, MB, GB, KiB, MiB or GiB)"));
+  }
+  return static_cast<uint64_t>(number * it->second);
+}
+
+std::string ResolvePath(const std::string& path, const std::string& base_dir) {
+  if (path.empty() || path[0] == '/' || base_dir.empty()) return path;
+  return absl::StrCat(base_dir, "/", path);
+}
+
+std::string StemOf(const std::string& path) {
+  std::string name = path;
+  while (!name.empty() && name.back() == '/') name.pop_back();
+  size_t slash = name.find_last_of('/');
+  if (slash != std::string::npos) name = name.substr(slash + 1);
+  size_t dot = name.find('.');
+  if (dot != std::string::npos && dot > 0) name = name.substr(0, dot);
+  return name;
+}
+
+using ParameterSetter =
+    std::function<absl::Status(const YAML::Node&, const std::string&,
+                               MergeOptions&)>;
+
+struct ParameterSpec {
+  // Methods the parameter applies to; empty means all.
+  std::set<MergeMethod> methods;
+  ParameterSetter set;
+};
+
+// DoubleParameter builds a setter for a double field checked against
+// [min, max] (an open bound when the flag says so).
+ParameterSetter DoubleParameter(double min,
+                                double max, bool min_open,
+                                std::function<double&(MergeOptions&)> field) {
+  return [=](const YAML::Node& node, const std::string& name,
+             MergeOptions& options) -> absl::Status {
+    ASSIGN_OR_RETURN(double value, ReadNumber(node, name));
+    bool below = min_open ? value <= min : value < min;
+    if (below || value > max) {
+      return FieldError(node, name,
+                        absl::StrCat("must be in ", min_open ? "(" : "[", min,
+                                     ", ", max, "], got ", value));
+    }
+    field(options) = value;
+    return absl::OkStatus();
+  };
+}
+
+const std::map<std::string, ParameterSpec>& Parameters() {
+  using M = MergeMethod;
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  static const auto* kParameters = new std::map<std::string, ParameterSpec>{
+      {"lambda",
+       {{M::kTaskArithmetic, M::kTies, M::kDare, M::kBreadcrumbs},
+        DoubleParameter(-kInf, kInf, false,
+                        [](MergeOptions& o) -> double& { return o.lambda; })}},
+      {"top_k",
+       {{M::kTies, M::kDare},
+        DoubleParameter(0, 100, true,
+                        [](MergeOptions& o) -> double& {
+                          return o.ties.top_k_percent;
+                        })}},
+      {"trim_scope",
+       {{M::kTies, M::kDare},
+        [](const YAML::Node& node, const std::string& name,
+           MergeOptions& o) -> absl::Status {
+          ASSIGN_OR_RETURN(std::string v,
+                           ReadChoice(node, name, {"global", "tensor"}));
+          o.ties.trim_scope =
+              v == "global" ? TrimScope::kGlobal : TrimScope::kTensor;
+          return absl::OkStatus();
+        }}},
+      {"disjoint",
+       {{M::kTies, M::kDare},
+        [](const YAML::Node& node, const std::string& name,
+           MergeOptions& o) -> absl::Status {
+          ASSIGN_OR_RETURN(std::string v,
+                           ReadChoice(node, name, {"mean", "sum"}));
+          o.ties.disjoint = v == "mean" ? DisjointMode::kMean
+                                        : DisjointMode::kSum;
+          return absl::OkStatus();
+        }}},
+      {"drop_rate",
+       {{M::kDare},
+        DoubleParameter(0, 1, false, [](MergeOptions& o) -> double& {
+          return o.dare.drop_rate;
+        })}},
+      {"combine",
+       {{M::kDare},
+        [](const YAML::Node& node, const std::string& name,
+           MergeOptions& o) -> absl::Status {
+          ASSIGN_OR_RETURN(std::string v,
+                           ReadChoice(node, name, {"task_arithmetic", "ties"}));
+          o.dare.combine = v == "ties" ? DareCombine::kTies
+                                       : DareCombine::kTaskArithmetic;
+          return absl::OkStatus();
+        }}},
+      {"seed",
+       {{M::kDare},
+        [](const YAML::Node& node, const std::string& name,
+           MergeOptions& o) -> absl::Status {
+          ASSIGN_OR_RETURN(int64_t v, ReadInteger(node, name));
+          if (v < 0) return FieldError(node, name, "must be >= 0");
+          o.dare.seed = static_cast<uint64_t>(v);
+          return absl::OkStatus();
+        }}},
+      {"gamma",
+       {{M::kBreadcrumbs},
+        DoubleParameter(0, 1, false, [](MergeOptions& o) -> double& {
+          return o.breadcrumbs.gamma;
+        })}},
+      {"density",
+       {{M::kBreadcrumbs},
+        DoubleParameter(0, 1, true, [](MergeOptions& o) -> double& {
+          return o.breadcrumbs.density;
+        })}},
+      {"tall_lambda",
+       {{M::kConsensus},
+        DoubleParameter(0, kInf, false,
+                        [](MergeOptions& o) -> double& {
+                          return o.consensus.tall_lambda;
+                        })}},
+      {"min_agreeing",
+       {{M::kConsensus},
+        [](const YAML::Node& node, const std::string& name,
+           MergeOptions& o) -> absl::Status {
+          ASSIGN_OR_RETURN(int64_t v, ReadInteger(node, name));
+          if (v < 1) return FieldError(node, name, "must be >= 1");
+          o.consensus.min_agreeing = static_cast<int>(v);
+          return absl::OkStatus();
+        }}},
+      {"alpha",
+       {{M::kConsensus},
+        DoubleParameter(-kInf, kInf, false,
+                        [](MergeOptions& o) -> double& {
+                          return o.consensus.alpha;
+                        })}},
+      {"cosine_scope",
+       {{M::kModelStock},
+        [](const YAML::Node& node, const std::string& name,
+           MergeOptions& o) -> absl::Status {
+          ASSIGN_OR_RETURN(std::string v,
+                           ReadChoice(node, name, {"global", "tensor"}));
+          o.model_stock.cosine_scope =
+              v == "global" ? CosineScope::kGlobal : CosineScope::kTensor;
+          return absl::OkStatus();
+        }}},
+  };
+  return *kParameters;
+}
+
+absl::Status ParseModels(const YAML::Node& node, const std::string& base_dir,
+                         MergeConfig& config) {
+  if (!node.IsSequence() || node.size() == 0) {
+    return FieldError(node, "models",
+                      absl::StrCat("expected a non-empty list of models, got ",
+                                   Describe(node)));
+  }
+  std::set<std::string> names;
+  for (size_t i = 0; i < node.size(); ++i) {
+    const YAML::Node& entry = node[i];
+    std::string field = absl::StrCat("models[", i, "]");
+    MergeInput input;
+    if (entry.IsScalar()) {
+      input.path = ResolvePath(entry.Scalar(), base_dir);
+    } else if (entry.IsMap()) {
+      for (const auto& kv : entry) {
+        std::string key = kv.first.Scalar();
+        std::string sub = absl::StrCat(field, ".", key);
+        if (key == "path") {
+          ASSIGN_OR_RETURN(std::string path, ReadString(kv.second, sub));
+          input.path = ResolvePath(path, base_dir);
+        } else if (key == "name") {
+          ASSIGN_OR_RETURN(input.name, ReadString(kv.second, sub));
+        } else if (key == "weight") {
+          ASSIGN_OR_RETURN(input.weight, ReadNumber(kv.second, sub));
+        } else {
+          return FieldError(kv.first, sub,
+                            "unknown field (expected path, name or weight)");
+        }
+      }
+      if (input.path.empty()) {
+        return FieldError(entry, absl::StrCat(field, ".path"),
+                          "is required");
+      }
+    } else {
+      return FieldError(entry, field,
+                        "expected a path or a mapping with path, name, weight");
+    }
+    if (input.name.empty()) input.name = StemOf(input.path);
+    if (input.name.empty() || input.name.find('/') != std::string::npos) {
+      return FieldError(entry, absl::StrCat(field, ".name"),
+                        absl::StrCat("invalid task name \"", input.name,
+                                     "\" (non-empty, no '/')"));
+    }
+    if (!names.insert(input.name).second) {
+      return FieldError(entry, absl::StrCat(field, ".name"),
+                        absl::StrCat("duplicate task name \"", input.name,
+                                     "\"; give each model a distinct name"));
+    }
+    config.models.push_back(std::move(input));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ParseParameters(const YAML::Node& node, MergeConfig& config) {
+  if (!node.IsMap()) {
+    return FieldError(node, "parameters",
+                      absl::StrCat("expected a mapping, got ", Describe(node)));
+  }
+  const MergeMethod method = config.options.method;
+  for (const auto& kv : node) {
+    const std::string key = kv.first.Scalar();
+    const std::string field = absl::StrCat("parameters.", key);
+    auto it = Parameters().find(key);
+    if (it == Parameters().end()) {
+      std::vector<std::string> known;
+      for (const auto& [name, spec] : Parameters()) {
+        if (spec.methods.empty() || spec.methods.count(method)) {
+          known.push_back(name);
+        }
+      }
+      return FieldError(
+          kv.first, field,
+          absl::StrCat("unknown parameter; ", MergeMethodName(method),
+                       " accepts: ",
+                       known.empty() ? "none" : absl::StrJoin(known, ", ")));
+    }
+    if (!it->second.methods.empty() && !it->second.methods.count(method)) {
+      return FieldError(kv.first, field,
+                        absl::StrCat("does not apply to method ",
+                                     MergeMethodName(method)));
+    }
+    RETURN_IF_ERROR(it->second.set(kv.second, field, config.options));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ParseRoot(const YAML::Node& root, const std::string& base_dir,
+                       MergeConfig& config) {
+  if (!root.IsMap()) {
+    return absl::InvalidArgumentError(
+        "the merge config must be a YAML mapping with method, base and models");
+  }
+  const YAML::Node method = root["method"];
+  if (!method.IsDefined()) {
+    return absl::InvalidArgumentError(
+        "method: is required (e.g. task_arithmetic, ties, dare, breadcrumbs, "
+        "consensus, model_stock, weighted_average)");
+  }
+  {
+    ASSIGN_OR_RETURN(std::string name, ReadString(method, "method"));
+    absl::StatusOr<MergeMethod> parsed = ParseMergeMethod(name);
+    if (!parsed.ok()) {
+      return FieldError(method, "method", parsed.status().message());
+    }
+    config.options.method = *parsed;
+  }
+  static const std::set<std::string> kTopLevel = {
+      "method",       "base",          "models",  "parameters",
+      "head_prefix",  "dtype",         "compute_dtype", "threads",
+      "shard_size"};
+  for (const auto& kv : root) {
+    const std::string key = kv.first.Scalar();
+    if (!kTopLevel.count(key)) {
+      return FieldError(kv.first, key,
+                        absl::StrCat("unknown field (expected one of ",
+                                     absl::StrJoin(kTopLevel, ", "), ")"));
+    }
+    const YAML::Node& value = kv.second;
+    if (key == "base") {
+      ASSIGN_OR_RETURN(std::string base, ReadString(value, key));
+      config.base = ResolvePath(base, base_dir);
+    } else if (key == "models") {
+      RETURN_IF_ERROR(ParseModels(value, base_dir, config));
+    } else if (key == "head_prefix") {
+      ASSIGN_OR_RETURN(config.options.head_prefix, ReadString(value, key));
+    } else if (key == "dtype") {
+      ASSIGN_OR_RETURN(std::string name, ReadString(value, key));
+      absl::StatusOr<DType> dtype = ParseDType(absl::AsciiStrToUpper(name));
+      if (!dtype.ok() || !IsFloatingPoint(*dtype)) {
+        return FieldError(value, key,
+                          absl::StrCat("expected F32, F16, BF16 or F64, got \"",
+                                       name, "\""));
+      }
+      config.options.output_dtype = *dtype;
+    } else if (key == "compute_dtype") {
+      ASSIGN_OR_RETURN(std::string v,
+                       ReadChoice(value, key, {"float32", "float64"}));
+      config.options.compute_in_double = v == "float64";
+    } else if (key == "threads") {
+      ASSIGN_OR_RETURN(int64_t threads, ReadInteger(value, key));
+      if (threads < 0 || threads > 1024) {
+        return FieldError(value, key, "must be in [0, 1024] (0 = all cores)");
+      }
+      config.options.threads = static_cast<int>(threads);
+    } else if (key == "shard_size") {
+      ASSIGN_OR_RETURN(config.options.writer.max_shard_bytes,
+                       ReadByteSize(value, key));
+    }
+  }
+  if (!root["models"].IsDefined()) {
+    return absl::InvalidArgumentError("models: is required (a list of models)");
+  }
+  if (config.base.empty() &&
+      config.options.method != MergeMethod::kWeightedAverage) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "base: is required for method ", MergeMethodName(config.options.method),
+        " (only weighted_average works without a base model)"));
+  }
+  if (const YAML::Node params = root["parameters"]; params.IsDefined()) {
+    RETURN_IF_ERROR(ParseParameters(params, config));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<MergeConfig> ParseMergeConfig(absl::string_view text,
+                                             const std::string& base_dir) {
+  MergeConfig config;
+  YAML::Node root;
+  try {
+    root = YAML::Load(std::string(text));
+    RETURN_IF_ERROR(ParseRoot(root, base_dir, config));
+  } catch (const YAML::Exception& e) {
+    // Syntax errors carry a mark; yaml-cpp's message already names the line.
+    return absl::InvalidArgumentError(
+        absl::StrCat("line ", e.mark.line + 1, ", column ", e.mark.column + 1,
+                     ": YAML syntax error: ", e.msg));
+  }
+  return config;
+}
+
+absl::StatusOr<MergeConfig> LoadMergeConfig(const std::string& path) {
+  ASSIGN_OR_RETURN(std::string text, ReadFile(path));
+  size_t slash = path.find_last_of('/');
+  std::string dir = slash == std::string::npos ? "" : path.substr(0, slash);
+  absl::StatusOr<MergeConfig> config = ParseMergeConfig(text, dir);
+  if (!config.ok()) {
+    return absl::Status(config.status().code(),
+                        absl::StrCat(path, ": ", config.status().message()));
+  }
+  return config;
+}
+
+}  // namespace mergeguard
