@@ -94,6 +94,8 @@ absl::Status CopyBaseline(const std::string& base,
           return;
         }
         std::memcpy(buffer.data(), ref->bytes.data() + off, n);
+        // Keep the compiler from eliding copies whose result is overwritten.
+        asm volatile("" : : "r"(buffer.data()) : "memory");
       }
       std::memcpy(buffer.data(), base_ref->bytes.data() + off, n);
       if (!writer->WriteTensorRange(names[i], off,

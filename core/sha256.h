@@ -1,0 +1,47 @@
+#ifndef MERGEGUARD_CORE_SHA256_H_
+#define MERGEGUARD_CORE_SHA256_H_
+
+// SHA-256 (FIPS 180-4): content addresses and scenario file digests.
+
+#include <array>
+#include <cstdint>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+
+namespace mergeguard {
+
+// Sha256 hashes a byte stream incrementally.
+class Sha256 {
+ public:
+  Sha256();
+  // Update absorbs `data`.
+  void Update(const void* data, size_t size);
+  void Update(absl::string_view data) { Update(data.data(), data.size()); }
+  // Finish returns the 32-byte digest; the object must not be reused.
+  std::array<uint8_t, 32> Finish();
+  // FinishHex returns the digest as 64 lowercase hex characters.
+  std::string FinishHex();
+
+ private:
+  void Compress(const uint8_t* block);
+
+  std::array<uint32_t, 8> state_;
+  uint8_t buffer_[64];
+  size_t buffered_ = 0;
+  uint64_t total_bytes_ = 0;
+};
+
+// Sha256Hex returns the hex digest of `data`.
+std::string Sha256Hex(absl::string_view data);
+
+// Sha256File returns the hex digest of the file at `path`, read in chunks.
+absl::StatusOr<std::string> Sha256File(const std::string& path);
+
+// IsSha256Hex returns true for 64 lowercase hex characters.
+bool IsSha256Hex(absl::string_view text);
+
+}  // namespace mergeguard
+
+#endif  // MERGEGUARD_CORE_SHA256_H_
