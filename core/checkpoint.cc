@@ -209,6 +209,7 @@ absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(
     const std::string dir = ParentDirectory(resolved);
     std::set<std::string> shard_names;
     for (const auto& [name, shard] : shard_of) shard_names.insert(shard);
+    // Open every shard first, so a missing one is reported as such.
     for (const std::string& shard : shard_names) {
       const std::string shard_path = JoinPath(dir, shard);
       absl::StatusOr<std::shared_ptr<const SafetensorsFile>> file =
@@ -219,8 +220,12 @@ absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(
             absl::StrCat("shard \"", shard, "\" of ", resolved, ": ",
                          file.status().message()));
       }
-      const size_t shard_index = checkpoint->shards_.size();
-      for (const TensorEntry& entry : (*file)->layout().tensors) {
+      checkpoint->shards_.push_back(*std::move(file));
+    }
+    size_t shard_index = 0;
+    for (const std::string& shard : shard_names) {
+      const SafetensorsFile& file = *checkpoint->shards_[shard_index];
+      for (const TensorEntry& entry : file.layout().tensors) {
         auto listed = shard_of.find(entry.name);
         if (listed == shard_of.end()) {
           return absl::InvalidArgumentError(absl::StrCat(
@@ -235,7 +240,7 @@ absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(
         checkpoint->index_.emplace(entry.name,
                                    std::make_pair(shard_index, &entry));
       }
-      checkpoint->shards_.push_back(*std::move(file));
+      ++shard_index;
     }
     for (const auto& [name, shard] : shard_of) {
       if (checkpoint->index_.find(name) == checkpoint->index_.end()) {
@@ -268,6 +273,12 @@ absl::StatusOr<TensorRef> Checkpoint::Get(absl::string_view name) const {
   ref.entry = it->second.second;
   ref.bytes = shards_[it->second.first]->Bytes(*ref.entry);
   return ref;
+}
+
+void Checkpoint::ReleasePages(absl::string_view name) const {
+  auto it = index_.find(name);
+  if (it == index_.end()) return;
+  shards_[it->second.first]->ReleasePages(*it->second.second);
 }
 
 const std::map<std::string, std::string>& Checkpoint::Metadata() const {

@@ -90,17 +90,26 @@ struct MergeInput {
   double weight = 1.0;
 };
 
-// MergeProgress is reported after each tensor.
+// MergeProgress is reported after each tensor of each pass over the inputs.
+// Global TIES trimming and global Model Stock take statistics passes before
+// the merge pass; the merge pass is always the last.
 struct MergeProgress {
+  // 1-based index of the current pass, and the number of passes.
+  int pass = 1;
+  int passes = 1;
+  // Tensors finished in this pass, and the pass's total.
   int64_t tensors_done = 0;
   int64_t tensors_total = 0;
+  // Output bytes written so far (merge pass only).
   uint64_t bytes_written = 0;
 };
 
 struct MergeOptions {
   MergeMethod method = MergeMethod::kTaskArithmetic;
   // Global scale lambda. Unset (NaN) means the method's default: 0.3 for
-  // task arithmetic, DARE and Breadcrumbs; 1.0 for TIES.
+  // task arithmetic, DARE with combine=task_arithmetic and Breadcrumbs; 1.0
+  // for TIES and DARE with combine=ties. Setting it for consensus (see
+  // consensus.alpha), model_stock or weighted_average is INVALID_ARGUMENT.
   double lambda = std::numeric_limits<double>::quiet_NaN();
   TiesOptions ties;
   DareOptions dare;
@@ -123,24 +132,39 @@ struct MergeOptions {
   // Extra `__metadata__` entries for the output (provenance).
   std::map<std::string, std::string> metadata;
   // Optional progress callback; called from worker threads, serialized.
+  // It must not call back into the merge.
   std::function<void(const MergeProgress&)> on_progress;
+  // Optional cancellation check, polled before each chunk from worker threads
+  // (possibly concurrently: make it thread-safe, e.g. read an atomic). True
+  // stops the merge with CANCELLED; nothing is left at the output path.
+  std::function<bool()> is_cancelled;
 };
 
 // MergeReport summarizes a finished merge.
 struct MergeReport {
   std::string output_path;
+  // Backbone tensors merged; integer tensors copied from the base; heads
+  // copied as `<task name>/<key>`.
   int64_t merged_tensors = 0;
+  int64_t copied_tensors = 0;
   int64_t head_tensors = 0;
+  // Tensor bytes consumed from the base and the inputs (each counted once,
+  // however many passes read them; LoRA adapters count their weights file),
+  // and tensor bytes written.
   uint64_t bytes_read = 0;
   uint64_t bytes_written = 0;
+  // Passes over the inputs: statistics passes plus the merge pass.
+  int passes = 1;
   double seconds = 0.0;
-  // Model Stock's interpolation ratio t, when used.
+  // Model Stock's interpolation ratio t: the global one, or with
+  // cosine_scope=tensor the mean over merged tensors.
   double model_stock_ratio = 0.0;
 };
 
 // Merge merges `inputs` onto `base_path` with `options` and writes the result
 // to `output_path` (a .safetensors file, or a directory when sharded).
 // `base_path` may be empty only for kWeightedAverage over full checkpoints.
+// docs/merges.md gives every formula and each choice the spec left open.
 // Errors name the key and input: INVALID_ARGUMENT for bad options or files,
 // FAILED_PRECONDITION for mismatched key sets, shapes or dtypes, NOT_FOUND
 // for missing files. Nothing is left at `output_path` on failure.

@@ -398,6 +398,20 @@ absl::Span<const uint8_t> SafetensorsFile::Bytes(
       entry.data_end - entry.data_begin);
 }
 
+void SafetensorsFile::ReleasePages(const TensorEntry& entry) const {
+  if (entry.data_end == entry.data_begin) return;
+  const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const uintptr_t base = reinterpret_cast<uintptr_t>(data_);
+  // Whole pages only; a neighbour's pages caught at the edges simply fault
+  // back in from the page cache when read. The mapping is read-only, so
+  // nothing is lost.
+  uintptr_t begin = base + layout_.data_offset + entry.data_begin;
+  uintptr_t end = base + layout_.data_offset + entry.data_end;
+  begin &= ~(page - 1);
+  end = (end + page - 1) & ~(page - 1);
+  ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+}
+
 // ---------------------------------------------------------------------------
 // SafetensorsWriter
 
