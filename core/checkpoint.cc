@@ -25,7 +25,7 @@ namespace {
 
 using nlohmann::json;
 
-constexpr const char* kPickleExtensions[] = {".bin", ".pt",  ".pth",
+constexpr const char* kPickleExtensions[] = {".bin",  ".pt",  ".pth",
                                              ".ckpt", ".pkl", ".pickle"};
 
 std::string Quoted(absl::string_view name) {
@@ -103,8 +103,8 @@ absl::Status CheckNotPickle(const std::string& path) {
   if (safetensors_like) return absl::OkStatus();
   if (head[0] == 0x80 && head[1] >= 2 && head[1] <= 5) {
     return absl::InvalidArgumentError(PickleRefusal(
-        path, absl::StrCat("starts with pickle protocol ", static_cast<int>(head[1]),
-                           " opcodes")));
+        path, absl::StrCat("starts with pickle protocol ",
+                           static_cast<int>(head[1]), " opcodes")));
   }
   if (head[0] == 'P' && head[1] == 'K' && head[2] == 3 && head[3] == 4) {
     return absl::InvalidArgumentError(
@@ -136,9 +136,8 @@ absl::StatusOr<std::string> ResolveCheckpointPath(const std::string& path) {
     std::string candidate = JoinPath(path, pickle);
     if (IsRegularFile(candidate)) return CheckNotPickle(candidate);
   }
-  return absl::NotFoundError(absl::StrCat(path, " holds neither ",
-                                          kSingleFileName, " nor ",
-                                          kShardIndexFileName));
+  return absl::NotFoundError(absl::StrCat(
+      path, " holds neither ", kSingleFileName, " nor ", kShardIndexFileName));
 }
 
 // ParseIndex returns the weight_map of a shard index: tensor -> shard file.
@@ -215,10 +214,9 @@ absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(
       absl::StatusOr<std::shared_ptr<const SafetensorsFile>> file =
           SafetensorsFile::Open(shard_path);
       if (!file.ok()) {
-        return absl::Status(
-            file.status().code(),
-            absl::StrCat("shard \"", shard, "\" of ", resolved, ": ",
-                         file.status().message()));
+        return absl::Status(file.status().code(),
+                            absl::StrCat("shard \"", shard, "\" of ", resolved,
+                                         ": ", file.status().message()));
       }
       checkpoint->shards_.push_back(*std::move(file));
     }
@@ -329,9 +327,8 @@ absl::StatusOr<std::unique_ptr<CheckpointWriter>> CheckpointWriter::Create(
   uint64_t group_bytes = 0;
   for (TensorSpec& spec : tensors) {
     uint64_t bytes = spec.ByteSize();
-    if (groups.empty() ||
-        (!groups.back().empty() &&
-         group_bytes + bytes > options.max_shard_bytes)) {
+    if (groups.empty() || (!groups.back().empty() &&
+                           group_bytes + bytes > options.max_shard_bytes)) {
       groups.emplace_back();
       group_bytes = 0;
     }

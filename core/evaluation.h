@@ -6,6 +6,8 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -17,7 +19,8 @@ namespace mergeguard {
 
 // LabeledImages is a set of inputs in [0, 1] with their class labels. On disk
 // (calibration and test sets) it is a safetensors file with `inputs`
-// [N, C, H, W] float32 and `labels` [N] int64.
+// [N, C, H, W] float32 (or uint8, read as value / 255, which keeps large
+// test sets small) and `labels` [N] int64.
 struct LabeledImages {
   torch::Tensor inputs;  // [N, C, H, W] float32
   torch::Tensor labels;  // [N] int64
@@ -29,7 +32,8 @@ struct LabeledImages {
 // tensors are missing, mistyped or of different lengths, or a label is
 // negative.
 absl::StatusOr<LabeledImages> LoadLabeledImages(const std::string& path);
-// SaveLabeledImages writes `images` to `path` atomically.
+// SaveLabeledImages writes `images` to `path` atomically; uint8 inputs stay
+// uint8, anything else is stored as float32.
 absl::Status SaveLabeledImages(const std::string& path,
                                const LabeledImages& images);
 

@@ -61,9 +61,9 @@ absl::Status CheckRange(absl::string_view field, double value, double min,
   bool below = min_open ? !(value > min) : !(value >= min);
   bool above = max_open ? !(value < max) : !(value <= max);
   if (std::isnan(value) || below || above) {
-    return FieldError(field, absl::StrCat("must be in ", min_open ? "(" : "[",
-                                          min, ", ", max, max_open ? ")" : "]",
-                                          ", got ", value));
+    return FieldError(
+        field, absl::StrCat("must be in ", min_open ? "(" : "[", min, ", ", max,
+                            max_open ? ")" : "]", ", got ", value));
   }
   return absl::OkStatus();
 }
@@ -100,12 +100,12 @@ absl::Status ValidateHyperparameters(const JobSpec& spec) {
                                1, true, false));
   }
   if (spec.method == JobMethod::kConsensus) {
-    RETURN_IF_ERROR(CheckRange("consensus.tall_lambda",
-                               o.consensus.tall_lambda, 0, kInf, false, true));
+    RETURN_IF_ERROR(CheckRange("consensus.tall_lambda", o.consensus.tall_lambda,
+                               0, kInf, false, true));
     if (o.consensus.min_agreeing < 1) {
-      return FieldError("consensus.min_agreeing",
-                        absl::StrCat("must be >= 1, got ",
-                                     o.consensus.min_agreeing));
+      return FieldError(
+          "consensus.min_agreeing",
+          absl::StrCat("must be >= 1, got ", o.consensus.min_agreeing));
     }
     if (!std::isfinite(o.consensus.alpha)) {
       return FieldError("consensus.alpha", "must be finite");
@@ -134,8 +134,8 @@ json ParametersToJson(const JobSpec& spec) {
   }
   if (spec.method == JobMethod::kDare) {
     p["drop_rate"] = o.dare.drop_rate;
-    p["combine"] = o.dare.combine == DareCombine::kTies ? "ties"
-                                                        : "task_arithmetic";
+    p["combine"] =
+        o.dare.combine == DareCombine::kTies ? "ties" : "task_arithmetic";
     p["seed"] = o.dare.seed;
   }
   if (spec.method == JobMethod::kBreadcrumbs) {
@@ -216,8 +216,9 @@ absl::StatusOr<double> GetNumber(const json& j, const char* key,
 absl::Status ParametersFromJson(const json& p, JobSpec& spec) {
   if (!p.is_object()) return FieldError("parameters", "expected an object");
   MergeOptions& o = spec.merge;
-  ASSIGN_OR_RETURN(o.lambda,
-                   GetNumber(p, "lambda", std::numeric_limits<double>::quiet_NaN()));
+  ASSIGN_OR_RETURN(
+      o.lambda,
+      GetNumber(p, "lambda", std::numeric_limits<double>::quiet_NaN()));
   ASSIGN_OR_RETURN(o.ties.top_k_percent,
                    GetNumber(p, "top_k", o.ties.top_k_percent));
   ASSIGN_OR_RETURN(std::string trim, GetString(p, "trim_scope", false));
@@ -241,8 +242,7 @@ absl::Status ParametersFromJson(const json& p, JobSpec& spec) {
   ASSIGN_OR_RETURN(double min_agreeing,
                    GetNumber(p, "min_agreeing", o.consensus.min_agreeing));
   o.consensus.min_agreeing = static_cast<int>(min_agreeing);
-  ASSIGN_OR_RETURN(o.consensus.alpha,
-                   GetNumber(p, "alpha", o.consensus.alpha));
+  ASSIGN_OR_RETURN(o.consensus.alpha, GetNumber(p, "alpha", o.consensus.alpha));
   ASSIGN_OR_RETURN(std::string cosine, GetString(p, "cosine_scope", false));
   if (cosine == "tensor") o.model_stock.cosine_scope = CosineScope::kTensor;
   return absl::OkStatus();
@@ -340,7 +340,8 @@ absl::StatusOr<std::vector<MergeInput>> ResolveMergeInputs(
       ASSIGN_OR_RETURN(std::string config, resolve(input.lora_config_digest));
       RETURN_IF_ERROR(
           Symlink(weights, absl::StrCat(dir, "/adapter_model.safetensors")));
-      RETURN_IF_ERROR(Symlink(config, absl::StrCat(dir, "/adapter_config.json")));
+      RETURN_IF_ERROR(
+          Symlink(config, absl::StrCat(dir, "/adapter_config.json")));
       merge_input.path = dir;
     }
     inputs.push_back(std::move(merge_input));
@@ -430,9 +431,9 @@ absl::StatusOr<JobMethod> ParseJobMethod(absl::string_view name) {
   if (name == "tall") return JobMethod::kConsensus;
   std::vector<std::string> names;
   for (const MethodName& entry : kMethodNames) names.push_back(entry.name);
-  return absl::InvalidArgumentError(
-      absl::StrCat("unknown method \"", name, "\"; expected one of ",
-                   absl::StrJoin(names, ", ")));
+  return absl::InvalidArgumentError(absl::StrCat("unknown method \"", name,
+                                                 "\"; expected one of ",
+                                                 absl::StrJoin(names, ", ")));
 }
 
 bool IsDataFreeMerge(JobMethod method) {
@@ -483,18 +484,18 @@ absl::Status ValidateJobSpec(const JobSpec& spec) {
     return FieldError("inputs", "at least one task model is required");
   }
   if (spec.inputs.size() > kMaxInputs) {
-    return FieldError("inputs", absl::StrCat("at most ", kMaxInputs,
-                                             " task models, got ",
-                                             spec.inputs.size()));
+    return FieldError("inputs",
+                      absl::StrCat("at most ", kMaxInputs, " task models, got ",
+                                   spec.inputs.size()));
   }
   const bool needs_base = spec.method != JobMethod::kWeightedAverage;
   if (spec.base_digest.empty()) {
     if (needs_base) {
-      return FieldError("base_sha256",
-                        absl::StrCat("is required for method ",
-                                     JobMethodName(spec.method),
-                                     " (only weighted_average works without "
-                                     "a base model)"));
+      return FieldError(
+          "base_sha256",
+          absl::StrCat("is required for method ", JobMethodName(spec.method),
+                       " (only weighted_average works without "
+                       "a base model)"));
     }
   } else {
     RETURN_IF_ERROR(CheckDigest("base_sha256", spec.base_digest));
@@ -522,8 +523,8 @@ absl::Status ValidateJobSpec(const JobSpec& spec) {
           !input.lora_config_digest.empty()) {
         return FieldError(field, "set either model_sha256 or lora, not both");
       }
-      RETURN_IF_ERROR(
-          CheckDigest(absl::StrCat(field, ".model_sha256"), input.model_digest));
+      RETURN_IF_ERROR(CheckDigest(absl::StrCat(field, ".model_sha256"),
+                                  input.model_digest));
     } else {
       if (input.lora_weights_digest.empty() &&
           input.lora_config_digest.empty()) {
@@ -547,18 +548,18 @@ absl::Status ValidateJobSpec(const JobSpec& spec) {
     const CalibrationRef& ref = spec.calibration[i];
     const std::string field = absl::StrCat("calibration[", i, "]");
     if (!names.count(ref.task)) {
-      return FieldError(absl::StrCat(field, ".task"),
-                        absl::StrCat("\"", ref.task,
-                                     "\" is not the name of an input"));
+      return FieldError(
+          absl::StrCat(field, ".task"),
+          absl::StrCat("\"", ref.task, "\" is not the name of an input"));
     }
     RETURN_IF_ERROR(CheckDigest(absl::StrCat(field, ".sha256"), ref.digest));
   }
   RETURN_IF_ERROR(ValidateHyperparameters(spec));
   if (!IsDataFreeMerge(spec.method)) {
     if (spec.architecture.empty()) {
-      return FieldError("architecture",
-                        absl::StrCat("is required for method ",
-                                     JobMethodName(spec.method)));
+      return FieldError(
+          "architecture",
+          absl::StrCat("is required for method ", JobMethodName(spec.method)));
     }
     if (spec.calibration.size() != spec.inputs.size()) {
       return FieldError("calibration",
@@ -603,7 +604,8 @@ std::string JobSpecToJson(const JobSpec& spec) {
 }
 
 absl::StatusOr<JobSpec> JobSpecFromJson(absl::string_view json_text) {
-  json parsed = json::parse(std::string(json_text), nullptr, /*allow_exceptions=*/false);
+  json parsed =
+      json::parse(std::string(json_text), nullptr, /*allow_exceptions=*/false);
   if (parsed.is_discarded()) {
     return absl::InvalidArgumentError("job spec: invalid JSON");
   }

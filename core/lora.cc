@@ -4,8 +4,10 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -39,8 +41,8 @@ std::string ShapeString(absl::Span<const int64_t> shape) {
 }
 
 absl::Status ConfigError(absl::string_view field, absl::string_view problem) {
-  return absl::InvalidArgumentError(absl::StrCat(
-      kAdapterConfigFileName, ": \"", field, "\" ", problem));
+  return absl::InvalidArgumentError(
+      absl::StrCat(kAdapterConfigFileName, ": \"", field, "\" ", problem));
 }
 
 absl::StatusOr<LoraConfig> ParseLoraConfig(const std::string& path) {
@@ -78,8 +80,8 @@ absl::StatusOr<LoraConfig> ParseLoraConfig(const std::string& path) {
     auto it = root.find(field);
     if (it == root.end() || it->is_null()) continue;
     if (!it->is_boolean()) {
-      return ConfigError(field,
-                         absl::StrCat("must be true or false, got ", it->dump()));
+      return ConfigError(
+          field, absl::StrCat("must be true or false, got ", it->dump()));
     }
     *target = it->get<bool>();
   }
@@ -111,9 +113,8 @@ bool SplitFactorName(absl::string_view name, std::string* key, bool* is_a) {
     if (at == rest.npos || at == 0) continue;
     absl::string_view tail = rest.substr(at + std::strlen(factor));
     // Either nothing, or one adapter name such as ".default".
-    if (!tail.empty() &&
-        (tail[0] != '.' || tail.size() == 1 ||
-         tail.substr(1).find('.') != tail.npos)) {
+    if (!tail.empty() && (tail[0] != '.' || tail.size() == 1 ||
+                          tail.substr(1).find('.') != tail.npos)) {
       continue;
     }
     *key = absl::StrCat(rest.substr(0, at), ".weight");
@@ -126,15 +127,23 @@ bool SplitFactorName(absl::string_view name, std::string* key, bool* is_a) {
 absl::StatusOr<torch::Tensor> FactorAsFloat(const Checkpoint& weights,
                                             const std::string& name) {
   ASSIGN_OR_RETURN(TensorRef ref, weights.Get(name));
-  return CallTorch(absl::StrCat("load LoRA factor \"", name, "\""),
-                   [&]() -> absl::StatusOr<torch::Tensor> {
-                     torch::Tensor t =
-                         torch::empty(ref.entry->shape, torch::kFloat32);
-                     ConvertToFloat(ref.entry->dtype, ref.bytes.data(),
-                                    static_cast<size_t>(t.numel()),
-                                    t.data_ptr<float>());
-                     return t;
-                   });
+  // Typed reads need aligned data; a file whose header length is not a
+  // multiple of 8 is valid but leaves its tensors unaligned.
+  std::vector<uint64_t> aligned;
+  const void* src = ref.bytes.data();
+  if (reinterpret_cast<uintptr_t>(src) % DTypeSize(ref.entry->dtype) != 0) {
+    aligned.resize((ref.bytes.size() + 7) / 8);
+    std::memcpy(aligned.data(), ref.bytes.data(), ref.bytes.size());
+    src = aligned.data();
+  }
+  return CallTorch(
+      absl::StrCat("load LoRA factor \"", name, "\""),
+      [&]() -> absl::StatusOr<torch::Tensor> {
+        torch::Tensor t = torch::empty(ref.entry->shape, torch::kFloat32);
+        ConvertToFloat(ref.entry->dtype, src, static_cast<size_t>(t.numel()),
+                       t.data_ptr<float>());
+        return t;
+      });
 }
 
 }  // namespace
@@ -174,8 +183,8 @@ absl::StatusOr<std::unique_ptr<LoraAdapter>> LoraAdapter::Open(
           "modules_to_save, embedding LoRA and bias tensors are not "
           "supported"));
     }
-    std::string& slot = is_a ? adapter->factors_[key].first
-                             : adapter->factors_[key].second;
+    std::string& slot =
+        is_a ? adapter->factors_[key].first : adapter->factors_[key].second;
     if (!slot.empty()) {
       return absl::InvalidArgumentError(absl::StrCat(
           weights_path, ": tensors \"", slot, "\" and \"", name,

@@ -21,11 +21,8 @@
 #include "core/status_macros.h"
 #include "core/thread_pool.h"
 #include "core/torch_status.h"
+#include "core/version.h"
 #include "nlohmann/json.hpp"
-
-#ifndef MERGEGUARD_VERSION
-#define MERGEGUARD_VERSION "unknown"
-#endif
 
 namespace mergeguard {
 namespace {
@@ -98,12 +95,12 @@ absl::Status ValidateOptions(const std::string& base_path,
     }
     const std::string name = TaskName(inputs, i);
     if (absl::StrContains(name, '/')) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          field, ".name \"", name, "\" must not contain '/'"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ".name \"", name, "\" must not contain '/'"));
     }
     if (!names.insert(name).second) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          field, ".name \"", name, "\" is used by another input"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ".name \"", name, "\" is used by another input"));
     }
     if (!std::isfinite(inputs[i].weight)) {
       return OptionError(absl::StrCat(field, ".weight"), "finite",
@@ -111,9 +108,9 @@ absl::Status ValidateOptions(const std::string& base_path,
     }
   }
   if (base_path.empty() && method != MergeMethod::kWeightedAverage) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "base_path is required for ", method_name,
-        " (only weighted_average works without a base model)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("base_path is required for ", method_name,
+                     " (only weighted_average works without a base model)"));
   }
   if (!std::isnan(options.lambda)) {
     if (!UsesLambda(method)) {
@@ -380,10 +377,10 @@ absl::StatusOr<MergePlan> BuildPlan(const std::string& base_path,
                          key, "\", which ", reference_desc, " lacks"));
       }
       if (!IsFloatingPoint(entry->dtype)) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            "LoRA adapter ", Describe(input), " targets tensor \"", key,
-            "\", whose dtype ", DTypeName(entry->dtype),
-            " is not floating point"));
+        return absl::FailedPreconditionError(
+            absl::StrCat("LoRA adapter ", Describe(input), " targets tensor \"",
+                         key, "\", whose dtype ", DTypeName(entry->dtype),
+                         " is not floating point"));
       }
     }
   }
@@ -410,9 +407,9 @@ absl::StatusOr<MergePlan> BuildPlan(const std::string& base_path,
 
   // The base is read unless the method ignores it (weighted average over
   // full checkpoints).
-  const bool read_base = plan.base != nullptr &&
-                         (options.method != MergeMethod::kWeightedAverage ||
-                          any_lora);
+  const bool read_base =
+      plan.base != nullptr &&
+      (options.method != MergeMethod::kWeightedAverage || any_lora);
   std::set<std::string> output_names;
   for (const std::string& key : reference->Names()) {
     if (is_head(key)) continue;  // the base's own head is dropped
@@ -480,9 +477,10 @@ absl::StatusOr<MergePlan> BuildPlan(const std::string& base_path,
       CopyJob job;
       job.out_name = absl::StrCat(input.name, "/", key);
       if (!output_names.insert(job.out_name).second) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "head \"", key, "\" of ", Describe(input), " would be written as \"",
-            job.out_name, "\", which is already a backbone tensor"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("head \"", key, "\" of ", Describe(input),
+                         " would be written as \"", job.out_name,
+                         "\", which is already a backbone tensor"));
       }
       job.source = input.checkpoint.get();
       job.source_name = key;
@@ -562,9 +560,8 @@ class MergeEngine {
 
   MergeEngine(MergePlan* plan, const MergeOptions& options)
       : plan_(*plan), options_(options) {
-    size_t workers = options.threads > 0
-                         ? static_cast<size_t>(options.threads)
-                         : std::thread::hardware_concurrency();
+    size_t workers = options.threads > 0 ? static_cast<size_t>(options.threads)
+                                         : std::thread::hardware_concurrency();
     workers_ = std::max<size_t>(1, workers);
     if (workers_ > 1) pool_ = std::make_unique<ThreadPool>(workers_);
     for (size_t w = 0; w < workers_; ++w) {
@@ -711,8 +708,8 @@ class MergeEngine {
     double sum = 0.0;
     for (size_t i = 0; i < n; ++i) {
       for (size_t j = i + 1; j < n; ++j) {
-        const double norms = std::sqrt(gram[i * n + i]) *
-                             std::sqrt(gram[j * n + j]);
+        const double norms =
+            std::sqrt(gram[i * n + i]) * std::sqrt(gram[j * n + j]);
         if (norms > 0.0) sum += gram[i * n + j] / norms;
       }
     }
@@ -821,8 +818,9 @@ class MergeEngine {
       absl::StatusOr<torch::Tensor> delta = CallTorch(
           absl::StrCat("LoRA dW of \"", s.name, "\""),
           [&]() -> absl::StatusOr<torch::Tensor> {
-            ASSIGN_OR_RETURN(torch::Tensor d, input.lora->DeltaWeight(
-                                                  s.name, plan_.merged_shapes[i]));
+            ASSIGN_OR_RETURN(
+                torch::Tensor d,
+                input.lora->DeltaWeight(s.name, plan_.merged_shapes[i]));
             return d.to(torch::kFloat).contiguous();
           });
       if (!delta.ok()) {
@@ -860,8 +858,8 @@ class MergeEngine {
       // `keep` survive.
       const uint64_t keep = KeepCount(options_.breadcrumbs.density, n);
       const uint64_t top = std::min<uint64_t>(
-          n - keep, static_cast<uint64_t>(
-                        std::llround(options_.breadcrumbs.gamma * n)));
+          n - keep,
+          static_cast<uint64_t>(std::llround(options_.breadcrumbs.gamma * n)));
       std::vector<Key> keys(n);
       for (size_t t = 0; t < num_tasks(); ++t) {
         kernels.TaskKeys(s, t, 0, n, keys.data());
@@ -939,7 +937,8 @@ class MergeEngine {
     kernels_[worker]->Convert(job.in_dtype, src, chunk.n, job.out_dtype,
                               buffer.data());
     return writer_->WriteTensorRange(
-        job.out_name, offset, absl::MakeConstSpan(buffer.data(), buffer.size()));
+        job.out_name, offset,
+        absl::MakeConstSpan(buffer.data(), buffer.size()));
   }
 
   // FinishTensor runs on the worker that completed tensor i's last chunk.
@@ -950,7 +949,8 @@ class MergeEngine {
     if (i >= num_merged) {
       const CopyJob& job = plan_.copies[i - num_merged];
       job.source->ReleasePages(job.source_name);
-      bytes_written = static_cast<uint64_t>(job.numel) * DTypeSize(job.out_dtype);
+      bytes_written =
+          static_cast<uint64_t>(job.numel) * DTypeSize(job.out_dtype);
     } else {
       TensorState& s = plan_.merged[i];
       if (pass == Pass::kGram) {
@@ -1106,7 +1106,7 @@ std::map<std::string, std::string> BuildMetadata(
   metadata["mergeguard.options"] = effective.dump();
   metadata["mergeguard.inputs"] = input_list.dump();
   if (!base_path.empty()) metadata["mergeguard.base"] = base_path;
-  metadata["mergeguard.version"] = MERGEGUARD_VERSION;
+  metadata["mergeguard.version"] = std::string(MergeguardVersion());
   if (options.method == MergeMethod::kModelStock &&
       options.model_stock.cosine_scope == CosineScope::kGlobal) {
     metadata["mergeguard.model_stock_ratio"] = json(model_stock_ratio).dump();
@@ -1183,9 +1183,9 @@ absl::StatusOr<MergeReport> Merge(const std::string& base_path,
           ? RunMerge<double>(base_path, inputs, output_path, options, &plan)
           : RunMerge<float>(base_path, inputs, output_path, options, &plan);
   if (report.ok()) {
-    report->seconds = std::chrono::duration<double>(
-                          std::chrono::steady_clock::now() - start)
-                          .count();
+    report->seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
+            .count();
   }
   return report;
 }

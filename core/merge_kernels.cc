@@ -283,7 +283,8 @@ void ChunkKernels<T>::ModelStockBlock(const TensorState& s, int64_t begin,
   const T num_tasks = static_cast<T>(params_.num_tasks);
   const T* __restrict base = base_.data();
   T* __restrict out = out_.data();
-  for (size_t i = 0; i < m; ++i) out[i] = base[i] + ratio * (acc[i] / num_tasks);
+  for (size_t i = 0; i < m; ++i)
+    out[i] = base[i] + ratio * (acc[i] / num_tasks);
 }
 
 // theta = sum_t w_t theta_t / sum_t w_t; a LoRA input's theta_t is
@@ -305,8 +306,8 @@ void ChunkKernels<T>::WeightedAverageBlock(const TensorState& s, int64_t begin,
       const float* __restrict delta =
           s.delta[t] != nullptr ? s.delta[t] + begin : nullptr;
       for (size_t i = 0; i < m; ++i) {
-        theta[i] = delta != nullptr ? base[i] + static_cast<T>(delta[i])
-                                    : base[i];
+        theta[i] =
+            delta != nullptr ? base[i] + static_cast<T>(delta[i]) : base[i];
       }
     }
     const T c = task_scale_[t];
@@ -356,8 +357,8 @@ void ChunkKernels<T>::Merge(const TensorState& s, int64_t begin, size_t n,
 }
 
 template <typename T>
-void ChunkKernels<T>::TaskKeys(const TensorState& s, size_t task,
-                               int64_t begin, size_t n, Key* keys) {
+void ChunkKernels<T>::TaskKeys(const TensorState& s, size_t task, int64_t begin,
+                               size_t n, Key* keys) {
   T* __restrict tau = tau_.data();
   for (size_t off = 0; off < n; off += kBlockElements) {
     const size_t m = std::min(kBlockElements, n - off);

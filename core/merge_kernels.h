@@ -147,8 +147,7 @@ class ChunkKernels {
   // LoadBase decodes the base's block at `begin` into base_.
   void LoadBase(const TensorState& s, int64_t begin, size_t m);
   // LoadTau writes task t's tau for the block into `dst` (needs LoadBase).
-  void LoadTau(const TensorState& s, size_t t, int64_t begin, size_t m,
-               T* dst);
+  void LoadTau(const TensorState& s, size_t t, int64_t begin, size_t m, T* dst);
   // DropDare zeroes the entries DARE drops.
   void DropDare(const TensorState& s, size_t t, int64_t begin, size_t m,
                 T* tau) const;

@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "absl/synchronization/mutex.h"
 #include "core/status_macros.h"
 #include "core/torch_status.h"
 
@@ -75,8 +76,12 @@ absl::StatusOr<std::unique_ptr<Model>> Model::FromModule(
 }
 
 absl::StatusOr<std::unique_ptr<Model>> Model::Clone() const {
+  // Workers clone one shared model at once; deepcopy walks the shared class
+  // type, so clones are serialized.
+  static absl::Mutex* const clone_mu = new absl::Mutex();
   std::unique_ptr<Model> copy(new Model());
   RETURN_IF_ERROR(CallTorch("Model::Clone", [&]() -> absl::Status {
+    absl::MutexLock lock(clone_mu);
     copy->impl_->module = impl_->module.deepcopy();
     return absl::OkStatus();
   }));

@@ -139,17 +139,16 @@ absl::StatusOr<TensorEntry> ParseEntry(const std::string& name,
   }
   entry.data_begin = (*offsets)[0].get<uint64_t>();
   entry.data_end = (*offsets)[1].get<uint64_t>();
-  std::string range =
-      absl::StrCat("data_offsets [", entry.data_begin, ", ", entry.data_end, "]");
+  std::string range = absl::StrCat("data_offsets [", entry.data_begin, ", ",
+                                   entry.data_end, "]");
   if (entry.data_begin > entry.data_end) {
     return absl::InvalidArgumentError(
         absl::StrCat(Quoted(name), ": ", range, " end before they begin"));
   }
   if (entry.data_end > data_size) {
-    return absl::DataLossError(
-        absl::StrCat(Quoted(name), ": ", range,
-                     " run past the end of the data section (", data_size,
-                     " bytes); is the file truncated?"));
+    return absl::DataLossError(absl::StrCat(
+        Quoted(name), ": ", range, " run past the end of the data section (",
+        data_size, " bytes); is the file truncated?"));
   }
   if (entry.data_end - entry.data_begin != byte_size) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -163,10 +162,9 @@ absl::StatusOr<TensorEntry> ParseEntry(const std::string& name,
 absl::StatusOr<std::map<std::string, std::string>> ParseMetadata(
     const json& value) {
   if (!value.is_object()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("\"", kMetadataKey,
-                     "\" must be an object of strings, got ",
-                     JsonTypeName(value)));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "\"", kMetadataKey, "\" must be an object of strings, got ",
+        JsonTypeName(value)));
   }
   std::map<std::string, std::string> metadata;
   for (const auto& [key, item] : value.items()) {
@@ -197,16 +195,17 @@ absl::Status CheckTiling(const std::vector<TensorEntry>& tensors,
     std::string range = absl::StrCat("data_offsets [", entry->data_begin, ", ",
                                      entry->data_end, "]");
     if (entry->data_begin < expected) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(Quoted(entry->name), ": ", range, " overlap ",
-                       Quoted(previous->name), " (which ends at ", expected,
-                       ")"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          Quoted(entry->name), ": ", range, " overlap ", Quoted(previous->name),
+          " (which ends at ", expected, ")"));
     }
     if (entry->data_begin > expected) {
       return absl::InvalidArgumentError(absl::StrCat(
           Quoted(entry->name), ": ", range, " leave a hole of ",
           entry->data_begin - expected, " unused bytes before it",
-          previous == nullptr ? "" : absl::StrCat(" (after ", Quoted(previous->name), ")")));
+          previous == nullptr
+              ? ""
+              : absl::StrCat(" (after ", Quoted(previous->name), ")")));
     }
     expected = entry->data_end;
     previous = entry;
@@ -265,11 +264,10 @@ uint64_t TensorSpec::ByteSize() const {
 }
 
 const TensorEntry* SafetensorsLayout::Find(absl::string_view name) const {
-  auto it = std::lower_bound(
-      tensors.begin(), tensors.end(), name,
-      [](const TensorEntry& entry, absl::string_view n) {
-        return entry.name < n;
-      });
+  auto it = std::lower_bound(tensors.begin(), tensors.end(), name,
+                             [](const TensorEntry& entry, absl::string_view n) {
+                               return entry.name < n;
+                             });
   if (it == tensors.end() || it->name != name) return nullptr;
   return &*it;
 }
@@ -435,12 +433,12 @@ absl::StatusOr<std::unique_ptr<SafetensorsWriter>> SafetensorsWriter::Create(
       return absl::InvalidArgumentError(
           absl::StrCat("duplicate ", Quoted(spec.name)));
     }
-    ASSIGN_OR_RETURN(uint64_t byte_size,
-                     CheckedByteSize(spec.name, spec.shape,
-                                     DTypeSize(spec.dtype)));
+    ASSIGN_OR_RETURN(
+        uint64_t byte_size,
+        CheckedByteSize(spec.name, spec.shape, DTypeSize(spec.dtype)));
     if (byte_size > std::numeric_limits<int64_t>::max() - data_size) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          Quoted(spec.name), ": total size overflows 64 bits"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(Quoted(spec.name), ": total size overflows 64 bits"));
     }
     TensorEntry entry;
     static_cast<TensorSpec&>(entry) = std::move(spec);
@@ -487,12 +485,14 @@ absl::StatusOr<std::unique_ptr<SafetensorsWriter>> SafetensorsWriter::Create(
   // Reserve the space now so that a full disk fails here, not mid-merge.
   int rc = ::posix_fallocate(fd, 0, static_cast<off_t>(total));
   if (rc == EINVAL || rc == EOPNOTSUPP) {
-    if (::ftruncate(fd, static_cast<off_t>(total)) != 0) rc = errno;
-    else rc = 0;
+    if (::ftruncate(fd, static_cast<off_t>(total)) != 0)
+      rc = errno;
+    else
+      rc = 0;
   }
   if (rc != 0) {
-    return ErrnoToStatus(rc, absl::StrCat("reserve ", total, " bytes for ",
-                                          path));
+    return ErrnoToStatus(rc,
+                         absl::StrCat("reserve ", total, " bytes for ", path));
   }
   uint8_t length[8];
   for (int i = 0; i < 8; ++i) {

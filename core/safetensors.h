@@ -61,7 +61,8 @@ struct SafetensorsLayout {
 // JSON validity, each entry's dtype/shape/data_offsets, offsets in bounds,
 // no overlaps and no holes, byte size == numel * dtype size, no duplicate
 // names, and `__metadata__` mapping strings to strings.
-absl::StatusOr<SafetensorsLayout> ParseSafetensors(absl::string_view file_bytes);
+absl::StatusOr<SafetensorsLayout> ParseSafetensors(
+    absl::string_view file_bytes);
 
 // SafetensorsFile is a read-only memory-mapped, validated safetensors file.
 // Thread-safe: all methods are const and the mapping is immutable.

@@ -30,35 +30,34 @@ inline absl::StatusOr<nlohmann::json> ParseStrictJson(absl::string_view text,
   std::vector<std::set<std::string>> open_objects;
   std::string top_key;
   std::string duplicate_error;
-  json::parser_callback_t callback = [&](int /*depth*/,
-                                         json::parse_event_t event,
-                                         json& parsed) {
-    switch (event) {
-      case json::parse_event_t::object_start:
-        open_objects.emplace_back();
-        break;
-      case json::parse_event_t::object_end:
-        if (!open_objects.empty()) open_objects.pop_back();
-        break;
-      case json::parse_event_t::key: {
-        if (open_objects.empty() || !parsed.is_string()) break;
-        const std::string& key = parsed.get_ref<const std::string&>();
-        if (open_objects.size() == 1) top_key = key;
-        if (!open_objects.back().insert(key).second &&
-            duplicate_error.empty()) {
-          duplicate_error =
-              open_objects.size() == 1
-                  ? absl::StrCat("duplicate ", noun, " \"", key, "\"")
-                  : absl::StrCat(noun, " \"", top_key, "\": duplicate key \"",
-                                 key, "\"");
+  json::parser_callback_t callback =
+      [&](int /*depth*/, json::parse_event_t event, json& parsed) {
+        switch (event) {
+          case json::parse_event_t::object_start:
+            open_objects.emplace_back();
+            break;
+          case json::parse_event_t::object_end:
+            if (!open_objects.empty()) open_objects.pop_back();
+            break;
+          case json::parse_event_t::key: {
+            if (open_objects.empty() || !parsed.is_string()) break;
+            const std::string& key = parsed.get_ref<const std::string&>();
+            if (open_objects.size() == 1) top_key = key;
+            if (!open_objects.back().insert(key).second &&
+                duplicate_error.empty()) {
+              duplicate_error =
+                  open_objects.size() == 1
+                      ? absl::StrCat("duplicate ", noun, " \"", key, "\"")
+                      : absl::StrCat(noun, " \"", top_key,
+                                     "\": duplicate key \"", key, "\"");
+            }
+            break;
+          }
+          default:
+            break;
         }
-        break;
-      }
-      default:
-        break;
-    }
-    return true;
-  };
+        return true;
+      };
   json parsed = json::parse(text.begin(), text.end(), callback,
                             /*allow_exceptions=*/false);
   if (parsed.is_discarded()) {

@@ -38,9 +38,9 @@ absl::Status CheckBoolBytes(const TensorEntry& entry,
   if (entry.dtype != DType::kBool) return absl::OkStatus();
   for (uint8_t b : bytes) {
     if (b > 1) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "tensor \"", entry.name, "\": BOOL data holds byte ",
-          static_cast<int>(b), " (only 0 and 1 are valid)"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("tensor \"", entry.name, "\": BOOL data holds byte ",
+                       static_cast<int>(b), " (only 0 and 1 are valid)"));
     }
   }
   return absl::OkStatus();
@@ -96,16 +96,16 @@ absl::StatusOr<torch::Tensor> TensorView(
   }
   RETURN_IF_ERROR(CheckBoolBytes(*entry, bytes));
   ASSIGN_OR_RETURN(c10::ScalarType type, ToTorchDType(entry->dtype));
-  return CallTorch(
-      absl::StrCat("view tensor \"", name, "\""),
-      [&]() -> absl::StatusOr<torch::Tensor> {
-        // The deleter owns a reference to the file, so the mapping outlives
-        // every view of it. from_blob wants a mutable pointer; views are
-        // read-only by contract (and the pages are mapped PROT_READ).
-        return torch::from_blob(
-            const_cast<uint8_t*>(bytes.data()), entry->shape,
-            [file](void*) {}, torch::TensorOptions().dtype(type));
-      });
+  return CallTorch(absl::StrCat("view tensor \"", name, "\""),
+                   [&]() -> absl::StatusOr<torch::Tensor> {
+                     // The deleter owns a reference to the file, so the mapping
+                     // outlives every view of it. from_blob wants a mutable
+                     // pointer; views are read-only by contract (and the pages
+                     // are mapped PROT_READ).
+                     return torch::from_blob(
+                         const_cast<uint8_t*>(bytes.data()), entry->shape,
+                         [file](void*) {}, torch::TensorOptions().dtype(type));
+                   });
 }
 
 absl::StatusOr<NamedTensors> LoadTensors(const Checkpoint& checkpoint) {
@@ -152,8 +152,8 @@ absl::Status SaveTensors(const std::string& path, const NamedTensors& tensors,
                   [&]() -> absl::StatusOr<torch::Tensor> {
                     return tensor.detach().to(torch::kCPU).contiguous();
                   }));
-    absl::Span<const uint8_t> bytes(
-        static_cast<const uint8_t*>(cpu.data_ptr()), cpu.nbytes());
+    absl::Span<const uint8_t> bytes(static_cast<const uint8_t*>(cpu.data_ptr()),
+                                    cpu.nbytes());
     RETURN_IF_ERROR(writer->WriteTensor(name, bytes));
   }
   return writer->Commit();

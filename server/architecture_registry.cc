@@ -26,10 +26,12 @@ bool IsValidArchitectureName(const std::string& name) {
 }
 
 ArchitectureRegistry::ArchitectureRegistry(ArtifactStore* store)
-    : store_(store), path_(absl::StrCat(store->root(), "/architectures.json")) {}
+    : store_(store),
+      path_(absl::StrCat(store->root(), "/architectures.json")) {}
 
-absl::StatusOr<std::unique_ptr<ArchitectureRegistry>> ArchitectureRegistry::Open(
-    ArtifactStore* store, const std::string& operator_dir) {
+absl::StatusOr<std::unique_ptr<ArchitectureRegistry>>
+ArchitectureRegistry::Open(ArtifactStore* store,
+                           const std::string& operator_dir) {
   std::unique_ptr<ArchitectureRegistry> registry(
       new ArchitectureRegistry(store));
   if (std::filesystem::exists(registry->path_)) {
@@ -71,13 +73,12 @@ absl::StatusOr<std::unique_ptr<ArchitectureRegistry>> ArchitectureRegistry::Open
                        store->ImportFile(kArchitectureOwner, copy,
                                          entry.path().filename().string(),
                                          ArtifactKind::kArchitecture));
-      RETURN_IF_ERROR(
-          registry->Register(name, artifact, "operator").status());
+      RETURN_IF_ERROR(registry->Register(name, artifact, "operator").status());
     }
     if (error) {
-      return ErrnoToStatus(error.value(),
-                           absl::StrCat("read --architectures_dir ",
-                                        operator_dir));
+      return ErrnoToStatus(
+          error.value(),
+          absl::StrCat("read --architectures_dir ", operator_dir));
     }
   }
   return registry;
@@ -90,10 +91,10 @@ absl::StatusOr<ArchitectureInfo> ArchitectureRegistry::Lookup(
   if (it != architectures_.end()) return it->second;
   std::vector<std::string> names;
   for (const auto& [known, info] : architectures_) names.push_back(known);
-  return absl::NotFoundError(absl::StrCat(
-      "unknown architecture \"", name, "\"; registered: ",
-      names.empty() ? "none (an admin registers them)"
-                    : absl::StrJoin(names, ", ")));
+  return absl::NotFoundError(
+      absl::StrCat("unknown architecture \"", name, "\"; registered: ",
+                   names.empty() ? "none (an admin registers them)"
+                                 : absl::StrJoin(names, ", ")));
 }
 
 std::vector<ArchitectureInfo> ArchitectureRegistry::List() const {

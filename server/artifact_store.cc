@@ -49,7 +49,8 @@ absl::Status MakeDirectories(const std::string& path) {
   std::error_code error;
   fs::create_directories(path, error);
   if (error) {
-    return ErrnoToStatus(error.value(), absl::StrCat("create directory ", path));
+    return ErrnoToStatus(error.value(),
+                         absl::StrCat("create directory ", path));
   }
   return absl::OkStatus();
 }
@@ -355,7 +356,8 @@ absl::Status ArtifactStore::Load() {
   for (const auto& tenant_dir :
        fs::directory_iterator(absl::StrCat(root, "/owners"), error)) {
     const std::string tenant = tenant_dir.path().filename().string();
-    for (const auto& record : fs::directory_iterator(tenant_dir.path(), error)) {
+    for (const auto& record :
+         fs::directory_iterator(tenant_dir.path(), error)) {
       const std::string file = record.path().string();
       if (absl::StrContains(file, ".tmp-")) {  // an interrupted record write
         ::unlink(file.c_str());
@@ -426,7 +428,8 @@ absl::StatusOr<std::shared_ptr<UploadPipeline>> ArtifactStore::BeginUpload(
         "file's SHA-256");
   }
   if (declaration.name.size() > kMaxNameBytes) {
-    return absl::InvalidArgumentError("metadata.name must be at most 255 bytes");
+    return absl::InvalidArgumentError(
+        "metadata.name must be at most 255 bytes");
   }
   if (declaration.kind == ArtifactKind::kResult ||
       declaration.kind == ArtifactKind::kReport) {
@@ -436,15 +439,16 @@ absl::StatusOr<std::shared_ptr<UploadPipeline>> ArtifactStore::BeginUpload(
   if (declaration.size_bytes > options_.max_upload_bytes) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "upload of ", declaration.size_bytes, " bytes (",
-        HumanBytes(declaration.size_bytes),
-        ") exceeds this server's limit of ", options_.max_upload_bytes,
+        HumanBytes(declaration.size_bytes), ") exceeds this server's limit of ",
+        options_.max_upload_bytes,
         " bytes; ask the operator to raise --max_upload_bytes"));
   }
   RETURN_IF_ERROR(CheckFreeDisk(declaration.size_bytes, "this upload"));
   absl::MutexLock lock(&mu_);
   if (uploads_in_progress_ >= options_.max_concurrent_uploads) {
     return absl::ResourceExhaustedError(absl::StrCat(
-        uploads_in_progress_, " uploads are in progress, the server's limit "
+        uploads_in_progress_,
+        " uploads are in progress, the server's limit "
         "(--max_concurrent_uploads); retry in a few seconds with backoff"));
   }
   const bool owned = owners_[tenant].count(declaration.sha256) > 0;
@@ -463,8 +467,8 @@ absl::StatusOr<std::shared_ptr<UploadPipeline>> ArtifactStore::BeginUpload(
   ++uploads_in_progress_;
   reserved_bytes_[tenant] += declaration.size_bytes;
   total_reserved_bytes_ += declaration.size_bytes;
-  return std::shared_ptr<UploadPipeline>(new UploadPipeline(
-      this, io_, tenant, declaration, std::move(on_room)));
+  return std::shared_ptr<UploadPipeline>(
+      new UploadPipeline(this, io_, tenant, declaration, std::move(on_room)));
 }
 
 void ArtifactStore::EndUpload(const std::string& tenant,
@@ -533,9 +537,9 @@ absl::StatusOr<ArtifactInfo> ArtifactStore::Lookup(
   }
   // The same answer whether or not another tenant holds these bytes, so
   // digests cannot be probed across tenants.
-  return absl::NotFoundError(absl::StrCat(
-      "no artifact with sha256 ", sha256.substr(0, 80),
-      " in your tenant's store; upload it first (Upload)"));
+  return absl::NotFoundError(
+      absl::StrCat("no artifact with sha256 ", sha256.substr(0, 80),
+                   " in your tenant's store; upload it first (Upload)"));
 }
 
 std::vector<ArtifactInfo> ArtifactStore::List(const std::string& tenant) const {
@@ -552,8 +556,8 @@ std::vector<ArtifactInfo> ArtifactStore::List(const std::string& tenant) const {
 }
 
 absl::StatusOr<ArtifactInfo> ArtifactStore::ImportFile(
-    const std::string& tenant, const std::string& path,
-    const std::string& name, ArtifactKind kind) {
+    const std::string& tenant, const std::string& path, const std::string& name,
+    ArtifactKind kind) {
   struct stat st;
   if (::stat(path.c_str(), &st) != 0) {
     return ErrnoToStatus(errno, absl::StrCat("stat ", path));
@@ -573,8 +577,7 @@ absl::Status ArtifactStore::AddOwner(const std::string& owner,
   {
     absl::MutexLock lock(&mu_);
     if (!blob_sizes_.count(info.sha256)) {
-      return absl::NotFoundError(
-          absl::StrCat("no stored blob ", info.sha256));
+      return absl::NotFoundError(absl::StrCat("no stored blob ", info.sha256));
     }
     if (owners_[owner].count(info.sha256)) return absl::OkStatus();
   }

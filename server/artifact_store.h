@@ -155,10 +155,10 @@ class ArtifactStore {
   static absl::StatusOr<std::unique_ptr<ArtifactStore>> Open(
       const ArtifactStoreOptions& options, ThreadPool* io);
 
-  // BeginUpload checks an upload against the limits, in memory: INVALID_ARGUMENT
-  // for a bad declaration, RESOURCE_EXHAUSTED (with what to do) for size,
-  // quota, concurrent uploads or free disk. It reserves the declared size
-  // against the tenant's quota until the pipeline is destroyed.
+  // BeginUpload checks an upload against the limits, in memory:
+  // INVALID_ARGUMENT for a bad declaration, RESOURCE_EXHAUSTED (with what to
+  // do) for size, quota, concurrent uploads or free disk. It reserves the
+  // declared size against the tenant's quota until the pipeline is destroyed.
   absl::StatusOr<std::shared_ptr<UploadPipeline>> BeginUpload(
       const std::string& tenant, const UploadDeclaration& declaration,
       std::function<void()> on_room);

@@ -32,8 +32,8 @@ absl::StatusOr<FileIdentity> StatFile(const std::string& path) {
     return ErrnoToStatus(errno, absl::StrCat("token file ", path));
   }
   FileIdentity id;
-  id.mtime_ns = static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 +
-                st.st_mtim.tv_nsec;
+  id.mtime_ns =
+      static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
   id.size = st.st_size;
   id.inode = st.st_ino;
   return id;
@@ -78,8 +78,9 @@ absl::StatusOr<TokenTable> ParseTokenFile(absl::string_view text) {
       }
     } else {
       if (fields[0].size() < 16) {
-        return error("tokens must be at least 16 characters (mint one with "
-                     "`openssl rand -hex 32`)");
+        return error(
+            "tokens must be at least 16 characters (mint one with "
+            "`openssl rand -hex 32`)");
       }
       digest = Sha256Hex(fields[0]);
     }
@@ -94,8 +95,8 @@ absl::StatusOr<TokenTable> ParseTokenFile(absl::string_view text) {
     } else if (fields[2] == "admin") {
       principal.role = Role::kAdmin;
     } else {
-      return error(absl::StrCat("role must be user or admin, got \"",
-                                fields[2], "\""));
+      return error(
+          absl::StrCat("role must be user or admin, got \"", fields[2], "\""));
     }
     if (!table.emplace(digest, std::move(principal)).second) {
       return error("duplicate token");
@@ -119,8 +120,8 @@ absl::StatusOr<std::unique_ptr<Authenticator>> Authenticator::Create(
   ASSIGN_OR_RETURN(std::string text, ReadFile(options.tokens_file));
   absl::StatusOr<TokenTable> table = ParseTokenFile(text);
   if (!table.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        options.tokens_file, ": ", table.status().message()));
+    return absl::InvalidArgumentError(
+        absl::StrCat(options.tokens_file, ": ", table.status().message()));
   }
   absl::MutexLock lock(&auth->mu_);
   auth->table_ = std::make_shared<const TokenTable>(*std::move(table));
@@ -142,8 +143,8 @@ absl::StatusOr<Principal> Authenticator::Authenticate(
     return absl::UnauthenticatedError(
         "malformed authorization metadata: expected `Bearer <token>`");
   }
-  absl::string_view token = absl::StripAsciiWhitespace(
-      authorization.substr(kBearerPrefix.size()));
+  absl::string_view token =
+      absl::StripAsciiWhitespace(authorization.substr(kBearerPrefix.size()));
   std::shared_ptr<const TokenTable> table;
   {
     absl::MutexLock lock(&mu_);

@@ -169,9 +169,9 @@ absl::Status JobJournal::Write(const JobRecord& record) {
   if (it != written_versions_.end() && it->second >= record.version) {
     return absl::OkStatus();
   }
-  RETURN_IF_ERROR(WriteFileAtomically(
-      absl::StrCat(directory_, "/", record.id, ".json"),
-      JobRecordToJson(record)));
+  RETURN_IF_ERROR(
+      WriteFileAtomically(absl::StrCat(directory_, "/", record.id, ".json"),
+                          JobRecordToJson(record)));
   written_versions_[record.id] = record.version;
   return absl::OkStatus();
 }
@@ -192,8 +192,8 @@ absl::StatusOr<std::vector<JobRecord>> JobJournal::LoadAll() {
         text.ok() ? JobRecordFromJson(*text)
                   : absl::StatusOr<JobRecord>(text.status());
     if (!record.ok()) {
-      LogError("journal: cannot read ", path, ": ",
-               record.status().ToString(), "; moved aside as .corrupt");
+      LogError("journal: cannot read ", path, ": ", record.status().ToString(),
+               "; moved aside as .corrupt");
       std::filesystem::rename(path, path + ".corrupt", error);
       continue;
     }

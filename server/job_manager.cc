@@ -87,9 +87,9 @@ JobManager::JobManager(const JobManagerOptions& options, ArtifactStore* store,
       io_(io) {}
 
 absl::StatusOr<std::unique_ptr<JobManager>> JobManager::Create(
-    const JobManagerOptions& options, ArtifactStore* store,
-    JobJournal* journal, const ArchitectureRegistry* architectures,
-    ServerMetrics* metrics, ThreadPool* io) {
+    const JobManagerOptions& options, ArtifactStore* store, JobJournal* journal,
+    const ArchitectureRegistry* architectures, ServerMetrics* metrics,
+    ThreadPool* io) {
   if (options.workers < 1) {
     return absl::InvalidArgumentError("--workers must be at least 1");
   }
@@ -166,8 +166,8 @@ void JobManager::Start() {
 
 std::string JobManager::NewJobId() {
   static thread_local std::mt19937_64 rng(std::random_device{}());
-  return absl::StrFormat("j-%s-%016x", SanitizeReplicaName(options_.replica_name),
-                         rng());
+  return absl::StrFormat("j-%s-%016x",
+                         SanitizeReplicaName(options_.replica_name), rng());
 }
 
 absl::Status JobManager::CheckInputs(const std::string& tenant,
@@ -175,8 +175,9 @@ absl::Status JobManager::CheckInputs(const std::string& tenant,
   for (const ArtifactReference& ref : ReferencedArtifacts(spec)) {
     absl::StatusOr<ArtifactInfo> info = store_->Lookup(tenant, ref.digest);
     if (!info.ok()) {
-      return absl::Status(info.status().code(),
-                          absl::StrCat(ref.field, ": ", info.status().message()));
+      return absl::Status(
+          info.status().code(),
+          absl::StrCat(ref.field, ": ", info.status().message()));
     }
     if (!RoleAccepts(ref.role, info->kind)) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -189,8 +190,9 @@ absl::Status JobManager::CheckInputs(const std::string& tenant,
     absl::StatusOr<ArchitectureInfo> arch =
         architectures_->Lookup(spec.architecture);
     if (!arch.ok()) {
-      return absl::Status(arch.status().code(),
-                          absl::StrCat("architecture: ", arch.status().message()));
+      return absl::Status(
+          arch.status().code(),
+          absl::StrCat("architecture: ", arch.status().message()));
     }
   }
   return store_->CheckQuota(tenant);
@@ -214,10 +216,10 @@ void JobManager::Submit(const std::string& tenant, JobSpec spec, Done done) {
     }
     const int waiting = static_cast<int>(queue_.size()) + pending_submits_;
     if (waiting >= options_.queue_capacity) {
-      done(absl::ResourceExhaustedError(absl::StrCat(
-          "the job queue is full (", waiting, " jobs waiting, limit ",
-          options_.queue_capacity,
-          " set by --queue_capacity); retry later with backoff")));
+      done(absl::ResourceExhaustedError(
+          absl::StrCat("the job queue is full (", waiting,
+                       " jobs waiting, limit ", options_.queue_capacity,
+                       " set by --queue_capacity); retry later with backoff")));
       return;
     }
     ++pending_submits_;
@@ -243,9 +245,9 @@ void JobManager::Submit(const std::string& tenant, JobSpec spec, Done done) {
       }
     }
     if (!written.ok()) {
-      done(absl::Status(written.code(),
-                        absl::StrCat("could not record the job: ",
-                                     written.message())));
+      done(absl::Status(
+          written.code(),
+          absl::StrCat("could not record the job: ", written.message())));
       return;
     }
     done(std::move(snapshot));
@@ -283,8 +285,9 @@ void JobManager::Cancel(const std::string& tenant, const std::string& id,
     absl::MutexLock lock(&mu_);
     auto it = jobs_.find(id);
     if (it == jobs_.end() || it->second->record.tenant != tenant) {
-      done(absl::NotFoundError(absl::StrCat(
-          "no job \"", id.substr(0, 140), "\" for your tenant on this replica")));
+      done(absl::NotFoundError(
+          absl::StrCat("no job \"", id.substr(0, 140),
+                       "\" for your tenant on this replica")));
       return;
     }
     entry = it->second;
@@ -295,7 +298,8 @@ void JobManager::Cancel(const std::string& tenant, const std::string& id,
     } else if (record.state == JobState::kQueued) {
       queue_.erase(std::find(queue_.begin(), queue_.end(), id));
       record.state = JobState::kCancelled;
-      record.error = absl::CancelledError("cancelled by the client while queued");
+      record.error =
+          absl::CancelledError("cancelled by the client while queued");
       record.finish_time_unix_ms = NowUnixMs();
       ++record.version;
       snapshot = SnapshotLocked(*entry);
@@ -305,8 +309,8 @@ void JobManager::Cancel(const std::string& tenant, const std::string& id,
           LogError("journal: ", snapshot.record.id, ": ", written.ToString());
         }
         if (metrics_ != nullptr) {
-          metrics_->RecordJobFinished(JobMethodName(snapshot.record.spec.method),
-                                      "cancelled", 0, {});
+          metrics_->RecordJobFinished(
+              JobMethodName(snapshot.record.spec.method), "cancelled", 0, {});
         }
         Notify(snapshot);
         done(snapshot);
@@ -338,16 +342,15 @@ absl::StatusOr<JobManager::JobPage> JobManager::List(
       if (entry->record.tenant == tenant) all.push_back(SnapshotLocked(*entry));
     }
   }
-  std::sort(all.begin(), all.end(),
-            [](const JobSnapshot& a, const JobSnapshot& b) {
-              return a.record.create_time_unix_ms != b.record.create_time_unix_ms
-                         ? a.record.create_time_unix_ms >
-                               b.record.create_time_unix_ms
-                         : a.record.id > b.record.id;
-            });
+  std::sort(
+      all.begin(), all.end(), [](const JobSnapshot& a, const JobSnapshot& b) {
+        return a.record.create_time_unix_ms != b.record.create_time_unix_ms
+                   ? a.record.create_time_unix_ms > b.record.create_time_unix_ms
+                   : a.record.id > b.record.id;
+      });
   JobPage page;
-  for (size_t i = offset; i < all.size() && page.jobs.size() <
-                                                static_cast<size_t>(page_size);
+  for (size_t i = offset;
+       i < all.size() && page.jobs.size() < static_cast<size_t>(page_size);
        ++i) {
     page.jobs.push_back(std::move(all[i]));
   }
@@ -368,8 +371,9 @@ absl::StatusOr<uint64_t> JobManager::Watch(const std::string& tenant,
     absl::MutexLock lock(&mu_);
     auto it = jobs_.find(id);
     if (it == jobs_.end() || it->second->record.tenant != tenant) {
-      return absl::NotFoundError(absl::StrCat(
-          "no job \"", id.substr(0, 140), "\" for your tenant on this replica"));
+      return absl::NotFoundError(
+          absl::StrCat("no job \"", id.substr(0, 140),
+                       "\" for your tenant on this replica"));
     }
     snapshot = SnapshotLocked(*it->second);
   }
@@ -483,7 +487,8 @@ void JobManager::RunAttempt(const std::shared_ptr<Entry>& entry) {
     uint64_t expected_bytes = 0;
     for (const ArtifactReference& ref : ReferencedArtifacts(spec)) {
       absl::StatusOr<ArtifactInfo> info = store_->Lookup(tenant, ref.digest);
-      if (info.ok()) expected_bytes = std::max(expected_bytes, info->size_bytes);
+      if (info.ok())
+        expected_bytes = std::max(expected_bytes, info->size_bytes);
     }
     output = store_->CheckFreeDisk(expected_bytes, "the job's result");
   }
@@ -499,8 +504,8 @@ void JobManager::RunAttempt(const std::shared_ptr<Entry>& entry) {
         entry->record.progress = progress;
         ++entry->record.version;
         const absl::Time now = absl::Now();
-        const bool last = progress.total_steps > 0 &&
-                          progress.step >= progress.total_steps;
+        const bool last =
+            progress.total_steps > 0 && progress.step >= progress.total_steps;
         if (!last &&
             now - entry->last_progress_notify < options_.progress_interval) {
           return;
@@ -511,12 +516,14 @@ void JobManager::RunAttempt(const std::shared_ptr<Entry>& entry) {
       Notify(snapshot);
     };
     ArtifactResolver resolve =
-        [this, &tenant](const std::string& digest) -> absl::StatusOr<std::string> {
+        [this,
+         &tenant](const std::string& digest) -> absl::StatusOr<std::string> {
       absl::StatusOr<ArtifactInfo> info = store_->Lookup(tenant, digest);
       if (!info.ok()) {
-        return absl::NotFoundError(absl::StrCat(
-            "input ", digest, " was deleted after the job was submitted; "
-            "upload it again and resubmit"));
+        return absl::NotFoundError(
+            absl::StrCat("input ", digest,
+                         " was deleted after the job was submitted; "
+                         "upload it again and resubmit"));
       }
       return store_->BlobPath(digest);
     };
@@ -552,8 +559,8 @@ void JobManager::RunAttempt(const std::shared_ptr<Entry>& entry) {
     if (!model.ok() || !report.ok()) {
       state = JobState::kFailed;
       error = !model.ok() ? model.status() : report.status();
-      error = absl::Status(error.code(), absl::StrCat("storing the result: ",
-                                                      error.message()));
+      error = absl::Status(
+          error.code(), absl::StrCat("storing the result: ", error.message()));
       if (model.ok()) store_->Delete(tenant, model->sha256).IgnoreError();
     } else {
       absl::MutexLock lock(&mu_);

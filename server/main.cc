@@ -125,8 +125,8 @@ int main(int argc, char** argv) {
   const std::string port_file = absl::GetFlag(FLAGS_port_file);
   if (!port_file.empty()) {
     absl::Status written = mergeguard::WriteFileAtomically(
-        port_file, absl::StrCat((*server)->port(), " ",
-                                (*server)->metrics_port(), "\n"));
+        port_file,
+        absl::StrCat((*server)->port(), " ", (*server)->metrics_port(), "\n"));
     if (!written.ok()) {
       mergeguard::LogError("cannot write --port_file: ", written.ToString());
       return 1;

@@ -17,8 +17,8 @@ using prometheus::Histogram;
 
 const Histogram::BucketBoundaries& LatencyBuckets() {
   static const auto* kBuckets = new Histogram::BucketBoundaries{
-      0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-      0.25,   0.5,   1,      2.5,   5,    10,    30,   60, 300};
+      0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+      0.5,    1,     2.5,    5,     10,   30,    60,   300};
   return *kBuckets;
 }
 
@@ -30,7 +30,7 @@ const Histogram::BucketBoundaries& JobBuckets() {
 
 const Histogram::BucketBoundaries& RatioBuckets() {
   static const auto* kBuckets = new Histogram::BucketBoundaries{
-      0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3,
+      0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2,  0.3,
       0.4,   0.5,   0.6,  0.7,  0.8,  0.9, 0.95, 1};
   return *kBuckets;
 }
@@ -126,35 +126,41 @@ ServerMetrics::ServerMetrics(const MetricsOptions& options)
   m2_flagged_ratio_ =
       &BuildHistogram()
            .Name("mergeguard_m2_flagged_ratio")
-           .Help("Fraction of parameters DAM's backdoor mask M2 flags, per "
-                 "job.")
+           .Help(
+               "Fraction of parameters DAM's backdoor mask M2 flags, per "
+               "job.")
            .Register(r);
   tau_ab_norm_ = &BuildHistogram()
                       .Name("mergeguard_tau_ab_norm")
-                      .Help("L2 norm of LFPM's anti-backdoor task vector, per "
-                            "job.")
+                      .Help(
+                          "L2 norm of LFPM's anti-backdoor task vector, per "
+                          "job.")
                       .Register(r);
   anomaly_index_ =
       &BuildHistogram()
            .Name("mergeguard_trigger_anomaly_index")
-           .Help("Anomaly index (median absolute deviation) of the mined "
-                 "surrogate triggers, per job.")
+           .Help(
+               "Anomaly index (median absolute deviation) of the mined "
+               "surrogate triggers, per job.")
            .Register(r);
   mined_asr_ = &BuildHistogram()
                     .Name("mergeguard_mined_trigger_attack_success_ratio")
-                    .Help("Attack success against the mined triggers, before "
-                          "and after the defense.")
+                    .Help(
+                        "Attack success against the mined triggers, before "
+                        "and after the defense.")
                     .Register(r);
   probe_asr_ = &BuildHistogram()
                     .Name("mergeguard_probe_attack_success_ratio")
-                    .Help("Attack success on a job's probe set (known "
-                          "trigger), before and after the defense.")
+                    .Help(
+                        "Attack success on a job's probe set (known "
+                        "trigger), before and after the defense.")
                     .Register(r);
   probe_accuracy_ =
       &BuildHistogram()
            .Name("mergeguard_probe_clean_accuracy_ratio")
-           .Help("Clean accuracy on a job's probe set, before and after the "
-                 "defense.")
+           .Help(
+               "Clean accuracy on a job's probe set, before and after the "
+               "defense.")
            .Register(r);
   suspicious_jobs_ =
       &BuildCounter()
@@ -187,10 +193,10 @@ absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Create(
       metrics->exposer_ =
           std::make_unique<prometheus::Exposer>(options.listen_address);
     } catch (const std::exception& e) {
-      return absl::UnavailableError(
-          absl::StrCat("cannot serve /metrics on ", options.listen_address,
-                       ": ", e.what(), " (is the port in use? set "
-                       "--metrics_address)"));
+      return absl::UnavailableError(absl::StrCat(
+          "cannot serve /metrics on ", options.listen_address, ": ", e.what(),
+          " (is the port in use? set "
+          "--metrics_address)"));
     }
     metrics->exposer_->RegisterCollectable(metrics->registry_);
   }
@@ -230,18 +236,20 @@ void ServerMetrics::RecordJobFinished(
                      const prometheus::Labels& labels,
                      const Histogram::BucketBoundaries& buckets) {
     auto it = job_metrics.find(key);
-    if (it != job_metrics.end()) family->Add(labels, buckets).Observe(it->second);
+    if (it != job_metrics.end())
+      family->Add(labels, buckets).Observe(it->second);
   };
   observe(kMetricM2FlaggedFraction, m2_flagged_ratio_, {{"method", m}},
           RatioBuckets());
   observe(kMetricTauAbNorm, tau_ab_norm_, {{"method", m}}, NormBuckets());
-  observe(kMetricAnomalyIndex, anomaly_index_, {{"method", m}}, AnomalyBuckets());
-  observe(kMetricMinedAsrBefore, mined_asr_, {{"method", m}, {"stage", "before"}},
-          RatioBuckets());
+  observe(kMetricAnomalyIndex, anomaly_index_, {{"method", m}},
+          AnomalyBuckets());
+  observe(kMetricMinedAsrBefore, mined_asr_,
+          {{"method", m}, {"stage", "before"}}, RatioBuckets());
   observe(kMetricMinedAsrAfter, mined_asr_, {{"method", m}, {"stage", "after"}},
           RatioBuckets());
-  observe(kMetricProbeAsrBefore, probe_asr_, {{"method", m}, {"stage", "before"}},
-          RatioBuckets());
+  observe(kMetricProbeAsrBefore, probe_asr_,
+          {{"method", m}, {"stage", "before"}}, RatioBuckets());
   observe(kMetricProbeAsrAfter, probe_asr_, {{"method", m}, {"stage", "after"}},
           RatioBuckets());
   observe(kMetricProbeAccuracyBefore, probe_accuracy_,

@@ -103,9 +103,8 @@ absl::StatusOr<JobSpec> JobSpecFromProto(const v1::JobSpec& proto) {
         converted.lora_config_digest = input.lora().config_sha256();
         break;
       case v1::JobInput::SOURCE_NOT_SET:
-        return absl::InvalidArgumentError(
-            absl::StrCat("inputs[", spec.inputs.size(),
-                         "]: set model_sha256 or lora"));
+        return absl::InvalidArgumentError(absl::StrCat(
+            "inputs[", spec.inputs.size(), "]: set model_sha256 or lora"));
     }
     spec.inputs.push_back(std::move(converted));
   }
@@ -249,9 +248,9 @@ void JobSpecToProto(const JobSpec& spec, v1::JobSpec* proto) {
   const MergeOptions& o = spec.merge;
   const JobMethod m = spec.method;
   if (!std::isnan(o.lambda)) proto->set_lambda(o.lambda);
-  const bool uses_ties = m == JobMethod::kTies ||
-                         (m == JobMethod::kDare &&
-                          o.dare.combine == DareCombine::kTies);
+  const bool uses_ties =
+      m == JobMethod::kTies ||
+      (m == JobMethod::kDare && o.dare.combine == DareCombine::kTies);
   if (uses_ties) {
     v1::TiesParameters* ties = proto->mutable_ties();
     ties->set_top_k_percent(o.ties.top_k_percent);
@@ -364,7 +363,8 @@ void JobToProto(const JobSnapshot& snapshot, v1::Job* proto) {
   proto->set_queue_position(snapshot.queue_position);
 }
 
-void ArchitectureToProto(const ArchitectureInfo& info, v1::Architecture* proto) {
+void ArchitectureToProto(const ArchitectureInfo& info,
+                         v1::Architecture* proto) {
   proto->set_name(info.name);
   proto->set_sha256(info.sha256);
   proto->set_registered_by(info.registered_by);

@@ -31,8 +31,7 @@ class RpcRecorder {
   // Done converts `status` for the wire and records the RPC.
   grpc::Status Done(const absl::Status& status) const {
     grpc::Status result = ToGrpcStatus(status);
-    metrics_->RecordRpc(method_,
-                        result.error_code(),
+    metrics_->RecordRpc(method_, result.error_code(),
                         absl::ToDoubleSeconds(absl::Now() - start_));
     return result;
   }
@@ -62,9 +61,9 @@ absl::StatusOr<Principal> Authenticate(const ServiceDeps& deps,
   if (require_admin && principal->role != Role::kAdmin) {
     deps.metrics->RecordAuthFailure(method,
                                     grpc::StatusCode::PERMISSION_DENIED);
-    return absl::PermissionDeniedError(absl::StrCat(
-        method, " needs an admin token; this token of tenant ",
-        principal->tenant, " has the user role"));
+    return absl::PermissionDeniedError(
+        absl::StrCat(method, " needs an admin token; this token of tenant ",
+                     principal->tenant, " has the user role"));
   }
   return principal;
 }
@@ -187,10 +186,9 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadRequest> {
       absl::StatusOr<UploadDeclaration> declaration =
           DeclarationFromProto(request_.metadata());
       absl::StatusOr<std::shared_ptr<UploadPipeline>> pipeline =
-          declaration.ok()
-              ? deps_.store->BeginUpload(tenant_, *declaration,
-                                         [this] { OnRoom(); })
-              : declaration.status();
+          declaration.ok() ? deps_.store->BeginUpload(tenant_, *declaration,
+                                                      [this] { OnRoom(); })
+                           : declaration.status();
       if (!pipeline.ok()) {
         FinishWith(pipeline.status());
         return;
@@ -253,15 +251,15 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadRequest> {
 class DownloadReactor final
     : public grpc::ServerWriteReactor<v1::DownloadResponse> {
  public:
-  DownloadReactor(const ServiceDeps& deps,
-                  grpc::CallbackServerContext* context,
+  DownloadReactor(const ServiceDeps& deps, grpc::CallbackServerContext* context,
                   const v1::DownloadRequest* request)
       : deps_(deps), rpc_(deps.metrics, "Download") {
     absl::StatusOr<Principal> principal =
         Authenticate(deps, context, "Download");
     absl::StatusOr<ArtifactInfo> artifact =
-        principal.ok() ? deps.store->Lookup(principal->tenant, request->sha256())
-                       : principal.status();
+        principal.ok()
+            ? deps.store->Lookup(principal->tenant, request->sha256())
+            : principal.status();
     if (!artifact.ok()) {
       FinishWith(artifact.status());
       return;
@@ -405,12 +403,11 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::JobEvent> {
     absl::StatusOr<Principal> principal =
         Authenticate(deps, context, "WatchJob");
     absl::StatusOr<uint64_t> watch_id =
-        principal.ok()
-            ? deps.jobs->Watch(principal->tenant, request->job_id(),
-                               [this](const JobSnapshot& snapshot) {
-                                 OnUpdate(snapshot);
-                               })
-            : principal.status();
+        principal.ok() ? deps.jobs->Watch(principal->tenant, request->job_id(),
+                                          [this](const JobSnapshot& snapshot) {
+                                            OnUpdate(snapshot);
+                                          })
+                       : principal.status();
     if (!watch_id.ok()) {
       FinishWith(watch_id.status());
       return;
@@ -585,8 +582,8 @@ class SanitizeReactor final
               "first");
         }
         RETURN_IF_ERROR(CheckChunk(request_.chunk(),
-                                         pipeline_->received_bytes(),
-                                         pipeline_->declaration()));
+                                   pipeline_->received_bytes(),
+                                   pipeline_->declaration()));
         RETURN_IF_ERROR(pipeline_->status());
         const bool complete =
             pipeline_->received_bytes() + request_.chunk().size() ==
@@ -596,7 +593,8 @@ class SanitizeReactor final
           absl::MutexLock lock(&mu_);
           committing_ = true;
         }
-        const bool room = pipeline_->Append(std::move(*request_.mutable_chunk()));
+        const bool room =
+            pipeline_->Append(std::move(*request_.mutable_chunk()));
         if (complete) {
           CommitUpload();
         } else if (room) {
@@ -926,10 +924,10 @@ grpc::ServerUnaryReactor* SanitizerService::DeleteArtifact(
     reactor->Finish(rpc.Done(principal.status()));
     return reactor;
   }
-  deps_.io->Schedule(
-      [this, rpc, reactor, tenant = principal->tenant, sha = request->sha256()] {
-        reactor->Finish(rpc.Done(deps_.store->Delete(tenant, sha)));
-      });
+  deps_.io->Schedule([this, rpc, reactor, tenant = principal->tenant,
+                      sha = request->sha256()] {
+    reactor->Finish(rpc.Done(deps_.store->Delete(tenant, sha)));
+  });
   return reactor;
 }
 

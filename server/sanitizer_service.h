@@ -5,9 +5,9 @@
 // only check requests, touch in-memory state and hand work to the I/O pool or
 // the job manager; they never run models or wait on the disk.
 
-#include <atomic>
-
 #include <grpcpp/grpcpp.h>
+
+#include <atomic>
 
 #include "core/thread_pool.h"
 #include "mergeguard/v1/sanitizer.grpc.pb.h"

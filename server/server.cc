@@ -8,16 +8,10 @@
 #include "absl/strings/str_cat.h"
 #include "core/file_util.h"
 #include "core/status_macros.h"
+#include "core/version.h"
 #include "server/log.h"
 
-#ifndef MERGEGUARD_VERSION
-#define MERGEGUARD_VERSION "dev"
-#endif
-
 namespace mergeguard {
-
-const char kServerVersion[] = MERGEGUARD_VERSION;
-
 namespace {
 
 constexpr char kServiceName[] = "mergeguard.v1.Sanitizer";
@@ -55,7 +49,7 @@ absl::StatusOr<std::unique_ptr<MergeguardServer>> MergeguardServer::Start(
   std::unique_ptr<MergeguardServer> server(new MergeguardServer());
   server->options_ = options;
   MetricsOptions metrics_options = options.metrics;
-  metrics_options.version = kServerVersion;
+  metrics_options.version = std::string(MergeguardVersion());
   ASSIGN_OR_RETURN(server->metrics_, ServerMetrics::Create(metrics_options));
   ASSIGN_OR_RETURN(server->auth_, Authenticator::Create(options.auth));
   ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> credentials,
@@ -72,7 +66,7 @@ absl::StatusOr<std::unique_ptr<MergeguardServer>> MergeguardServer::Start(
                    ArchitectureRegistry::Open(server->store_.get(),
                                               options.architectures_dir));
   JobManagerOptions job_options = options.jobs;
-  job_options.server_version = kServerVersion;
+  job_options.server_version = std::string(MergeguardVersion());
   ASSIGN_OR_RETURN(
       server->jobs_,
       JobManager::Create(job_options, server->store_.get(),
@@ -92,16 +86,15 @@ absl::StatusOr<std::unique_ptr<MergeguardServer>> MergeguardServer::Start(
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(options.listen_address, credentials,
-                           &server->port_);
+  builder.AddListeningPort(options.listen_address, credentials, &server->port_);
   builder.RegisterService(server->service_.get());
   // Chunks are at most 1 MiB; the default 4 MiB limit stays as a guard.
   builder.SetMaxReceiveMessageSize(4 << 20);
   server->server_ = builder.BuildAndStart();
   if (server->server_ == nullptr || server->port_ == 0) {
-    return absl::UnavailableError(absl::StrCat(
-        "cannot listen on ", options.listen_address,
-        " (is the port in use? set --port or --listen_address)"));
+    return absl::UnavailableError(
+        absl::StrCat("cannot listen on ", options.listen_address,
+                     " (is the port in use? set --port or --listen_address)"));
   }
   grpc::HealthCheckServiceInterface* health =
       server->server_->GetHealthCheckService();
@@ -110,7 +103,7 @@ absl::StatusOr<std::unique_ptr<MergeguardServer>> MergeguardServer::Start(
   server->jobs_->Start();
   server->housekeeping_ =
       std::thread([raw = server.get()] { raw->HousekeepingLoop(); });
-  LogInfo("mergeguard-server ", kServerVersion, " serving gRPC on port ",
+  LogInfo("mergeguard-server ", MergeguardVersion(), " serving gRPC on port ",
           server->port_,
           options.tls_cert_file.empty()
               ? " (plaintext)"
@@ -143,8 +136,9 @@ bool MergeguardServer::Drain(absl::Duration timeout) {
   jobs_->BeginDrain();
   const bool idle = jobs_->WaitUntilIdle(deadline);
   if (!idle) {
-    LogWarning("draining: jobs still running at the deadline; they will be "
-               "re-queued at the next start");
+    LogWarning(
+        "draining: jobs still running at the deadline; they will be "
+        "re-queued at the next start");
   }
   server_->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(2)));
   shut_down_ = true;

@@ -5,12 +5,12 @@
 // manager, auth, metrics, the gRPC server with health and reflection, and a
 // housekeeping thread (free-disk, gauges, token-file reload).
 
+#include <grpcpp/grpcpp.h>
+
 #include <atomic>
 #include <memory>
 #include <string>
 #include <thread>
-
-#include <grpcpp/grpcpp.h>
 
 #include "absl/status/statusor.h"
 #include "absl/synchronization/notification.h"
@@ -25,9 +25,6 @@
 #include "server/sanitizer_service.h"
 
 namespace mergeguard {
-
-// kServerVersion is the version reported in build info and provenance.
-extern const char kServerVersion[];
 
 // ServerOptions configures the whole server; main.cc fills it from flags.
 struct ServerOptions {

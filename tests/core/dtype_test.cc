@@ -69,7 +69,8 @@ TEST(DTypeTest, EveryTypeRoundTripsSmallIntegers) {
     ConvertFromDouble(values, 5, dtype, storage.data());
     double back[5];
     ConvertToDouble(dtype, storage.data(), 5, back);
-    for (int i = 0; i < 5; ++i) EXPECT_EQ(back[i], values[i]) << DTypeName(dtype);
+    for (int i = 0; i < 5; ++i)
+      EXPECT_EQ(back[i], values[i]) << DTypeName(dtype);
   }
   const float flags[] = {0.0f, -3.0f, 0.5f};
   uint8_t bools[3];

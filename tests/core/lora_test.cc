@@ -60,8 +60,10 @@ std::string Config(int r, double alpha, bool rslora = false,
 // double, with A flattened to [r, in] and B to [out, r].
 std::vector<double> ReferenceDelta(const torch::Tensor& a,
                                    const torch::Tensor& b, double scale) {
-  torch::Tensor a2 = a.to(torch::kFloat64).reshape({a.size(0), -1}).contiguous();
-  torch::Tensor b2 = b.to(torch::kFloat64).reshape({b.size(0), -1}).contiguous();
+  torch::Tensor a2 =
+      a.to(torch::kFloat64).reshape({a.size(0), -1}).contiguous();
+  torch::Tensor b2 =
+      b.to(torch::kFloat64).reshape({b.size(0), -1}).contiguous();
   const int64_t r = a2.size(0), in = a2.size(1), out = b2.size(0);
   const double* pa = a2.data_ptr<double>();
   const double* pb = b2.data_ptr<double>();
@@ -87,7 +89,8 @@ void ExpectDelta(const torch::Tensor& got, const std::vector<double>& want,
   for (int64_t o = 0; o < out; ++o) {
     for (int64_t i = 0; i < in; ++i) {
       const float value = transposed ? p[i * out + o] : p[o * in + i];
-      ASSERT_NEAR(value, want[o * in + i], 1e-4 * (1 + std::fabs(want[o * in + i])))
+      ASSERT_NEAR(value, want[o * in + i],
+                  1e-4 * (1 + std::fabs(want[o * in + i])))
           << "at [" << o << ", " << i << "]";
     }
   }
@@ -149,10 +152,9 @@ TEST(LoraAdapterTest, FanInFanOutTransposes) {
   EXPECT_THAT(delta->sizes(), ElementsAre(7, 3));
   ExpectDelta(*delta, ReferenceDelta(a, b, 2.0), 3, 7, /*transposed=*/true);
   // The untransposed shape no longer fits.
-  EXPECT_EQ((*adapter)->DeltaWeight("h.0.attn.c_attn.weight", {3, 7})
-                .status()
-                .code(),
-            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(
+      (*adapter)->DeltaWeight("h.0.attn.c_attn.weight", {3, 7}).status().code(),
+      absl::StatusCode::kFailedPrecondition);
 }
 
 TEST(LoraAdapterTest, ConvDeltaIsReshapedToTheKernel) {
@@ -171,7 +173,8 @@ TEST(LoraAdapterTest, ConvDeltaIsReshapedToTheKernel) {
   // [out, in*kh*kw] in row-major order is [out, in, kh, kw].
   ExpectDelta(*delta, ReferenceDelta(a, b, 1.0), 4, 27);
   // Same element count, different kernel: refused.
-  EXPECT_EQ((*adapter)->DeltaWeight("stem.conv.weight", {4, 27, 1, 1})
+  EXPECT_EQ((*adapter)
+                ->DeltaWeight("stem.conv.weight", {4, 27, 1, 1})
                 .status()
                 .code(),
             absl::StatusCode::kFailedPrecondition);
@@ -212,8 +215,9 @@ TEST(LoraAdapterTest, RejectsMissingB) {
 TEST(LoraAdapterTest, RejectsRankMismatch) {
   AdapterDir dir;
   dir.WriteConfig(Config(4, 8));
-  dir.WriteWeights({{"base_model.model.fc.lora_A.weight", torch::ones({4, 6})},
-                    {"base_model.model.fc.lora_B.weight", torch::ones({5, 3})}});
+  dir.WriteWeights(
+      {{"base_model.model.fc.lora_A.weight", torch::ones({4, 6})},
+       {"base_model.model.fc.lora_B.weight", torch::ones({5, 3})}});
   auto adapter = LoraAdapter::Open(dir.path());
   ASSERT_FALSE(adapter.ok());
   EXPECT_EQ(adapter.status().code(), absl::StatusCode::kFailedPrecondition);
@@ -224,8 +228,9 @@ TEST(LoraAdapterTest, RejectsRankMismatch) {
 TEST(LoraAdapterTest, RejectsConfigRankDisagreeingWithTensors) {
   AdapterDir dir;
   dir.WriteConfig(Config(8, 8));
-  dir.WriteWeights({{"base_model.model.fc.lora_A.weight", torch::ones({4, 6})},
-                    {"base_model.model.fc.lora_B.weight", torch::ones({5, 4})}});
+  dir.WriteWeights(
+      {{"base_model.model.fc.lora_A.weight", torch::ones({4, 6})},
+       {"base_model.model.fc.lora_B.weight", torch::ones({5, 4})}});
   auto adapter = LoraAdapter::Open(dir.path());
   EXPECT_EQ(adapter.status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_THAT(std::string(adapter.status().message()), HasSubstr("r = 8"));
@@ -234,8 +239,9 @@ TEST(LoraAdapterTest, RejectsConfigRankDisagreeingWithTensors) {
 TEST(LoraAdapterTest, DeltaWeightChecksKeyAndShape) {
   AdapterDir dir;
   dir.WriteConfig(Config(2, 2));
-  dir.WriteWeights({{"base_model.model.fc.lora_A.weight", torch::ones({2, 4})},
-                    {"base_model.model.fc.lora_B.weight", torch::ones({3, 2})}});
+  dir.WriteWeights(
+      {{"base_model.model.fc.lora_A.weight", torch::ones({2, 4})},
+       {"base_model.model.fc.lora_B.weight", torch::ones({3, 2})}});
   auto adapter = LoraAdapter::Open(dir.path());
   ASSERT_TRUE(adapter.ok()) << adapter.status();
   EXPECT_EQ((*adapter)->DeltaWeight("nope.weight", {3, 4}).status().code(),
@@ -251,7 +257,8 @@ TEST(LoraAdapterTest, RejectsBadConfigFields) {
       {R"({"r": 0, "lora_alpha": 8})", "\"r\""},
       {R"({"r": 2, "lora_alpha": "8"})", "\"lora_alpha\""},
       {R"({"r": 2, "lora_alpha": 8, "use_rslora": "yes"})", "\"use_rslora\""},
-      {R"({"r": 2, "lora_alpha": 8, "fan_in_fan_out": 1})", "\"fan_in_fan_out\""},
+      {R"({"r": 2, "lora_alpha": 8, "fan_in_fan_out": 1})",
+       "\"fan_in_fan_out\""},
       {R"({"r": 2, "lora_alpha": 8, "rank_pattern": {"fc": 4}})",
        "\"rank_pattern\""},
       {R"({"r": 2, "lora_alpha": 8, "use_dora": true})", "\"use_dora\""},
@@ -261,8 +268,9 @@ TEST(LoraAdapterTest, RejectsBadConfigFields) {
   for (const auto& [json, needle] : cases) {
     AdapterDir dir;
     dir.WriteConfig(json);
-    dir.WriteWeights({{"base_model.model.fc.lora_A.weight", torch::ones({2, 4})},
-                      {"base_model.model.fc.lora_B.weight", torch::ones({3, 2})}});
+    dir.WriteWeights(
+        {{"base_model.model.fc.lora_A.weight", torch::ones({2, 4})},
+         {"base_model.model.fc.lora_B.weight", torch::ones({3, 2})}});
     auto adapter = LoraAdapter::Open(dir.path());
     ASSERT_FALSE(adapter.ok()) << json;
     EXPECT_EQ(adapter.status().code(), absl::StatusCode::kInvalidArgument)
@@ -282,8 +290,9 @@ TEST(LoraAdapterTest, RejectsTensorsThatAreNotFactors) {
         torch::ones({2, 3})}});
   auto adapter = LoraAdapter::Open(dir.path());
   EXPECT_EQ(adapter.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(std::string(adapter.status().message()),
-              HasSubstr("modules_to_save.default.weight\" is not a LoRA factor"));
+  EXPECT_THAT(
+      std::string(adapter.status().message()),
+      HasSubstr("modules_to_save.default.weight\" is not a LoRA factor"));
 }
 
 TEST(LoraAdapterTest, RefusesPickleWeights) {
@@ -294,7 +303,8 @@ TEST(LoraAdapterTest, RefusesPickleWeights) {
   EXPECT_EQ(adapter.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(adapter.status().message()),
               HasSubstr("arbitrary code"));
-  EXPECT_FALSE(IsLoraAdapterDir(absl::StrCat(dir.path(), "/adapter_model.bin")));
+  EXPECT_FALSE(
+      IsLoraAdapterDir(absl::StrCat(dir.path(), "/adapter_model.bin")));
 }
 
 }  // namespace

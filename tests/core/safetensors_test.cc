@@ -76,7 +76,9 @@ class TempDir {
   std::string path_;
 };
 
-bool Exists(const std::string& path) { return ::access(path.c_str(), F_OK) == 0; }
+bool Exists(const std::string& path) {
+  return ::access(path.c_str(), F_OK) == 0;
+}
 
 std::string ReadAll(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -92,7 +94,8 @@ absl::Span<const uint8_t> AsBytes(const std::string& s) {
 
 std::string PatternBytes(size_t n, int seed) {
   std::string s(n, '\0');
-  for (size_t i = 0; i < n; ++i) s[i] = static_cast<char>((i * 31 + seed) & 0xff);
+  for (size_t i = 0; i < n; ++i)
+    s[i] = static_cast<char>((i * 31 + seed) & 0xff);
   return s;
 }
 
@@ -100,11 +103,11 @@ std::string PatternBytes(size_t n, int seed) {
 // Valid files
 
 TEST(ParseSafetensorsTest, AcceptsValidFile) {
-  std::string file = FileBytes(
-      R"({"b":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
-      R"("a":{"dtype":"I8","shape":[1,3],"data_offsets":[8,11]},)"
-      R"("__metadata__":{"format":"pt"}})",
-      Zeros(11));
+  std::string file =
+      FileBytes(R"({"b":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
+                R"("a":{"dtype":"I8","shape":[1,3],"data_offsets":[8,11]},)"
+                R"("__metadata__":{"format":"pt"}})",
+                Zeros(11));
   absl::StatusOr<SafetensorsLayout> layout = ParseSafetensors(file);
   ASSERT_TRUE(layout.ok()) << layout.status();
   ASSERT_EQ(layout->tensors.size(), 2u);
@@ -120,10 +123,10 @@ TEST(ParseSafetensorsTest, AcceptsValidFile) {
 }
 
 TEST(ParseSafetensorsTest, AcceptsHeaderPaddedWithSpaces) {
-  std::string file = FileBytes(
-      R"({"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}})"
-      "       ",
-      "xy");
+  std::string file =
+      FileBytes(R"({"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}})"
+                "       ",
+                "xy");
   absl::StatusOr<SafetensorsLayout> layout = ParseSafetensors(file);
   ASSERT_TRUE(layout.ok()) << layout.status();
   EXPECT_EQ(layout->data_offset, file.size() - 2);
@@ -131,10 +134,10 @@ TEST(ParseSafetensorsTest, AcceptsHeaderPaddedWithSpaces) {
 
 TEST(ParseSafetensorsTest, AcceptsEmptyAndZeroSizeTensors) {
   ASSERT_TRUE(ParseSafetensors(FileBytes("{}")).ok());
-  std::string file = FileBytes(
-      R"({"e":{"dtype":"F32","shape":[0,4],"data_offsets":[0,0]},)"
-      R"("s":{"dtype":"F64","shape":[],"data_offsets":[0,8]}})",
-      Zeros(8));
+  std::string file =
+      FileBytes(R"({"e":{"dtype":"F32","shape":[0,4],"data_offsets":[0,0]},)"
+                R"("s":{"dtype":"F64","shape":[],"data_offsets":[0,8]}})",
+                Zeros(8));
   absl::StatusOr<SafetensorsLayout> layout = ParseSafetensors(file);
   ASSERT_TRUE(layout.ok()) << layout.status();
   EXPECT_EQ(layout->Find("s")->NumElements(), 1);
@@ -145,7 +148,8 @@ TEST(ParseSafetensorsTest, AcceptsEmptyAndZeroSizeTensors) {
 // One malformed file per rule
 
 TEST(ParseSafetensorsTest, RejectsFileShorterThanLength) {
-  ExpectRejected(std::string(5, '\0'), absl::StatusCode::kDataLoss, "truncated");
+  ExpectRejected(std::string(5, '\0'), absl::StatusCode::kDataLoss,
+                 "truncated");
 }
 
 TEST(ParseSafetensorsTest, RejectsHeaderLongerThanLimit) {
@@ -194,9 +198,8 @@ TEST(ParseSafetensorsTest, RejectsEntryThatIsNotAnObject) {
 }
 
 TEST(ParseSafetensorsTest, RejectsMissingDtype) {
-  ExpectRejected(
-      FileBytes(R"({"w":{"shape":[1],"data_offsets":[0,1]}})", "x"),
-      absl::StatusCode::kInvalidArgument, "tensor \"w\": \"dtype\"");
+  ExpectRejected(FileBytes(R"({"w":{"shape":[1],"data_offsets":[0,1]}})", "x"),
+                 absl::StatusCode::kInvalidArgument, "tensor \"w\": \"dtype\"");
 }
 
 TEST(ParseSafetensorsTest, RejectsUnknownDtype) {
@@ -333,12 +336,11 @@ TEST(ParseSafetensorsTest, RejectsDuplicateTensorName) {
 }
 
 TEST(ParseSafetensorsTest, RejectsDuplicateFieldInEntry) {
-  ExpectRejected(
-      FileBytes(R"({"w":{"dtype":"F32","dtype":"U8","shape":[1],)"
-                R"("data_offsets":[0,1]}})",
-                "x"),
-      absl::StatusCode::kInvalidArgument,
-      "tensor \"w\": duplicate key \"dtype\"");
+  ExpectRejected(FileBytes(R"({"w":{"dtype":"F32","dtype":"U8","shape":[1],)"
+                           R"("data_offsets":[0,1]}})",
+                           "x"),
+                 absl::StatusCode::kInvalidArgument,
+                 "tensor \"w\": duplicate key \"dtype\"");
 }
 
 TEST(ParseSafetensorsTest, RejectsEmptyTensorName) {
@@ -566,7 +568,8 @@ TEST(SafetensorsWriterTest, ParallelRangesAssembleTheTensor) {
   const size_t kChunk = 4096, kChunks = 64;
   std::string data = PatternBytes(kChunk * kChunks, 7);
   auto writer = SafetensorsWriter::Create(
-      path, {{"big", DType::kF32, {static_cast<int64_t>(kChunk * kChunks / 4)}}});
+      path,
+      {{"big", DType::kF32, {static_cast<int64_t>(kChunk * kChunks / 4)}}});
   ASSERT_TRUE(writer.ok());
   std::vector<absl::Status> results(kChunks);
   ParallelFor(kChunks, 4, [&](size_t i) {
@@ -592,10 +595,9 @@ TEST(SafetensorsWriterTest, FullDiskIsResourceExhaustedAtCreate) {
   }
   struct statvfs vfs;
   ASSERT_EQ(::statvfs("/dev/shm", &vfs), 0);
-  const int64_t too_big =
-      static_cast<int64_t>(vfs.f_blocks) * static_cast<int64_t>(vfs.f_frsize) *
-          2 +
-      (int64_t{1} << 30);
+  const int64_t too_big = static_cast<int64_t>(vfs.f_blocks) *
+                              static_cast<int64_t>(vfs.f_frsize) * 2 +
+                          (int64_t{1} << 30);
   const std::string path =
       absl::StrCat("/dev/shm/mergeguard_enospc_", ::getpid(), ".safetensors");
   auto writer = SafetensorsWriter::Create(path, {{"w", DType::kU8, {too_big}}});
@@ -627,7 +629,8 @@ std::pair<uintptr_t, uintptr_t> MappingOf(const std::string& path) {
 TEST(SafetensorsFileTest, TensorBytesPointIntoTheMapping) {
   TempDir dir;
   const std::string path = dir.File("z.safetensors");
-  ASSERT_TRUE(WriteAll(path, {{"a", DType::kF32, {256}}, {"b", DType::kU8, {5}}},
+  ASSERT_TRUE(WriteAll(path,
+                       {{"a", DType::kF32, {256}}, {"b", DType::kU8, {5}}},
                        {PatternBytes(1024, 1), "hello"})
                   .ok());
   auto file = SafetensorsFile::Open(path);
@@ -647,6 +650,45 @@ TEST(SafetensorsFileTest, TensorBytesPointIntoTheMapping) {
             absl::StatusCode::kNotFound);
   file->reset();
   EXPECT_EQ(MappingOf(path).first, 0u) << "mapping outlived the file";
+}
+
+// ResidentKb returns the Rss of the mapping starting at `begin`, from
+// /proc/self/smaps, or -1.
+int64_t ResidentKb(uintptr_t begin) {
+  std::ifstream smaps("/proc/self/smaps");
+  std::string line;
+  bool in_mapping = false;
+  while (std::getline(smaps, line)) {
+    uintptr_t start = 0, end = 0;
+    // Only mapping headers ("begin-end perms ...") parse as two hex numbers.
+    if (std::sscanf(line.c_str(), "%lx-%lx ", &start, &end) == 2) {
+      in_mapping = start == begin;
+      continue;
+    }
+    long kb = 0;
+    if (in_mapping && std::sscanf(line.c_str(), "Rss: %ld kB", &kb) == 1) {
+      return kb;
+    }
+  }
+  return -1;
+}
+
+TEST(SafetensorsFileTest, ReleasePagesDropsResidencyButKeepsData) {
+  TempDir dir;
+  const std::string path = dir.File("r.safetensors");
+  const std::string data = PatternBytes(1 << 20, 5);
+  ASSERT_TRUE(WriteAll(path, {{"w", DType::kU8, {1 << 20}}}, {data}).ok());
+  auto file = SafetensorsFile::Open(path);
+  ASSERT_TRUE(file.ok());
+  auto bytes = (*file)->TensorBytes("w");
+  ASSERT_TRUE(bytes.ok());
+  EXPECT_EQ(std::string(bytes->begin(), bytes->end()), data);  // faults in
+  const uintptr_t begin = MappingOf(path).first;
+  ASSERT_NE(begin, 0u);
+  EXPECT_GE(ResidentKb(begin), 1000);
+  (*file)->ReleasePages(*(*file)->layout().Find("w"));
+  EXPECT_EQ(ResidentKb(begin), 0);
+  EXPECT_EQ(std::string(bytes->begin(), bytes->end()), data);
 }
 
 TEST(SafetensorsFileTest, OpenReportsErrorsWithPath) {

@@ -46,9 +46,9 @@ void WriteRawFile(const std::string& path, const std::string& header,
 }
 
 TEST(TorchDTypeTest, MapsEveryDType) {
-  for (DType dtype : {DType::kF64, DType::kF32, DType::kF16, DType::kBF16,
-                      DType::kI64, DType::kI32, DType::kI16, DType::kI8,
-                      DType::kU8, DType::kBool}) {
+  for (DType dtype :
+       {DType::kF64, DType::kF32, DType::kF16, DType::kBF16, DType::kI64,
+        DType::kI32, DType::kI16, DType::kI8, DType::kU8, DType::kBool}) {
     auto type = ToTorchDType(dtype);
     ASSERT_TRUE(type.ok());
     EXPECT_EQ(c10::elementSize(*type), DTypeSize(dtype)) << DTypeName(dtype);

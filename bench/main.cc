@@ -1,0 +1,309 @@
+// mergeguard-bench: builds backdoor benchmark scenarios, evaluates models on
+// them, prints the merge table, and measures merge throughput. Flags are
+// parsed here only and turned into the libraries' options structs.
+
+#include <cstdio>
+#include <filesystem>
+#include <iostream>
+#include <map>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "bench/merge_table.h"
+#include "bench/merge_throughput.h"
+#include "bench/scenario_builder.h"
+#include "bench/scenario_eval.h"
+#include "core/scenario.h"
+#include "core/status_macros.h"
+
+namespace mergeguard::bench {
+namespace {
+
+constexpr char kUsage[] = R"(usage: mergeguard-bench COMMAND [flags]
+
+commands:
+  build --preset default|tiny --attack badnets|blended|badmerging
+        --arch cnn|vit --out DIR [--trigger-size N] [--target K]
+        [--compromised A,B] [--seed S] [--pattern white|checkerboard|noise]
+        [--location bottom_right|bottom_left|top_right|top_left|center]
+        [--poison-rate P] [--blend-alpha A] [--threads N] [--cache-dir DIR]
+        [--mnist-dir DIR] [--fashion-dir DIR] [--font-dir DIR] [--force]
+      Builds a scenario directory (reused when DIR already holds the same
+      configuration).
+  eval --scenario DIR --model FILE [--json] [--threads N]
+      Per-task accuracy, mean, normalized accuracy and ASR of a model.
+  table --scenario DIR [--json] [--threads N] [--work-dir DIR]
+      Undefended merges (TA, TIES) on clean-only and with-backdoor inputs:
+      CA, BA and ASR side by side.
+  merge [--work-dir DIR] [--models N] [--model-mb MB] [--method NAME]
+        [--threads N] [--repetitions N]
+      Data-free merge throughput against a plain copy, and peak RSS.
+)";
+
+// Flags holds `--name value`, `--name=value` and bare boolean flags.
+class Flags {
+ public:
+  static absl::StatusOr<Flags> Parse(int argc, char** argv,
+                                     const std::set<std::string>& valued,
+                                     const std::set<std::string>& booleans) {
+    Flags flags;
+    for (int i = 2; i < argc; ++i) {
+      std::string arg = argv[i];
+      if (arg.rfind("--", 0) != 0) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("unexpected argument \"", arg, "\""));
+      }
+      arg = arg.substr(2);
+      std::string value;
+      bool has_value = false;
+      if (size_t eq = arg.find('='); eq != std::string::npos) {
+        value = arg.substr(eq + 1);
+        arg = arg.substr(0, eq);
+        has_value = true;
+      }
+      if (booleans.count(arg) > 0) {
+        if (has_value) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("--", arg, " takes no value"));
+        }
+        flags.values_[arg] = "true";
+        continue;
+      }
+      if (valued.count(arg) == 0) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("unknown flag --", arg));
+      }
+      if (!has_value) {
+        if (i + 1 >= argc) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("--", arg, " needs a value"));
+        }
+        value = argv[++i];
+      }
+      flags.values_[arg] = value;
+    }
+    return flags;
+  }
+
+  bool Has(const std::string& name) const { return values_.count(name) > 0; }
+  std::string Get(const std::string& name,
+                  const std::string& fallback = "") const {
+    auto it = values_.find(name);
+    return it == values_.end() ? fallback : it->second;
+  }
+  absl::StatusOr<std::string> Required(const std::string& name) const {
+    if (!Has(name)) {
+      return absl::InvalidArgumentError(absl::StrCat("--", name, " is required"));
+    }
+    return Get(name);
+  }
+  template <typename T>
+  absl::Status Number(const std::string& name, T* out) const {
+    if (!Has(name)) return absl::OkStatus();
+    if constexpr (std::is_floating_point_v<T>) {
+      double value;
+      if (!absl::SimpleAtod(Get(name), &value)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("--", name, " must be a number"));
+      }
+      *out = static_cast<T>(value);
+    } else {
+      int64_t value;
+      if (!absl::SimpleAtoi(Get(name), &value) ||
+          (std::is_unsigned_v<T> && value < 0)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("--", name, " must be an integer"));
+      }
+      *out = static_cast<T>(value);
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  std::map<std::string, std::string> values_;
+};
+
+
+absl::Status RunBuild(int argc, char** argv) {
+  absl::StatusOr<Flags> parsed = Flags::Parse(
+      argc, argv,
+      {"preset", "attack", "arch", "trigger-size", "target", "compromised",
+       "seed", "out", "pattern", "location", "poison-rate", "blend-alpha",
+       "threads", "cache-dir", "mnist-dir", "fashion-dir", "font-dir"},
+      {"force"});
+  if (!parsed.ok()) return parsed.status();
+  const Flags& flags = *parsed;
+  BuildOptions options;
+  absl::StatusOr<std::string> out = flags.Required("out");
+  if (!out.ok()) return out.status();
+  options.out_dir = *out;
+  absl::StatusOr<Preset> preset = ParsePreset(flags.Get("preset", "default"));
+  if (!preset.ok()) return preset.status();
+  options.preset = *preset;
+  absl::StatusOr<Architecture> architecture =
+      ParseArchitecture(flags.Get("arch", "cnn"));
+  if (!architecture.ok()) return architecture.status();
+  options.architecture = *architecture;
+  absl::StatusOr<AttackKind> attack =
+      ParseAttackKind(flags.Get("attack", "badmerging"));
+  if (!attack.ok()) return attack.status();
+  options.attack.kind = *attack;
+  RETURN_IF_ERROR(flags.Number("trigger-size", &options.attack.trigger_size));
+  RETURN_IF_ERROR(flags.Number("target", &options.attack.target_class));
+  RETURN_IF_ERROR(flags.Number("seed", &options.seed));
+  RETURN_IF_ERROR(flags.Number("poison-rate", &options.attack.poison_rate));
+  RETURN_IF_ERROR(flags.Number("blend-alpha", &options.attack.blend_alpha));
+  RETURN_IF_ERROR(flags.Number("threads", &options.threads));
+  if (flags.Has("compromised")) {
+    options.attack.compromised =
+        absl::StrSplit(flags.Get("compromised"), ',', absl::SkipEmpty());
+  }
+  options.attack.pattern = flags.Get("pattern");
+  if (flags.Has("location")) {
+    absl::StatusOr<TriggerLocation> location =
+        ParseTriggerLocation(flags.Get("location"));
+    if (!location.ok()) return location.status();
+    options.attack.location = *location;
+  }
+  if (!(options.attack.poison_rate > 0.0 && options.attack.poison_rate <= 1.0)) {
+    return absl::InvalidArgumentError("--poison-rate must be in (0, 1]");
+  }
+  if (flags.Has("mnist-dir")) options.sources.mnist_dir = flags.Get("mnist-dir");
+  if (flags.Has("fashion-dir")) {
+    options.sources.fashion_mnist_dir = flags.Get("fashion-dir");
+  }
+  if (flags.Has("font-dir")) options.sources.font_dirs = {flags.Get("font-dir")};
+  const std::filesystem::path out_path =
+      std::filesystem::absolute(options.out_dir);
+  options.cache_dir = flags.Get(
+      "cache-dir",
+      (out_path.parent_path() / ".mergeguard-bench-cache").string());
+  options.force = flags.Has("force");
+  options.log = [](const std::string& line) {
+    std::cerr << line << std::endl;
+  };
+  absl::StatusOr<BuildResult> result = BuildScenario(options);
+  if (!result.ok()) return result.status();
+  std::cout << (result->reused ? "reused " : "built ") << result->scenario.dir
+            << " (" << result->scenario.name << ", configuration "
+            << result->scenario.config_hash.substr(0, 12) << ")" << std::endl;
+  return absl::OkStatus();
+}
+
+absl::Status RunEval(int argc, char** argv) {
+  absl::StatusOr<Flags> parsed =
+      Flags::Parse(argc, argv, {"scenario", "model", "threads"}, {"json"});
+  if (!parsed.ok()) return parsed.status();
+  const Flags& flags = *parsed;
+  absl::StatusOr<std::string> dir = flags.Required("scenario");
+  if (!dir.ok()) return dir.status();
+  absl::StatusOr<std::string> model = flags.Required("model");
+  if (!model.ok()) return model.status();
+  ScenarioEvalOptions options;
+  RETURN_IF_ERROR(flags.Number("threads", &options.threads));
+  absl::StatusOr<Scenario> scenario = LoadScenario(*dir);
+  if (!scenario.ok()) return scenario.status();
+  absl::StatusOr<ModelEvaluation> evaluation =
+      EvaluateModelFile(*scenario, *model, options);
+  if (!evaluation.ok()) return evaluation.status();
+  std::cout << (flags.Has("json")
+                    ? EvaluationToJson(*scenario, *model, *evaluation)
+                    : EvaluationToText(*evaluation));
+  return absl::OkStatus();
+}
+
+absl::Status RunTableCommand(int argc, char** argv) {
+  absl::StatusOr<Flags> parsed = Flags::Parse(
+      argc, argv, {"scenario", "threads", "work-dir"}, {"json"});
+  if (!parsed.ok()) return parsed.status();
+  const Flags& flags = *parsed;
+  absl::StatusOr<std::string> dir = flags.Required("scenario");
+  if (!dir.ok()) return dir.status();
+  TableOptions options;
+  RETURN_IF_ERROR(flags.Number("threads", &options.eval.threads));
+  options.work_dir = flags.Get("work-dir");
+  absl::StatusOr<Scenario> scenario = LoadScenario(*dir);
+  if (!scenario.ok()) return scenario.status();
+  absl::StatusOr<std::vector<TableRow>> rows =
+      RunTable(*scenario, UndefendedProducers(), options);
+  if (!rows.ok()) return rows.status();
+  std::cout << (flags.Has("json") ? TableToJson(*scenario, *rows)
+                                  : TableToText(*scenario, *rows));
+  return absl::OkStatus();
+}
+
+absl::Status RunMergeThroughput(int argc, char** argv) {
+  absl::StatusOr<Flags> parsed = Flags::Parse(
+      argc, argv,
+      {"work-dir", "models", "model-mb", "method", "threads", "repetitions"},
+      {});
+  if (!parsed.ok()) return parsed.status();
+  const Flags& flags = *parsed;
+  MergeThroughputOptions options;
+  if (flags.Has("work-dir")) options.work_dir = flags.Get("work-dir");
+  RETURN_IF_ERROR(flags.Number("models", &options.num_models));
+  uint64_t model_mb = options.model_bytes >> 20;
+  RETURN_IF_ERROR(flags.Number("model-mb", &model_mb));
+  options.model_bytes = model_mb << 20;
+  RETURN_IF_ERROR(flags.Number("threads", &options.threads));
+  RETURN_IF_ERROR(flags.Number("repetitions", &options.repetitions));
+  if (flags.Has("method")) {
+    absl::StatusOr<MergeMethod> method = ParseMergeMethod(flags.Get("method"));
+    if (!method.ok()) return method.status();
+    options.method = *method;
+  }
+  absl::StatusOr<MergeThroughputResult> result =
+      RunMergeThroughputBenchmark(options);
+  if (!result.ok()) return result.status();
+  std::cout << absl::StrFormat(
+      "model %.0f MiB x %d inputs, %s\n"
+      "merge %.2f s (%.1f MiB/s read+write)\n"
+      "copy  %.2f s (%.1f MiB/s)\n"
+      "throughput ratio %.2f (target >= 0.7)\n"
+      "peak RSS merge %.0f MiB, copy %.0f MiB, merge/model %.2f (target < 2)\n",
+      result->model_bytes / 1048576.0, options.num_models,
+      MergeMethodName(options.method), result->merge_seconds,
+      result->merge_bytes_per_second / 1048576.0, result->copy_seconds,
+      result->copy_bytes_per_second / 1048576.0, result->throughput_ratio,
+      result->merge_peak_rss_bytes / 1048576.0,
+      result->copy_peak_rss_bytes / 1048576.0, result->rss_to_model_ratio);
+  return absl::OkStatus();
+}
+
+int Main(int argc, char** argv) {
+  if (argc < 2 || std::string(argv[1]) == "--help" ||
+      std::string(argv[1]) == "help") {
+    std::cout << kUsage;
+    return argc < 2 ? 2 : 0;
+  }
+  const std::string command = argv[1];
+  absl::Status status;
+  if (command == "build") {
+    status = RunBuild(argc, argv);
+  } else if (command == "eval") {
+    status = RunEval(argc, argv);
+  } else if (command == "table") {
+    status = RunTableCommand(argc, argv);
+  } else if (command == "merge") {
+    status = RunMergeThroughput(argc, argv);
+  } else {
+    std::cerr << "unknown command \"" << command << "\"\n" << kUsage;
+    return 2;
+  }
+  if (!status.ok()) {
+    std::cerr << "mergeguard-bench " << command << ": " << status << std::endl;
+    return absl::IsInvalidArgument(status) ? 2 : 1;
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace mergeguard::bench
+
+int main(int argc, char** argv) { return mergeguard::bench::Main(argc, argv); }

@@ -1,0 +1,318 @@
+#include "bench/training.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <torch/torch.h>
+
+#include <chrono>
+#include <cmath>
+#include <deque>
+
+#include "absl/strings/str_cat.h"
+#include "core/status_macros.h"
+#include "core/torch_status.h"
+
+namespace mergeguard::bench {
+namespace {
+
+// BatchSampler walks seeded permutations of [0, n), one epoch after another.
+class BatchSampler {
+ public:
+  BatchSampler(int64_t n, int64_t batch_size, at::Generator generator)
+      : n_(n), batch_size_(std::min(batch_size, n)), generator_(generator) {}
+
+  torch::Tensor Next() {
+    if (!order_.defined() || position_ + batch_size_ > n_) {
+      order_ = torch::randperm(n_, generator_, torch::kInt64);
+      position_ = 0;
+    }
+    torch::Tensor batch = order_.slice(0, position_, position_ + batch_size_);
+    position_ += batch_size_;
+    return batch;
+  }
+
+ private:
+  int64_t n_;
+  int64_t batch_size_;
+  at::Generator generator_;
+  torch::Tensor order_;
+  int64_t position_ = 0;
+};
+
+// Schedule returns the learning rate of `step`: linear warm-up, then cosine.
+double Schedule(const OptimizerOptions& options, int64_t step) {
+  const double warmup = std::max(
+      1.0, std::floor(options.warmup_fraction * static_cast<double>(options.steps)));
+  if (step < warmup) {
+    return options.learning_rate * (static_cast<double>(step) + 1.0) / warmup;
+  }
+  const double progress = (static_cast<double>(step) - warmup) /
+                          std::max(1.0, static_cast<double>(options.steps) - warmup);
+  return options.learning_rate * 0.5 * (1.0 + std::cos(M_PI * progress));
+}
+
+void SetLearningRate(torch::optim::Adam& optimizer, double learning_rate) {
+  for (auto& group : optimizer.param_groups()) {
+    static_cast<torch::optim::AdamOptions&>(group.options()).lr(learning_rate);
+  }
+}
+
+absl::Status CheckOptions(const OptimizerOptions& options,
+                          const ImageSet& data) {
+  if (options.steps <= 0 || options.batch_size <= 0) {
+    return absl::InvalidArgumentError("steps and batch_size must be positive");
+  }
+  if (data.size() == 0) {
+    return absl::InvalidArgumentError("no training data");
+  }
+  return absl::OkStatus();
+}
+
+// LossTracker keeps the losses of the last 10% of steps.
+class LossTracker {
+ public:
+  explicit LossTracker(int64_t steps)
+      : window_(std::max<int64_t>(1, steps / 10)) {}
+  void Add(double loss) {
+    losses_.push_back(loss);
+    if (static_cast<int64_t>(losses_.size()) > window_) losses_.pop_front();
+  }
+  double Mean() const {
+    double sum = 0;
+    for (double loss : losses_) sum += loss;
+    return losses_.empty() ? 0.0 : sum / static_cast<double>(losses_.size());
+  }
+
+ private:
+  int64_t window_;
+  std::deque<double> losses_;
+};
+
+std::vector<torch::Tensor> TrainableBackbone(Model& model) {
+  std::vector<torch::Tensor> parameters = model.ParameterTensors();
+  for (torch::Tensor& parameter : parameters) parameter.set_requires_grad(true);
+  return parameters;
+}
+
+void FreezeBackbone(Model& model) {
+  for (torch::Tensor parameter : model.ParameterTensors()) {
+    parameter.set_requires_grad(false);
+  }
+}
+
+double Seconds(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() -
+                                       start)
+      .count();
+}
+
+}  // namespace
+
+absl::StatusOr<TrainReport> Pretrain(Model& model, const ImageSet& corpus,
+                                     int64_t num_classes,
+                                     const OptimizerOptions& options,
+                                     uint64_t seed) {
+  RETURN_IF_ERROR(CheckOptions(options, corpus));
+  return CallTorch("Pretrain", [&]() -> absl::StatusOr<TrainReport> {
+    const auto start = std::chrono::steady_clock::now();
+    at::Generator generator = at::make_generator<at::CPUGeneratorImpl>(seed);
+    Head head;
+    head.weight = torch::empty({num_classes, model.FeatureDim()})
+                      .normal_(0.0, 0.01, generator)
+                      .set_requires_grad(true);
+    head.bias = torch::zeros({num_classes}).set_requires_grad(true);
+    std::vector<torch::Tensor> parameters = TrainableBackbone(model);
+    parameters.push_back(head.weight);
+    parameters.push_back(head.bias);
+    torch::optim::Adam optimizer(
+        parameters, torch::optim::AdamOptions(options.learning_rate)
+                        .weight_decay(options.weight_decay));
+    BatchSampler sampler(corpus.size(), options.batch_size, generator);
+    LossTracker tracker(options.steps);
+    for (int64_t step = 0; step < options.steps; ++step) {
+      SetLearningRate(optimizer, Schedule(options, step));
+      torch::Tensor batch = sampler.Next();
+      ASSIGN_OR_RETURN(torch::Tensor features,
+                       model.Features(corpus.Inputs(batch)));
+      torch::Tensor loss = torch::cross_entropy(
+          head.Logits(features), corpus.labels.index_select(0, batch));
+      optimizer.zero_grad();
+      loss.backward();
+      optimizer.step();
+      tracker.Add(loss.item<double>());
+    }
+    FreezeBackbone(model);
+    return TrainReport{tracker.Mean(), Seconds(start)};
+  });
+}
+
+absl::StatusOr<Head> FitLinearProbe(Model& model, const ImageSet& train,
+                                    int64_t num_classes,
+                                    const OptimizerOptions& options,
+                                    uint64_t seed) {
+  RETURN_IF_ERROR(CheckOptions(options, train));
+  return CallTorch("FitLinearProbe", [&]() -> absl::StatusOr<Head> {
+    at::Generator generator = at::make_generator<at::CPUGeneratorImpl>(seed);
+    torch::Tensor features;
+    {
+      torch::NoGradGuard no_grad;
+      std::vector<torch::Tensor> chunks;
+      for (int64_t begin = 0; begin < train.size(); begin += 512) {
+        torch::Tensor indices = torch::arange(
+            begin, std::min(train.size(), begin + 512), torch::kInt64);
+        ASSIGN_OR_RETURN(torch::Tensor chunk,
+                         model.Features(train.Inputs(indices)));
+        chunks.push_back(chunk);
+      }
+      features = torch::cat(chunks);
+    }
+    Head head;
+    head.weight = torch::empty({num_classes, model.FeatureDim()})
+                      .normal_(0.0, 0.01, generator)
+                      .set_requires_grad(true);
+    head.bias = torch::zeros({num_classes}).set_requires_grad(true);
+    torch::optim::Adam optimizer(
+        std::vector<torch::Tensor>{head.weight, head.bias},
+        torch::optim::AdamOptions(options.learning_rate)
+            .weight_decay(options.weight_decay));
+    BatchSampler sampler(train.size(), options.batch_size, generator);
+    for (int64_t step = 0; step < options.steps; ++step) {
+      SetLearningRate(optimizer, Schedule(options, step));
+      torch::Tensor batch = sampler.Next();
+      torch::Tensor loss =
+          torch::cross_entropy(head.Logits(features.index_select(0, batch)),
+                               train.labels.index_select(0, batch));
+      optimizer.zero_grad();
+      loss.backward();
+      optimizer.step();
+    }
+    head.weight = head.weight.detach();
+    head.bias = head.bias.detach();
+    return head;
+  });
+}
+
+absl::StatusOr<TrainReport> FineTune(Model& model, Head& head,
+                                     const ImageSet& train,
+                                     const FineTuneOptions& options,
+                                     uint64_t seed) {
+  RETURN_IF_ERROR(CheckOptions(options.optimizer, train));
+  if (options.badmerging && options.badmerging->base == nullptr) {
+    return absl::InvalidArgumentError("BadMerging needs the base model");
+  }
+  return CallTorch("FineTune", [&]() -> absl::StatusOr<TrainReport> {
+    const auto start = std::chrono::steady_clock::now();
+    const OptimizerOptions& optimizer_options = options.optimizer;
+    at::Generator generator = at::make_generator<at::CPUGeneratorImpl>(seed);
+    std::vector<torch::Tensor> parameters = TrainableBackbone(model);
+    if (options.train_head) {
+      head.weight = head.weight.detach().clone().set_requires_grad(true);
+      head.bias = head.bias.detach().clone().set_requires_grad(true);
+      parameters.push_back(head.weight);
+      parameters.push_back(head.bias);
+    }
+    torch::optim::Adam optimizer(
+        parameters, torch::optim::AdamOptions(optimizer_options.learning_rate)
+                        .weight_decay(optimizer_options.weight_decay));
+    // The poisoned subset is drawn once: those examples are always triggered.
+    torch::Tensor poisoned;
+    if (options.poisoning) {
+      poisoned = torch::rand({train.size()}, generator, torch::kFloat64) <
+                 options.poisoning->rate;
+    }
+    BatchSampler sampler(train.size(), optimizer_options.batch_size,
+                         generator);
+    LossTracker tracker(optimizer_options.steps);
+    for (int64_t step = 0; step < optimizer_options.steps; ++step) {
+      SetLearningRate(optimizer, Schedule(optimizer_options, step));
+      torch::Tensor batch = sampler.Next();
+      torch::Tensor inputs = train.Inputs(batch);
+      torch::Tensor labels = train.labels.index_select(0, batch);
+      if (options.poisoning) {
+        torch::NoGradGuard no_grad;
+        torch::Tensor mask = poisoned.index_select(0, batch);
+        ASSIGN_OR_RETURN(torch::Tensor triggered,
+                         ApplyTrigger(options.poisoning->trigger, inputs));
+        inputs = torch::where(mask.view({-1, 1, 1, 1}), triggered, inputs);
+        labels = torch::where(
+            mask, torch::full_like(labels, options.poisoning->target), labels);
+      }
+      torch::Tensor loss;
+      if (options.badmerging) {
+        const BadMergingObjective& attack = *options.badmerging;
+        torch::Tensor triggered;
+        torch::Tensor base_features;
+        {
+          torch::NoGradGuard no_grad;
+          ASSIGN_OR_RETURN(triggered, ApplyTrigger(attack.trigger, inputs));
+          ASSIGN_OR_RETURN(base_features, attack.base->Features(triggered));
+        }
+        const int64_t b = inputs.size(0);
+        ASSIGN_OR_RETURN(torch::Tensor features,
+                         model.Features(torch::cat({inputs, triggered})));
+        const double r =
+            attack.r_min + (attack.r_max - attack.r_min) *
+                               torch::rand({1}, generator, torch::kFloat64)
+                                   .item<double>();
+        torch::Tensor mixed =
+            r * features.slice(0, b) + (1.0 - r) * base_features;
+        loss = torch::cross_entropy(head.Logits(features.slice(0, 0, b)),
+                                    labels) +
+               attack.weight *
+                   torch::cross_entropy(head.Logits(mixed),
+                                        torch::full_like(labels, attack.target));
+      } else {
+        ASSIGN_OR_RETURN(torch::Tensor features, model.Features(inputs));
+        loss = torch::cross_entropy(head.Logits(features), labels);
+      }
+      optimizer.zero_grad();
+      loss.backward();
+      optimizer.step();
+      tracker.Add(loss.item<double>());
+    }
+    FreezeBackbone(model);
+    head.weight = head.weight.detach();
+    head.bias = head.bias.detach();
+    return TrainReport{tracker.Mean(), Seconds(start)};
+  });
+}
+
+absl::StatusOr<Trigger> OptimizeUniversalPatch(Model& model, const Head& head,
+                                               const ImageSet& train,
+                                               const Trigger& initial,
+                                               int64_t target,
+                                               const OptimizerOptions& options,
+                                               uint64_t seed) {
+  RETURN_IF_ERROR(CheckOptions(options, train));
+  if (initial.kind != TriggerKind::kPatch) {
+    return absl::InvalidArgumentError("BadMerging optimizes a patch trigger");
+  }
+  return CallTorch("OptimizeUniversalPatch", [&]() -> absl::StatusOr<Trigger> {
+    at::Generator generator = at::make_generator<at::CPUGeneratorImpl>(seed);
+    FreezeBackbone(model);
+    Trigger trigger = initial;
+    trigger.pattern = initial.pattern.detach().clone().set_requires_grad(true);
+    torch::optim::Adam optimizer(std::vector<torch::Tensor>{trigger.pattern},
+                                 torch::optim::AdamOptions(
+                                     options.learning_rate));
+    BatchSampler sampler(train.size(), options.batch_size, generator);
+    for (int64_t step = 0; step < options.steps; ++step) {
+      SetLearningRate(optimizer, Schedule(options, step));
+      torch::Tensor batch = sampler.Next();
+      ASSIGN_OR_RETURN(torch::Tensor triggered,
+                       ApplyTrigger(trigger, train.Inputs(batch)));
+      ASSIGN_OR_RETURN(torch::Tensor features, model.Features(triggered));
+      torch::Tensor loss = torch::cross_entropy(
+          head.Logits(features),
+          torch::full({triggered.size(0)}, target, torch::kInt64));
+      optimizer.zero_grad();
+      loss.backward();
+      optimizer.step();
+      torch::NoGradGuard no_grad;
+      trigger.pattern.clamp_(0.0, 1.0);
+    }
+    trigger.pattern = trigger.pattern.detach();
+    return trigger;
+  });
+}
+
+}  // namespace mergeguard::bench

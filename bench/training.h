@@ -1,0 +1,99 @@
+#ifndef MERGEGUARD_BENCH_TRAINING_H_
+#define MERGEGUARD_BENCH_TRAINING_H_
+
+// Training for the benchmark world: pretraining the base, linear probes,
+// (optionally backdoored) fine-tuning and BadMerging's universal patch
+// (ALGORITHMS.md §5). Every random choice comes from a generator seeded by
+// the caller, and data order is a seeded permutation, so runs are
+// reproducible on CPU for a given thread count.
+
+#include <cstdint>
+#include <optional>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "bench/datasets.h"
+#include "core/evaluation.h"
+#include "core/model.h"
+
+namespace mergeguard::bench {
+
+// OptimizerOptions: Adam with linear warm-up, then cosine decay to zero.
+struct OptimizerOptions {
+  int64_t steps = 1000;
+  int64_t batch_size = 128;
+  double learning_rate = 1e-3;
+  double weight_decay = 0.0;
+  // Fraction of `steps` spent warming up.
+  double warmup_fraction = 0.05;
+};
+
+// TrainReport summarizes one run.
+struct TrainReport {
+  // Mean loss over the last 10% of steps.
+  double final_loss = 0.0;
+  double seconds = 0.0;
+};
+
+// Pretrain trains every backbone parameter of `model` with a temporary
+// linear head over `num_classes` classes on `corpus`, then drops the head.
+absl::StatusOr<TrainReport> Pretrain(Model& model, const ImageSet& corpus,
+                                     int64_t num_classes,
+                                     const OptimizerOptions& options,
+                                     uint64_t seed);
+
+// FitLinearProbe returns a head trained on `model`'s frozen features of
+// `train` (features are computed once).
+absl::StatusOr<Head> FitLinearProbe(Model& model, const ImageSet& train,
+                                    int64_t num_classes,
+                                    const OptimizerOptions& options,
+                                    uint64_t seed);
+
+// DataPoisoning is BadNets / Blended: a fixed, seeded `rate` fraction of the
+// training examples is always seen triggered and labelled `target`.
+struct DataPoisoning {
+  Trigger trigger;
+  int64_t target = 0;
+  double rate = 0.1;
+};
+
+// BadMergingObjective adds w * CE(h(r f(theta; x+P) + (1 - r) f(theta0;
+// x+P)), target) to the clean loss, r ~ U(r_min, r_max) per batch, so the
+// backdoor survives merging coefficients well below 1.
+struct BadMergingObjective {
+  Trigger trigger;
+  int64_t target = 0;
+  double weight = 5.0;
+  double r_min = 0.2;
+  double r_max = 1.0;
+  // theta0, frozen; not owned.
+  Model* base = nullptr;
+};
+
+struct FineTuneOptions {
+  OptimizerOptions optimizer;
+  // Also train the head (it starts from the linear probe either way).
+  bool train_head = false;
+  std::optional<DataPoisoning> poisoning;
+  std::optional<BadMergingObjective> badmerging;
+};
+
+// FineTune trains `model`'s backbone (and `head` when asked) on `train`.
+absl::StatusOr<TrainReport> FineTune(Model& model, Head& head,
+                                     const ImageSet& train,
+                                     const FineTuneOptions& options,
+                                     uint64_t seed);
+
+// OptimizeUniversalPatch is BadMerging's first step: starting from
+// `initial` (a kPatch trigger), it optimizes the pattern on the frozen
+// `model` with `head` so that patched training inputs go to `target`.
+absl::StatusOr<Trigger> OptimizeUniversalPatch(Model& model, const Head& head,
+                                               const ImageSet& train,
+                                               const Trigger& initial,
+                                               int64_t target,
+                                               const OptimizerOptions& options,
+                                               uint64_t seed);
+
+}  // namespace mergeguard::bench
+
+#endif  // MERGEGUARD_BENCH_TRAINING_H_
