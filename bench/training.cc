@@ -133,7 +133,7 @@ absl::StatusOr<TrainReport> Pretrain(Model& model, const ImageSet& corpus,
       torch::Tensor batch = sampler.Next();
       ASSIGN_OR_RETURN(torch::Tensor features,
                        model.Features(corpus.Inputs(batch)));
-      torch::Tensor loss = torch::cross_entropy(
+      torch::Tensor loss = torch::nn::functional::cross_entropy(
           head.Logits(features), corpus.labels.index_select(0, batch));
       optimizer.zero_grad();
       loss.backward();
@@ -179,7 +179,7 @@ absl::StatusOr<Head> FitLinearProbe(Model& model, const ImageSet& train,
       SetLearningRate(optimizer, Schedule(options, step));
       torch::Tensor batch = sampler.Next();
       torch::Tensor loss =
-          torch::cross_entropy(head.Logits(features.index_select(0, batch)),
+          torch::nn::functional::cross_entropy(head.Logits(features.index_select(0, batch)),
                                train.labels.index_select(0, batch));
       optimizer.zero_grad();
       loss.backward();
@@ -255,14 +255,14 @@ absl::StatusOr<TrainReport> FineTune(Model& model, Head& head,
                                    .item<double>();
         torch::Tensor mixed =
             r * features.slice(0, b) + (1.0 - r) * base_features;
-        loss = torch::cross_entropy(head.Logits(features.slice(0, 0, b)),
+        loss = torch::nn::functional::cross_entropy(head.Logits(features.slice(0, 0, b)),
                                     labels) +
                attack.weight *
-                   torch::cross_entropy(head.Logits(mixed),
+                   torch::nn::functional::cross_entropy(head.Logits(mixed),
                                         torch::full_like(labels, attack.target));
       } else {
         ASSIGN_OR_RETURN(torch::Tensor features, model.Features(inputs));
-        loss = torch::cross_entropy(head.Logits(features), labels);
+        loss = torch::nn::functional::cross_entropy(head.Logits(features), labels);
       }
       optimizer.zero_grad();
       loss.backward();
@@ -301,7 +301,7 @@ absl::StatusOr<Trigger> OptimizeUniversalPatch(Model& model, const Head& head,
       ASSIGN_OR_RETURN(torch::Tensor triggered,
                        ApplyTrigger(trigger, train.Inputs(batch)));
       ASSIGN_OR_RETURN(torch::Tensor features, model.Features(triggered));
-      torch::Tensor loss = torch::cross_entropy(
+      torch::Tensor loss = torch::nn::functional::cross_entropy(
           head.Logits(features),
           torch::full({triggered.size(0)}, target, torch::kInt64));
       optimizer.zero_grad();

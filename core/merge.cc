@@ -598,6 +598,10 @@ class MergeEngine {
   }
 
  private:
+  // Tensors at least this large select their per-task thresholds on
+  // several threads.
+  static constexpr size_t kParallelSelectElements = size_t{1} << 18;
+
   enum class Pass { kHistogram, kGram, kMerge };
   enum class Prep { kNone, kRunning, kReady, kFailed };
 
@@ -839,32 +843,45 @@ class MergeEngine {
 
     ChunkKernels<T>& kernels = *kernels_[worker];
     const size_t n = static_cast<size_t>(s.numel);
-    if (plan_.params.ties && options_.ties.trim_scope == TrimScope::kTensor &&
-        n > 0) {
-      const uint64_t keep = KeepCount(options_.ties.top_k_percent / 100.0, n);
-      std::vector<Key> keys(n);
-      for (size_t t = 0; t < num_tasks(); ++t) {
-        if (keep == n) {
-          s.trim_min[t] = 0;
-          continue;
-        }
-        kernels.TaskKeys(s, t, 0, n, keys.data());
-        s.trim_min[t] = KthLargestKey(&keys, keep);
-      }
-    }
-    if (options_.method == MergeMethod::kBreadcrumbs && n > 0) {
-      // Survivors are the entries ranked (by |tau|, descending) in
-      // [top, top + keep): `top` largest dropped, the smallest so that
-      // `keep` survive.
+    const bool tensor_trim =
+        plan_.params.ties && options_.ties.trim_scope == TrimScope::kTensor;
+    const bool bands = options_.method == MergeMethod::kBreadcrumbs;
+    if ((tensor_trim || bands) && n > 0) {
+      const uint64_t trim_keep =
+          KeepCount(options_.ties.top_k_percent / 100.0, n);
+      // Breadcrumbs survivors are the entries ranked (by |tau|, descending)
+      // in [top, top + keep): the `top` largest are dropped, and the
+      // smallest so that `keep` survive.
       const uint64_t keep = KeepCount(options_.breadcrumbs.density, n);
       const uint64_t top = std::min<uint64_t>(
           n - keep,
           static_cast<uint64_t>(std::llround(options_.breadcrumbs.gamma * n)));
-      std::vector<Key> keys(n);
-      for (size_t t = 0; t < num_tasks(); ++t) {
-        kernels.TaskKeys(s, t, 0, n, keys.data());
-        s.band_hi[t] = top == 0 ? ~uint64_t{0} : KthLargestKey(&keys, top + 1);
-        s.band_lo[t] = KthLargestKey(&keys, top + keep);
+      auto select = [&](size_t t, ChunkKernels<T>& task_kernels) {
+        if (tensor_trim && trim_keep == n) {
+          s.trim_min[t] = 0;  // keep everything
+          return;
+        }
+        std::vector<Key> keys(n);
+        task_kernels.TaskKeys(s, t, 0, n, keys.data());
+        if (tensor_trim) {
+          s.trim_min[t] = KthLargestKey(keys.data(), n, trim_keep);
+        } else {
+          s.band_hi[t] =
+              top == 0 ? ~uint64_t{0} : KthLargestKey(keys.data(), n, top + 1);
+          s.band_lo[t] = KthLargestKey(keys.data(), n, top + keep);
+        }
+      };
+      // Large tensors select per task in parallel: the other workers are
+      // mostly waiting for this tensor anyway.
+      const size_t threads =
+          n >= kParallelSelectElements ? std::min(workers_, num_tasks()) : 1;
+      if (threads <= 1) {
+        for (size_t t = 0; t < num_tasks(); ++t) select(t, kernels);
+      } else {
+        ParallelFor(num_tasks(), threads, [&](size_t t) {
+          ChunkKernels<T> task_kernels(plan_.params);
+          select(t, task_kernels);
+        });
       }
     }
     if (options_.method == MergeMethod::kModelStock &&

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <type_traits>
 
@@ -43,6 +44,20 @@ void Encode(const T* src, size_t n, DType dtype, uint8_t* dst) {
       ConvertFromDouble(src, n, dtype, dst);
     }
   }
+}
+
+// View returns `m` values of storage type `dtype` at `src` in compute type
+// T: the mapped bytes themselves when they already are aligned T, else
+// decoded into `scratch`.
+template <typename T>
+const T* View(DType dtype, const uint8_t* src, size_t m, T* scratch) {
+  constexpr DType kNative =
+      std::is_same_v<T, float> ? DType::kF32 : DType::kF64;
+  if (dtype == kNative && reinterpret_cast<uintptr_t>(src) % alignof(T) == 0) {
+    return reinterpret_cast<const T*>(src);
+  }
+  Decode(dtype, src, m, scratch);
+  return scratch;
 }
 
 }  // namespace
@@ -88,19 +103,31 @@ ChunkKernels<T>::ChunkKernels(const MergeParams& params)
 
 template <typename T>
 void ChunkKernels<T>::LoadBase(const TensorState& s, int64_t begin, size_t m) {
-  if (s.base == nullptr) return;
-  Decode(s.dtype, s.base + static_cast<size_t>(begin) * DTypeSize(s.dtype), m,
-         base_.data());
+  if (s.base == nullptr) {
+    base_ptr_ = nullptr;
+    return;
+  }
+  base_ptr_ =
+      View(s.dtype, s.base + static_cast<size_t>(begin) * DTypeSize(s.dtype), m,
+           base_.data());
+}
+
+template <typename T>
+const T* ChunkKernels<T>::Input(const TensorState& s, size_t t, int64_t begin,
+                                size_t m, T* scratch) {
+  return View(s.dtype,
+              s.full[t] + static_cast<size_t>(begin) * DTypeSize(s.dtype), m,
+              scratch);
 }
 
 template <typename T>
 void ChunkKernels<T>::LoadTau(const TensorState& s, size_t t, int64_t begin,
-                              size_t m, T* __restrict dst) {
+                              size_t m, T* dst) {
   if (s.full[t] != nullptr) {
-    Decode(s.dtype, s.full[t] + static_cast<size_t>(begin) * DTypeSize(s.dtype),
-           m, dst);
-    const T* __restrict base = base_.data();
-    for (size_t i = 0; i < m; ++i) dst[i] -= base[i];
+    // `theta` is either the mapped input or `dst` itself.
+    const T* theta = Input(s, t, begin, m, dst);
+    const T* __restrict base = base_ptr_;
+    for (size_t i = 0; i < m; ++i) dst[i] = theta[i] - base[i];
   } else if (s.delta[t] != nullptr) {
     const float* __restrict delta = s.delta[t] + begin;
     for (size_t i = 0; i < m; ++i) dst[i] = static_cast<T>(delta[i]);
@@ -130,14 +157,21 @@ void ChunkKernels<T>::TaskArithmeticBlock(const TensorState& s, int64_t begin,
   T* __restrict tau = tau_.data();
   std::fill(acc, acc + m, T(0));
   for (size_t t = 0; t < params_.num_tasks; ++t) {
+    const T c = task_scale_[t];
+    if (s.full[t] != nullptr && !params_.dare) {
+      // The hot path: one pass over the mapped input.
+      const T* __restrict theta = Input(s, t, begin, m, tau);
+      const T* __restrict base = base_ptr_;
+      for (size_t i = 0; i < m; ++i) acc[i] += c * (theta[i] - base[i]);
+      continue;
+    }
     LoadTau(s, t, begin, m, tau);
     if (params_.dare) DropDare(s, t, begin, m, tau);
-    const T c = task_scale_[t];
     for (size_t i = 0; i < m; ++i) acc[i] += c * tau[i];
   }
   const T lambda = static_cast<T>(params_.lambda);
-  const T* __restrict base = base_.data();
-  T* __restrict out = out_.data();
+  const T* __restrict base = base_ptr_;
+  T* __restrict out = out_ptr_;
   for (size_t i = 0; i < m; ++i) out[i] = base[i] + lambda * acc[i];
 }
 
@@ -165,20 +199,24 @@ void ChunkKernels<T>::TiesBlock(const TensorState& s, int64_t begin, size_t m,
     }
   }
   // Elected sign; an exact zero sum with nonzero terms takes tie_sign.
+  // Branch-free, with integer counters as wide as T, so it vectorizes.
+  using Counter = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
   const T tie_sign = static_cast<T>(s.tie_sign);
-  int64_t positive = 0;
-  int64_t negative = 0;
-  bool ambiguous = false;
+  Counter positive = 0;
+  Counter negative = 0;
+  Counter ambiguous = 0;
   for (size_t i = 0; i < m; ++i) {
-    positive += sum[i] > T(0);
-    negative += sum[i] < T(0);
-    const bool zero = sum[i] == T(0);
-    ambiguous |= zero && sign[i] > T(0);
-    sign[i] = zero ? tie_sign : (sum[i] > T(0) ? T(1) : T(-1));
+    const T v = sum[i];
+    const T nonzero_terms = sign[i];
+    positive += v > T(0) ? 1 : 0;
+    negative += v < T(0) ? 1 : 0;
+    ambiguous += (v == T(0)) & (nonzero_terms > T(0)) ? 1 : 0;
+    const T elected = v > T(0) ? T(1) : T(-1);
+    sign[i] = v == T(0) ? tie_sign : elected;
   }
   ties->positive += positive;
   ties->negative += negative;
-  ties->ambiguous |= ambiguous && s.tie_sign == 0;
+  ties->ambiguous |= ambiguous > 0 && s.tie_sign == 0;
 
   T* __restrict acc = acc_.data();
   T* __restrict count = count_.data();
@@ -193,12 +231,12 @@ void ChunkKernels<T>::TiesBlock(const TensorState& s, int64_t begin, size_t m,
     }
   }
   const T lambda = static_cast<T>(params_.lambda);
-  const T* __restrict base = base_.data();
-  T* __restrict out = out_.data();
+  const T* __restrict base = base_ptr_;
+  T* __restrict out = out_ptr_;
   if (params_.disjoint == DisjointMode::kMean) {
+    // acc is 0 where count is 0, so dividing by max(count, 1) gives 0 there.
     for (size_t i = 0; i < m; ++i) {
-      const T merged = count[i] > T(0) ? acc[i] / count[i] : T(0);
-      out[i] = base[i] + lambda * merged;
+      out[i] = base[i] + lambda * (acc[i] / std::max(count[i], T(1)));
     }
   } else {
     for (size_t i = 0; i < m; ++i) out[i] = base[i] + lambda * acc[i];
@@ -224,8 +262,8 @@ void ChunkKernels<T>::BreadcrumbsBlock(const TensorState& s, int64_t begin,
     }
   }
   const T lambda = static_cast<T>(params_.lambda);
-  const T* __restrict base = base_.data();
-  T* __restrict out = out_.data();
+  const T* __restrict base = base_ptr_;
+  T* __restrict out = out_ptr_;
   for (size_t i = 0; i < m; ++i) out[i] = base[i] + lambda * acc[i];
 }
 
@@ -260,10 +298,11 @@ void ChunkKernels<T>::ConsensusBlock(const TensorState& s, int64_t begin,
   }
   const T min_votes = static_cast<T>(params_.consensus.min_agreeing);
   const T alpha = static_cast<T>(params_.consensus.alpha);
-  const T* __restrict base = base_.data();
-  T* __restrict out = out_.data();
+  const T* __restrict base = base_ptr_;
+  T* __restrict out = out_ptr_;
   for (size_t i = 0; i < m; ++i) {
-    out[i] = base[i] + alpha * (votes[i] >= min_votes ? mtl[i] : T(0));
+    const T v = mtl[i];
+    out[i] = base[i] + alpha * (votes[i] >= min_votes ? v : T(0));
   }
 }
 
@@ -281,8 +320,8 @@ void ChunkKernels<T>::ModelStockBlock(const TensorState& s, int64_t begin,
   }
   const T ratio = static_cast<T>(s.model_stock_ratio);
   const T num_tasks = static_cast<T>(params_.num_tasks);
-  const T* __restrict base = base_.data();
-  T* __restrict out = out_.data();
+  const T* __restrict base = base_ptr_;
+  T* __restrict out = out_ptr_;
   for (size_t i = 0; i < m; ++i)
     out[i] = base[i] + ratio * (acc[i] / num_tasks);
 }
@@ -294,19 +333,18 @@ void ChunkKernels<T>::WeightedAverageBlock(const TensorState& s, int64_t begin,
                                            size_t m) {
   LoadBase(s, begin, m);
   T* __restrict acc = acc_.data();
-  T* __restrict theta = tau_.data();
+  T* scratch = tau_.data();
   std::fill(acc, acc + m, T(0));
   for (size_t t = 0; t < params_.num_tasks; ++t) {
+    const T* theta = scratch;
     if (s.full[t] != nullptr) {
-      Decode(s.dtype,
-             s.full[t] + static_cast<size_t>(begin) * DTypeSize(s.dtype), m,
-             theta);
+      theta = Input(s, t, begin, m, scratch);
     } else {
-      const T* __restrict base = base_.data();
+      const T* __restrict base = base_ptr_;
       const float* __restrict delta =
           s.delta[t] != nullptr ? s.delta[t] + begin : nullptr;
       for (size_t i = 0; i < m; ++i) {
-        theta[i] =
+        scratch[i] =
             delta != nullptr ? base[i] + static_cast<T>(delta[i]) : base[i];
       }
     }
@@ -314,7 +352,7 @@ void ChunkKernels<T>::WeightedAverageBlock(const TensorState& s, int64_t begin,
     for (size_t i = 0; i < m; ++i) acc[i] += c * theta[i];
   }
   const T weight_sum = static_cast<T>(params_.weight_sum);
-  T* __restrict out = out_.data();
+  T* __restrict out = out_ptr_;
   for (size_t i = 0; i < m; ++i) out[i] = acc[i] / weight_sum;
 }
 
@@ -322,9 +360,16 @@ template <typename T>
 void ChunkKernels<T>::Merge(const TensorState& s, int64_t begin, size_t n,
                             uint8_t* out, TieCounts* ties) {
   const size_t out_size = DTypeSize(s.out_dtype);
+  constexpr DType kNative =
+      std::is_same_v<T, float> ? DType::kF32 : DType::kF64;
   for (size_t off = 0; off < n; off += kBlockElements) {
     const size_t m = std::min(kBlockElements, n - off);
     const int64_t b = begin + static_cast<int64_t>(off);
+    // Write straight into `out` when it holds aligned T.
+    uint8_t* dst = out + off * out_size;
+    const bool direct = s.out_dtype == kNative &&
+                        reinterpret_cast<uintptr_t>(dst) % alignof(T) == 0;
+    out_ptr_ = direct ? reinterpret_cast<T*>(dst) : out_.data();
     switch (params_.method) {
       case MergeMethod::kTaskArithmetic:
         TaskArithmeticBlock(s, b, m);
@@ -352,7 +397,7 @@ void ChunkKernels<T>::Merge(const TensorState& s, int64_t begin, size_t n,
         WeightedAverageBlock(s, b, m);
         break;
     }
-    Encode(out_.data(), m, s.out_dtype, out + off * out_size);
+    if (!direct) Encode(out_.data(), m, s.out_dtype, dst);
   }
 }
 

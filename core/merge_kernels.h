@@ -144,8 +144,12 @@ class ChunkKernels {
                uint8_t* dst);
 
  private:
-  // LoadBase decodes the base's block at `begin` into base_.
+  // LoadBase points base_ptr_ at the base's block: the mapped bytes when
+  // they are aligned T, else decoded into base_.
   void LoadBase(const TensorState& s, int64_t begin, size_t m);
+  // Input returns full input t's block, mapped or decoded into `scratch`.
+  const T* Input(const TensorState& s, size_t t, int64_t begin, size_t m,
+                 T* scratch);
   // LoadTau writes task t's tau for the block into `dst` (needs LoadBase).
   void LoadTau(const TensorState& s, size_t t, int64_t begin, size_t m, T* dst);
   // DropDare zeroes the entries DARE drops.
@@ -172,6 +176,10 @@ class ChunkKernels {
   std::vector<T> out_;
   std::vector<T> tau_;
   std::vector<Key> keys_;
+  // The current block's base (mapped, or base_) and output (the caller's
+  // buffer, or out_).
+  const T* base_ptr_ = nullptr;
+  T* out_ptr_ = nullptr;
 };
 
 extern template class ChunkKernels<float>;

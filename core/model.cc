@@ -190,7 +190,7 @@ absl::Status Model::InstallTensor(const std::string& name,
         "; cannot install ", ShapeString(value)));
   }
   return CallTorch("Model::InstallTensor", [&]() -> absl::Status {
-    const Impl::Slot& slot = impl_->slots[it->second];
+    Impl::Slot& slot = impl_->slots[it->second];
     slot.owner.setattr(slot.attribute, value);
     return absl::OkStatus();
   });

@@ -1,5 +1,8 @@
 #include "core/radix_select.h"
 
+#include <algorithm>
+#include <vector>
+
 #include "absl/strings/str_cat.h"
 
 namespace mergeguard {
@@ -42,5 +45,21 @@ absl::Status RadixSelect<Key>::FinishPass(const uint64_t* histogram) {
 
 template class RadixSelect<uint32_t>;
 template class RadixSelect<uint64_t>;
+
+template <typename Key>
+Key KthLargestKey(const Key* keys, size_t n, uint64_t rank) {
+  RadixSelect<Key> select(rank);
+  std::vector<uint64_t> histogram(RadixSelect<Key>::kBins);
+  while (!select.done()) {
+    std::fill(histogram.begin(), histogram.end(), 0);
+    select.Count(keys, n, histogram.data());
+    // Cannot fail: every pass counts the same keys.
+    select.FinishPass(histogram.data()).IgnoreError();
+  }
+  return select.key();
+}
+
+template uint32_t KthLargestKey(const uint32_t*, size_t, uint64_t);
+template uint64_t KthLargestKey(const uint64_t*, size_t, uint64_t);
 
 }  // namespace mergeguard

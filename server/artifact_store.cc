@@ -230,6 +230,8 @@ void UploadPipeline::Drain() {
       if (aborted_) {
         draining_ = false;
         abort_done = std::move(abort_done_);
+        commit = std::move(commit_done_);  // answered below, as aborted
+        commit_done_ = nullptr;
       } else if (!queue_.empty()) {
         chunk = std::move(queue_.front());
         queue_.pop_front();
@@ -243,6 +245,7 @@ void UploadPipeline::Drain() {
       status = status_;
     }
     if (abort_done) {
+      if (commit) commit(absl::CancelledError("upload aborted"));
       abort_done();
       return;
     }

@@ -108,7 +108,8 @@ class UploadPipeline : public std::enable_shared_from_this<UploadPipeline> {
   // `done` runs on an I/O thread.
   void Commit(std::function<void(absl::StatusOr<ArtifactInfo>)> done);
   // Abort drops the upload. `done` runs once no I/O task uses the pipeline
-  // any more, possibly before Abort returns. `on_room` is not called after.
+  // any more, possibly before Abort returns; a pending Commit is answered
+  // CANCELLED first. `on_room` is not called after.
   void Abort(std::function<void()> done);
 
  private:

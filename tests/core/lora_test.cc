@@ -198,6 +198,37 @@ TEST(LoraAdapterTest, AcceptsNamedAdapterAndHalfFactors) {
   ExpectDelta(*delta, ReferenceDelta(a, b, 1.0), 3, 4);
 }
 
+TEST(LoraAdapterTest, ReadsUnalignedFactors) {
+  // A header of odd length leaves the F32 data at an odd file offset.
+  AdapterDir dir;
+  dir.WriteConfig(Config(1, 1));
+  std::string header =
+      R"({"base_model.model.fc.lora_A.weight":{"dtype":"F32","shape":[1,2],)"
+      R"("data_offsets":[0,8]},"base_model.model.fc.lora_B.weight":)"
+      R"({"dtype":"F32","shape":[2,1],"data_offsets":[8,16]}})";
+  if (header.size() % 2 == 0) header.push_back(' ');
+  const float data[] = {1.0f, 2.0f, 3.0f, -4.0f};  // A = [1 2], B = [3; -4]
+  std::string file(8, '\0');
+  for (int i = 0; i < 8; ++i) {
+    file[i] =
+        static_cast<char>(static_cast<uint64_t>(header.size()) >> (8 * i));
+  }
+  file += header;
+  file.append(reinterpret_cast<const char*>(data), sizeof(data));
+  std::ofstream(absl::StrCat(dir.path(), "/", kAdapterWeightsFileName),
+                std::ios::binary)
+      << file;
+  auto adapter = LoraAdapter::Open(dir.path());
+  ASSERT_TRUE(adapter.ok()) << adapter.status();
+  auto delta = (*adapter)->DeltaWeight("fc.weight", {2, 2});
+  ASSERT_TRUE(delta.ok()) << delta.status();
+  const float* p = delta->data_ptr<float>();
+  EXPECT_EQ(p[0], 3.0f);
+  EXPECT_EQ(p[1], 6.0f);
+  EXPECT_EQ(p[2], -4.0f);
+  EXPECT_EQ(p[3], -8.0f);
+}
+
 TEST(LoraAdapterTest, RejectsMissingB) {
   AdapterDir dir;
   dir.WriteConfig(Config(2, 2));

@@ -75,7 +75,9 @@ TEST(StatusUtilTest, MapsEveryCanonicalCode) {
     absl::Status status(static_cast<absl::StatusCode>(code), "why");
     grpc::Status converted = ToGrpcStatus(status);
     EXPECT_EQ(static_cast<int>(converted.error_code()), code);
-    if (code != 0) EXPECT_EQ(converted.error_message(), "why");
+    if (code != 0) {
+      EXPECT_EQ(converted.error_message(), "why");
+    }
   }
   EXPECT_EQ(StatusCodeLabel(grpc::StatusCode::DATA_LOSS), "DATA_LOSS");
 }
