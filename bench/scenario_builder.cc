@@ -104,17 +104,16 @@ int ResolveThreads(int threads) {
   return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
 }
 
-// RunJobs runs fn(i) for i < n on up to `threads` workers. Each worker uses
-// one intra-op thread per job when there are enough jobs, so results do not
-// depend on scheduling.
+// RunJobs runs fn(i) for i < n on up to `threads` workers, one intra-op
+// thread each: independent jobs scale better than operator threads on two
+// busy cores, and results do not depend on scheduling or thread count.
 absl::Status RunJobs(size_t n, int threads,
                      const std::function<absl::Status(size_t)>& fn) {
   const int workers = std::max(1, std::min<int>(threads, static_cast<int>(n)));
-  const int intra_op = std::max(1, threads / workers);
   absl::Mutex mu;
   absl::Status first_error;
   ParallelFor(n, static_cast<size_t>(workers), [&](size_t i) {
-    at::set_num_threads(intra_op);
+    at::set_num_threads(1);
     absl::Status status = fn(i);
     if (!status.ok()) {
       absl::MutexLock lock(&mu);
@@ -347,10 +346,11 @@ absl::StatusOr<BuildResult> BuildScenario(const BuildOptions& options) {
                      " (", base->NumParameters(), " parameters) on ",
                      world.pretrain.size(), " images, ", config.pretrain.steps,
                      " steps"));
-    at::set_num_threads(threads);
+    at::set_num_threads(1);
     ASSIGN_OR_RETURN(TrainReport report,
                      Pretrain(*base, world.pretrain, world.pretrain_classes,
-                              config.pretrain, TaskSeed(options.seed, "", "pretrain")));
+                              config.pretrain,
+                              TaskSeed(options.seed, "", "pretrain"), threads));
     Log(options, absl::StrFormat("  pretraining loss %.4f, %.1f s",
                                  report.final_loss, report.seconds));
     RETURN_IF_ERROR(base->Save(architecture_path));
@@ -358,7 +358,8 @@ absl::StatusOr<BuildResult> BuildScenario(const BuildOptions& options) {
                                 {{"mergeguard.kind", "base"}}));
   }
 
-  // Clean fine-tunes (linear probe, then full fine-tuning), cached per task.
+  // Linear probes on the base (cached per task): each task's head starts
+  // from one, and BadMerging optimizes its patch against it.
   const size_t num_tasks = world.tasks.size();
   auto probe_path = [&](size_t i) {
     return (stage_dir / (world.tasks[i].info.name + ".probe.safetensors"))
@@ -368,39 +369,25 @@ absl::StatusOr<BuildResult> BuildScenario(const BuildOptions& options) {
     return (stage_dir / (world.tasks[i].info.name + ".clean.safetensors"))
         .string();
   };
-  std::vector<size_t> to_train;
+  auto backdoored_path = [&](size_t i) {
+    return (work_dir / (world.tasks[i].info.name + ".backdoored.safetensors"))
+        .string();
+  };
+  std::vector<size_t> to_probe;
   for (size_t i = 0; i < num_tasks; ++i) {
-    if (!fs::exists(clean_path(i)) || !fs::exists(probe_path(i))) {
-      to_train.push_back(i);
-    }
+    if (!fs::exists(probe_path(i))) to_probe.push_back(i);
   }
-  Log(options, absl::StrCat("fine-tuning ", to_train.size(), " clean task(s) (",
-                            num_tasks - to_train.size(), " cached), ",
-                            config.finetune.steps, " steps each"));
-  absl::Mutex log_mu;
-  RETURN_IF_ERROR(RunJobs(to_train.size(), threads, [&](size_t j) -> absl::Status {
-    const size_t i = to_train[j];
+  RETURN_IF_ERROR(RunJobs(to_probe.size(), threads, [&](size_t j) -> absl::Status {
+    const size_t i = to_probe[j];
     const TaskData& task = world.tasks[i];
     ASSIGN_OR_RETURN(std::unique_ptr<Model> model, base->Clone());
     ASSIGN_OR_RETURN(
         Head head,
         FitLinearProbe(*model, task.train,
                        static_cast<int64_t>(task.info.classes.size()),
-                       config.probe, TaskSeed(options.seed, task.info.name, "probe")));
-    RETURN_IF_ERROR(SaveTensors(probe_path(i), CheckpointTensors({}, head)));
-    FineTuneOptions finetune;
-    finetune.optimizer = config.finetune;
-    finetune.train_head = config.train_head;
-    ASSIGN_OR_RETURN(TrainReport report,
-                     FineTune(*model, head, task.train, finetune,
-                              TaskSeed(options.seed, task.info.name, "finetune")));
-    RETURN_IF_ERROR(SaveTensors(
-        clean_path(i), CheckpointTensors(model->Backbone(), head),
-        {{"mergeguard.task", task.info.name}, {"mergeguard.kind", "clean"}}));
-    absl::MutexLock lock(&log_mu);
-    Log(options, absl::StrFormat("  %s: loss %.4f, %.1f s", task.info.name,
-                                 report.final_loss, report.seconds));
-    return absl::OkStatus();
+                       config.probe,
+                       TaskSeed(options.seed, task.info.name, "probe")));
+    return SaveTensors(probe_path(i), CheckpointTensors({}, head));
   }));
 
   // The trigger; BadMerging optimizes its patch on the base with the
@@ -426,57 +413,80 @@ absl::StatusOr<BuildResult> BuildScenario(const BuildOptions& options) {
                                       TaskSeed(options.seed, "", "trigger")));
   if (options.attack.kind == AttackKind::kBadMerging) {
     Log(options, "optimizing the universal patch on the base");
-    at::set_num_threads(threads);
+    at::set_num_threads(1);
     for (size_t i : attacked) {
       ASSIGN_OR_RETURN(Head head, LoadHead(probe_path(i)));
-      ASSIGN_OR_RETURN(trigger,
-                       OptimizeUniversalPatch(
-                           *base, head, world.tasks[i].train, trigger,
-                           options.attack.target_class, config.patch,
-                           TaskSeed(options.seed, world.tasks[i].info.name, "patch")));
+      ASSIGN_OR_RETURN(
+          trigger,
+          OptimizeUniversalPatch(
+              *base, head, world.tasks[i].train, trigger,
+              options.attack.target_class, config.patch,
+              TaskSeed(options.seed, world.tasks[i].info.name, "patch")));
     }
   }
 
-  // Backdoored fine-tunes of the compromised tasks.
-  Log(options, absl::StrCat("fine-tuning ", attacked.size(), " backdoored task(s) (",
-                            AttackKindName(options.attack.kind), ")"));
-  auto backdoored_path = [&](size_t i) {
-    return (work_dir / (world.tasks[i].info.name + ".backdoored.safetensors"))
-        .string();
+  // Fine-tunes: the backdoored ones (the longest) first, then the clean
+  // ones not in the cache, all in parallel.
+  struct FineTuneJob {
+    size_t task;
+    bool backdoored;
   };
-  RETURN_IF_ERROR(RunJobs(attacked.size(), threads, [&](size_t j) -> absl::Status {
-    const size_t i = attacked[j];
-    const TaskData& task = world.tasks[i];
+  std::vector<FineTuneJob> jobs;
+  for (size_t i : attacked) jobs.push_back({i, true});
+  size_t cached = 0;
+  for (size_t i = 0; i < num_tasks; ++i) {
+    if (fs::exists(clean_path(i))) {
+      ++cached;
+    } else {
+      jobs.push_back({i, false});
+    }
+  }
+  Log(options, absl::StrCat("fine-tuning ", jobs.size() - attacked.size(),
+                            " clean task(s) (", cached, " cached) and ",
+                            attacked.size(), " backdoored (",
+                            AttackKindName(options.attack.kind), "), ",
+                            config.finetune.steps, " steps each"));
+  absl::Mutex log_mu;
+  RETURN_IF_ERROR(RunJobs(jobs.size(), threads, [&](size_t j) -> absl::Status {
+    const FineTuneJob& job = jobs[j];
+    const TaskData& task = world.tasks[job.task];
     ASSIGN_OR_RETURN(std::unique_ptr<Model> model, base->Clone());
-    ASSIGN_OR_RETURN(std::unique_ptr<Model> frozen_base, base->Clone());
-    ASSIGN_OR_RETURN(Head head, LoadHead(probe_path(i)));
+    ASSIGN_OR_RETURN(Head head, LoadHead(probe_path(job.task)));
     FineTuneOptions finetune;
     finetune.optimizer = config.finetune;
     finetune.train_head = config.train_head;
-    if (options.attack.kind == AttackKind::kBadMerging) {
+    std::unique_ptr<Model> frozen_base;
+    if (job.backdoored && options.attack.kind == AttackKind::kBadMerging) {
+      ASSIGN_OR_RETURN(frozen_base, base->Clone());
       BadMergingObjective objective;
       objective.trigger = trigger;
       objective.target = options.attack.target_class;
       objective.weight = options.attack.badmerging_weight;
       objective.base = frozen_base.get();
       finetune.badmerging = objective;
-    } else {
-      finetune.poisoning =
-          DataPoisoning{trigger, options.attack.target_class,
-                        options.attack.poison_rate};
+    } else if (job.backdoored) {
+      finetune.poisoning = DataPoisoning{trigger, options.attack.target_class,
+                                         options.attack.poison_rate};
     }
-    ASSIGN_OR_RETURN(TrainReport report,
-                     FineTune(*model, head, task.train, finetune,
-                              TaskSeed(options.seed, task.info.name, "backdoor")));
+    ASSIGN_OR_RETURN(
+        TrainReport report,
+        FineTune(*model, head, task.train, finetune,
+                 TaskSeed(options.seed, task.info.name,
+                          job.backdoored ? "backdoor" : "finetune")));
+    std::map<std::string, std::string> metadata = {
+        {"mergeguard.task", task.info.name},
+        {"mergeguard.kind", job.backdoored ? "backdoored" : "clean"}};
+    if (job.backdoored) {
+      metadata["mergeguard.attack"] =
+          std::string(AttackKindName(options.attack.kind));
+    }
     RETURN_IF_ERROR(SaveTensors(
-        backdoored_path(i), CheckpointTensors(model->Backbone(), head),
-        {{"mergeguard.task", task.info.name},
-         {"mergeguard.kind", "backdoored"},
-         {"mergeguard.attack", std::string(AttackKindName(options.attack.kind))}}));
+        job.backdoored ? backdoored_path(job.task) : clean_path(job.task),
+        CheckpointTensors(model->Backbone(), head), metadata));
     absl::MutexLock lock(&log_mu);
-    Log(options, absl::StrFormat("  %s (backdoored): loss %.4f, %.1f s",
-                                 task.info.name, report.final_loss,
-                                 report.seconds));
+    Log(options, absl::StrFormat("  %s%s: loss %.4f, %.1f s", task.info.name,
+                                 job.backdoored ? " (backdoored)" : "",
+                                 report.final_loss, report.seconds));
     return absl::OkStatus();
   }));
 

@@ -6,9 +6,11 @@
 #include <chrono>
 #include <cmath>
 #include <deque>
+#include <memory>
 
 #include "absl/strings/str_cat.h"
 #include "core/status_macros.h"
+#include "core/thread_pool.h"
 #include "core/torch_status.h"
 
 namespace mergeguard::bench {
@@ -110,11 +112,17 @@ double Seconds(std::chrono::steady_clock::time_point start) {
 absl::StatusOr<TrainReport> Pretrain(Model& model, const ImageSet& corpus,
                                      int64_t num_classes,
                                      const OptimizerOptions& options,
-                                     uint64_t seed) {
+                                     uint64_t seed, int replicas) {
   RETURN_IF_ERROR(CheckOptions(options, corpus));
+  if (replicas < 1) {
+    return absl::InvalidArgumentError("replicas must be at least 1");
+  }
   return CallTorch("Pretrain", [&]() -> absl::StatusOr<TrainReport> {
     const auto start = std::chrono::steady_clock::now();
     at::Generator generator = at::make_generator<at::CPUGeneratorImpl>(seed);
+    // The master copy (model + head) is what Adam updates; replicas compute
+    // gradients on contiguous shards of each batch, one thread each, and
+    // their sum is the gradient of the whole batch's mean loss.
     Head head;
     head.weight = torch::empty({num_classes, model.FeatureDim()})
                       .normal_(0.0, 0.01, generator)
@@ -123,22 +131,72 @@ absl::StatusOr<TrainReport> Pretrain(Model& model, const ImageSet& corpus,
     std::vector<torch::Tensor> parameters = TrainableBackbone(model);
     parameters.push_back(head.weight);
     parameters.push_back(head.bias);
+    std::vector<std::unique_ptr<Model>> workers;
+    std::vector<std::vector<torch::Tensor>> worker_parameters;
+    for (int r = 0; r < replicas; ++r) {
+      ASSIGN_OR_RETURN(std::unique_ptr<Model> replica, model.Clone());
+      std::vector<torch::Tensor> replica_parameters =
+          TrainableBackbone(*replica);
+      replica_parameters.push_back(head.weight.detach().clone());
+      replica_parameters.push_back(head.bias.detach().clone());
+      for (torch::Tensor& p : replica_parameters) p.set_requires_grad(true);
+      workers.push_back(std::move(replica));
+      worker_parameters.push_back(std::move(replica_parameters));
+    }
     torch::optim::Adam optimizer(
         parameters, torch::optim::AdamOptions(options.learning_rate)
                         .weight_decay(options.weight_decay));
     BatchSampler sampler(corpus.size(), options.batch_size, generator);
     LossTracker tracker(options.steps);
+    std::vector<double> shard_loss(replicas);
+    std::vector<absl::Status> shard_status(replicas);
     for (int64_t step = 0; step < options.steps; ++step) {
       SetLearningRate(optimizer, Schedule(options, step));
       torch::Tensor batch = sampler.Next();
-      ASSIGN_OR_RETURN(torch::Tensor features,
-                       model.Features(corpus.Inputs(batch)));
-      torch::Tensor loss = torch::nn::functional::cross_entropy(
-          head.Logits(features), corpus.labels.index_select(0, batch));
-      optimizer.zero_grad();
-      loss.backward();
+      const int64_t batch_size = batch.size(0);
+      ParallelFor(replicas, replicas, [&](size_t r) {
+        at::set_num_threads(1);
+        shard_status[r] = CallTorch("Pretrain shard", [&]() -> absl::Status {
+          const int64_t begin = batch_size * r / replicas;
+          const int64_t end = batch_size * (r + 1) / replicas;
+          torch::Tensor shard = batch.slice(0, begin, end);
+          std::vector<torch::Tensor>& p = worker_parameters[r];
+          for (torch::Tensor& t : p) {
+            if (t.grad().defined()) t.mutable_grad().zero_();
+          }
+          ASSIGN_OR_RETURN(torch::Tensor features,
+                           workers[r]->Features(corpus.Inputs(shard)));
+          Head replica_head{p[p.size() - 2], p[p.size() - 1]};
+          torch::Tensor loss = torch::nn::functional::cross_entropy(
+              replica_head.Logits(features),
+              corpus.labels.index_select(0, shard),
+              torch::nn::functional::CrossEntropyFuncOptions().reduction(
+                  torch::kSum));
+          (loss / static_cast<double>(batch_size)).backward();
+          shard_loss[r] = loss.item<double>();
+          return absl::OkStatus();
+        });
+      });
+      double loss = 0.0;
+      for (int r = 0; r < replicas; ++r) {
+        RETURN_IF_ERROR(shard_status[r]);
+        loss += shard_loss[r] / static_cast<double>(batch_size);
+      }
+      torch::NoGradGuard no_grad;
+      for (size_t i = 0; i < parameters.size(); ++i) {
+        torch::Tensor grad = worker_parameters[0][i].grad().clone();
+        for (int r = 1; r < replicas; ++r) {
+          grad.add_(worker_parameters[r][i].grad());
+        }
+        parameters[i].mutable_grad() = grad;
+      }
       optimizer.step();
-      tracker.Add(loss.item<double>());
+      for (int r = 0; r < replicas; ++r) {
+        for (size_t i = 0; i < parameters.size(); ++i) {
+          worker_parameters[r][i].copy_(parameters[i]);
+        }
+      }
+      tracker.Add(loss);
     }
     FreezeBackbone(model);
     return TrainReport{tracker.Mean(), Seconds(start)};

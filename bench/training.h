@@ -37,10 +37,14 @@ struct TrainReport {
 
 // Pretrain trains every backbone parameter of `model` with a temporary
 // linear head over `num_classes` classes on `corpus`, then drops the head.
+// Each batch is split over `replicas` model copies, one thread each (data
+// parallel), which holds up on busy machines where one process's intra-op
+// threads would wait on each other at every operator; the result depends on
+// `replicas`.
 absl::StatusOr<TrainReport> Pretrain(Model& model, const ImageSet& corpus,
                                      int64_t num_classes,
                                      const OptimizerOptions& options,
-                                     uint64_t seed);
+                                     uint64_t seed, int replicas = 1);
 
 // FitLinearProbe returns a head trained on `model`'s frozen features of
 // `train` (features are computed once).

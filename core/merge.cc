@@ -390,11 +390,11 @@ absl::StatusOr<MergePlan> BuildPlan(const std::string& base_path,
   params.method = options.method;
   params.num_tasks = num_tasks;
   params.lambda = ResolvedLambda(options);
+  params.weight_sum = 0.0;
   for (const MergeInput& input : inputs) {
     params.weights.push_back(input.weight);
     params.weight_sum += input.weight;
   }
-  params.weight_sum -= 1.0;  // started at 1
   params.dare = options.method == MergeMethod::kDare;
   if (params.dare) {
     params.dare_drop_below =
@@ -568,6 +568,13 @@ class MergeEngine {
       kernels_.push_back(std::make_unique<ChunkKernels<T>>(plan_.params));
     }
     out_buffers_.resize(workers_);
+    for (const TensorState& st : plan_.merged) {
+      total_elements_ += static_cast<uint64_t>(st.numel);
+    }
+    if (total_elements_ > 0) {
+      global_keep_ =
+          KeepCount(options_.ties.top_k_percent / 100.0, total_elements_);
+    }
     passes_ = 1;
     if (GlobalTrim()) passes_ += RadixSelect<Key>::kPasses;
     if (GlobalModelStock()) passes_ += 1;
@@ -624,14 +631,18 @@ class MergeEngine {
     std::atomic<int64_t> positive{0};
     std::atomic<int64_t> negative{0};
     size_t first_chunk = 0;
-    // Gram pass: num_tasks^2 doubles per chunk, each chunk its own slot.
-    std::vector<double> gram_partials;
+    size_t num_chunks = 0;
+    // Gram pass: num_tasks^2 doubles per chunk, each chunk its own slot;
+    // allocated by the tensor's first chunk, freed by its last.
+    std::vector<double> gram_partials ABSL_GUARDED_BY(mu);
   };
 
+  // GlobalTrim: TIES trims over the whole task vector, and not everything
+  // is kept (then trim_min stays 0).
   bool GlobalTrim() const {
     return plan_.params.ties &&
            options_.ties.trim_scope == TrimScope::kGlobal &&
-           !plan_.merged.empty();
+           global_keep_ < total_elements_;
   }
   bool GlobalModelStock() const {
     return options_.method == MergeMethod::kModelStock &&
@@ -652,22 +663,17 @@ class MergeEngine {
   }
 
   absl::Status ComputeGlobalTrim() {
-    uint64_t total = 0;
-    for (const TensorState& s : plan_.merged) {
-      total += static_cast<uint64_t>(s.numel);
-    }
-    if (total == 0) return absl::OkStatus();
-    const uint64_t keep = KeepCount(options_.ties.top_k_percent / 100.0, total);
-    if (keep == total) {
-      // Every entry is kept: trim_min stays 0. The passes still count.
-      for (int p = 0; p < RadixSelect<Key>::kPasses; ++p) ++pass_index_;
-      return absl::OkStatus();
-    }
-    selects_.assign(num_tasks(), RadixSelect<Key>(keep));
+    selects_.assign(num_tasks(), RadixSelect<Key>(global_keep_));
     const size_t bins = RadixSelect<Key>::kBins;
     for (int p = 0; p < RadixSelect<Key>::kPasses; ++p) {
       histograms_.assign(workers_,
                          std::vector<uint64_t>(num_tasks() * bins, 0));
+      histogram_ptrs_.assign(workers_, std::vector<uint64_t*>(num_tasks()));
+      for (size_t w = 0; w < workers_; ++w) {
+        for (size_t t = 0; t < num_tasks(); ++t) {
+          histogram_ptrs_[w][t] = histograms_[w].data() + t * bins;
+        }
+      }
       RETURN_IF_ERROR(RunPass(Pass::kHistogram));
       std::vector<uint64_t> sum(bins);
       for (size_t t = 0; t < num_tasks(); ++t) {
@@ -679,6 +685,7 @@ class MergeEngine {
       }
     }
     histograms_.clear();
+    histogram_ptrs_.clear();
     for (TensorState& s : plan_.merged) {
       for (size_t t = 0; t < num_tasks(); ++t) {
         s.trim_min[t] = selects_[t].key();
@@ -749,11 +756,8 @@ class MergeEngine {
         chunks_.push_back({i, static_cast<int64_t>(begin), n});
         begin += n;
       } while (begin < numel);
-      const size_t count = chunks_.size() - runtime->first_chunk;
-      runtime->remaining = static_cast<int64_t>(count);
-      if (pass == Pass::kGram) {
-        runtime->gram_partials.assign(count * num_tasks() * num_tasks(), 0.0);
-      }
+      runtime->num_chunks = chunks_.size() - runtime->first_chunk;
+      runtime->remaining = static_cast<int64_t>(runtime->num_chunks);
       runtimes_.push_back(std::move(runtime));
     }
     progress_ = MergeProgress();
@@ -899,18 +903,20 @@ class MergeEngine {
     const TensorState& s = plan_.merged[chunk.tensor];
     ChunkKernels<T>& kernels = *kernels_[worker];
     switch (pass) {
-      case Pass::kHistogram: {
-        std::vector<uint64_t*> histograms;
-        for (size_t t = 0; t < num_tasks(); ++t) {
-          histograms.push_back(histograms_[worker].data() +
-                               t * RadixSelect<Key>::kBins);
-        }
-        kernels.Histogram(s, chunk.begin, chunk.n, selects_, histograms);
+      case Pass::kHistogram:
+        kernels.Histogram(s, chunk.begin, chunk.n, selects_,
+                          histogram_ptrs_[worker]);
         return absl::OkStatus();
-      }
       case Pass::kGram: {
-        double* gram = rt.gram_partials.data() +
-                       (c - rt.first_chunk) * num_tasks() * num_tasks();
+        const size_t stride = num_tasks() * num_tasks();
+        double* gram;
+        {
+          absl::MutexLock lock(&rt.mu);
+          if (rt.gram_partials.empty()) {
+            rt.gram_partials.assign(rt.num_chunks * stride, 0.0);
+          }
+          gram = rt.gram_partials.data() + (c - rt.first_chunk) * stride;
+        }
         kernels.Gram(s, chunk.begin, chunk.n, gram);
         return absl::OkStatus();
       }
@@ -972,6 +978,7 @@ class MergeEngine {
       TensorState& s = plan_.merged[i];
       if (pass == Pass::kGram) {
         // Sum chunk partials in chunk order: the same for any threading.
+        absl::MutexLock lock(&rt.mu);
         std::vector<double>& total = tensor_grams_[i];
         const size_t stride = num_tasks() * num_tasks();
         for (size_t off = 0; off < rt.gram_partials.size(); off += stride) {
@@ -1031,6 +1038,9 @@ class MergeEngine {
   CheckpointWriter* writer_ = nullptr;
   int passes_ = 1;
   int pass_index_ = 0;
+  // Elements of the whole task vector, and how many global TIES keeps.
+  uint64_t total_elements_ = 0;
+  uint64_t global_keep_ = 0;
   // The current pass's work; fixed while it runs.
   std::vector<Chunk> chunks_;
   std::vector<std::unique_ptr<TensorRuntime>> runtimes_;
@@ -1038,6 +1048,7 @@ class MergeEngine {
   // (num_tasks * kBins counters each).
   std::vector<RadixSelect<Key>> selects_;
   std::vector<std::vector<uint64_t>> histograms_;
+  std::vector<std::vector<uint64_t*>> histogram_ptrs_;
   // Global Model Stock: the Gram matrix of each merged tensor.
   std::vector<std::vector<double>> tensor_grams_;
   double model_stock_ratio_ = 0.0;

@@ -478,21 +478,23 @@ void JobManager::RunAttempt(const std::shared_ptr<Entry>& entry) {
   std::error_code fs_error;
   std::filesystem::remove_all(work_dir, fs_error);
   std::filesystem::create_directories(work_dir, fs_error);
-  absl::StatusOr<JobOutput> output;
-  if (fs_error) {
-    output = ErrnoToStatus(fs_error.value(),
-                           absl::StrCat("create work directory ", work_dir));
-  } else {
+  absl::Status ready =
+      fs_error ? ErrnoToStatus(fs_error.value(),
+                               absl::StrCat("create work directory ", work_dir))
+               : absl::OkStatus();
+  if (ready.ok()) {
     // The merged model is about as large as the base (or the largest input).
     uint64_t expected_bytes = 0;
     for (const ArtifactReference& ref : ReferencedArtifacts(spec)) {
       absl::StatusOr<ArtifactInfo> info = store_->Lookup(tenant, ref.digest);
-      if (info.ok())
-        expected_bytes = std::max(expected_bytes, info->size_bytes);
+      if (info.ok()) expected_bytes = std::max(expected_bytes, info->size_bytes);
     }
-    output = store_->CheckFreeDisk(expected_bytes, "the job's result");
+    ready = store_->CheckFreeDisk(expected_bytes, "the job's result");
   }
-  if (output.status().ok()) {
+  absl::StatusOr<JobOutput> output =
+      ready.ok() ? absl::StatusOr<JobOutput>(absl::UnknownError("not run"))
+                 : absl::StatusOr<JobOutput>(ready);
+  if (ready.ok()) {
     JobContext context;
     context.threads = options_.job_threads;
     context.server_version = options_.server_version;

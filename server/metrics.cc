@@ -3,8 +3,10 @@
 #include <exception>
 #include <vector>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "core/job.h"
+#include "core/status_macros.h"
 #include "server/status_util.h"
 
 namespace mergeguard {
@@ -189,16 +191,17 @@ absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Create(
     const MetricsOptions& options) {
   std::unique_ptr<ServerMetrics> metrics(new ServerMetrics(options));
   if (!options.listen_address.empty()) {
-    try {
-      metrics->exposer_ =
-          std::make_unique<prometheus::Exposer>(options.listen_address);
-    } catch (const std::exception& e) {
-      return absl::UnavailableError(absl::StrCat(
-          "cannot serve /metrics on ", options.listen_address, ": ", e.what(),
-          " (is the port in use? set "
-          "--metrics_address)"));
+    const size_t colon = options.listen_address.rfind(':');
+    int port = 0;
+    if (colon == std::string::npos ||
+        !absl::SimpleAtoi(options.listen_address.substr(colon + 1), &port)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "metrics address \"", options.listen_address, "\" is not host:port"));
     }
-    metrics->exposer_->RegisterCollectable(metrics->registry_);
+    ASSIGN_OR_RETURN(
+        metrics->http_,
+        MetricsHttpServer::Start(options.listen_address.substr(0, colon), port,
+                                 metrics->registry_));
   }
   return metrics;
 }
@@ -282,10 +285,6 @@ void ServerMetrics::SetStoreFreeBytes(uint64_t bytes) {
   store_free_bytes_->Set(static_cast<double>(bytes));
 }
 
-int ServerMetrics::port() const {
-  if (!exposer_) return 0;
-  std::vector<int> ports = exposer_->GetListeningPorts();
-  return ports.empty() ? 0 : ports.front();
-}
+int ServerMetrics::port() const { return http_ ? http_->port() : 0; }
 
 }  // namespace mergeguard

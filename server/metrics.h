@@ -13,11 +13,11 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "prometheus/counter.h"
-#include "prometheus/exposer.h"
 #include "prometheus/family.h"
 #include "prometheus/gauge.h"
 #include "prometheus/histogram.h"
 #include "prometheus/registry.h"
+#include "server/metrics_http.h"
 
 namespace mergeguard {
 
@@ -36,7 +36,7 @@ struct MetricsOptions {
 class ServerMetrics {
  public:
   // Create registers the families and, if `options.listen_address` is set,
-  // starts the exposer. UNAVAILABLE when the port cannot be bound.
+  // serves /metrics there. UNAVAILABLE when the port cannot be bound.
   static absl::StatusOr<std::unique_ptr<ServerMetrics>> Create(
       const MetricsOptions& options);
 
@@ -70,7 +70,7 @@ class ServerMetrics {
 
   MetricsOptions options_;
   std::shared_ptr<prometheus::Registry> registry_;
-  std::unique_ptr<prometheus::Exposer> exposer_;
+  std::unique_ptr<MetricsHttpServer> http_;
 
   // Families are owned by registry_; the pointers stay valid for its life.
   prometheus::Family<prometheus::Counter>* rpcs_;

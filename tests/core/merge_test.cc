@@ -777,6 +777,30 @@ TEST_F(MergeTest, OutputDtypeOverride) {
   EXPECT_EQ(out.at("counter").scalar_type(), torch::kLong);
 }
 
+TEST_F(MergeTest, MisalignedTensorsAreDecoded) {
+  // Three F16 values first put the F32 tensor at byte offset 6 of the data.
+  auto model = [](double shift) {
+    return NamedTensors{
+        {"a.odd", torch::full({3}, shift, torch::kHalf)},
+        {"b.weight", torch::arange(0, 100, torch::kFloat) * (1 + shift)},
+    };
+  };
+  base_path_ = File("mbase.safetensors");
+  ASSERT_TRUE(SaveTensors(base_path_, model(0)).ok());
+  inputs_ = {{"a", File("ma.safetensors"), 1.0},
+             {"b", File("mb.safetensors"), 1.0}};
+  ASSERT_TRUE(SaveTensors(inputs_[0].path, model(0.5)).ok());
+  ASSERT_TRUE(SaveTensors(inputs_[1].path, model(0.25)).ok());
+  MergeOptions options;
+  options.lambda = 1.0;
+  ASSERT_TRUE(Run(options).ok());
+  TensorMap out = Output();
+  torch::Tensor x = torch::arange(0, 100, torch::kFloat);
+  EXPECT_TRUE(torch::allclose(out.at("b.weight"), x * 1.75, 1e-6, 1e-5));
+  EXPECT_TRUE(
+      torch::equal(out.at("a.odd"), torch::full({3}, 0.75, torch::kHalf)));
+}
+
 // --- Heads, LoRA -----------------------------------------------------------
 
 TEST_F(MergeTest, HeadsAreCarriedPerTaskAndNotMerged) {

@@ -1,0 +1,225 @@
+// End to end on the tiny preset: build a scenario, evaluate models on it,
+// run the merge table, rebuild from the configuration cache, and check that
+// a seeded build is reproducible byte for byte.
+
+#include <torch/torch.h>
+
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <sstream>
+
+#include "absl/strings/str_cat.h"
+#include "bench/merge_table.h"
+#include "bench/scenario_builder.h"
+#include "bench/scenario_eval.h"
+#include "core/merge.h"
+#include "core/scenario.h"
+#include "core/sha256.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+
+namespace mergeguard::bench {
+namespace {
+
+namespace fs = std::filesystem;
+using ::testing::HasSubstr;
+
+class TinyScenarioTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    std::random_device random;
+    root_ = new fs::path(fs::temp_directory_path() /
+                         absl::StrCat("bench_e2e_", random(), random()));
+    fs::create_directories(*root_);
+    BuildOptions options = Options("badmerging");
+    auto result = BuildScenario(options);
+    ASSERT_TRUE(result.ok()) << result.status();
+    EXPECT_FALSE(result->reused);
+    scenario_ = new Scenario(result->scenario);
+  }
+  static void TearDownTestSuite() {
+    fs::remove_all(*root_);
+    delete root_;
+    delete scenario_;
+  }
+
+  static BuildOptions Options(const std::string& out) {
+    BuildOptions options;
+    options.preset = Preset::kTiny;
+    options.architecture = Architecture::kCnn;
+    options.attack.kind = AttackKind::kBadMerging;
+    options.attack.compromised = {"fashion"};
+    options.attack.target_class = 3;
+    options.seed = 5;
+    options.threads = 2;
+    options.out_dir = (*root_ / out).string();
+    options.cache_dir = (*root_ / "cache").string();
+    return options;
+  }
+
+  static fs::path* root_;
+  static Scenario* scenario_;
+};
+
+fs::path* TinyScenarioTest::root_ = nullptr;
+Scenario* TinyScenarioTest::scenario_ = nullptr;
+
+TEST_F(TinyScenarioTest, WritesAValidScenario) {
+  auto loaded = LoadScenario(scenario_->dir);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  ASSERT_EQ(loaded->tasks.size(), 3u);
+  EXPECT_EQ(loaded->architecture.name, "cnn");
+  const ScenarioTask* fashion = loaded->FindTask("fashion");
+  ASSERT_NE(fashion, nullptr);
+  EXPECT_TRUE(fashion->compromised);
+  EXPECT_NE(fashion->checkpoint, fashion->clean_checkpoint);
+  EXPECT_TRUE(fashion->finetuned_asr.has_value());
+  const ScenarioTask* mnist = loaded->FindTask("mnist");
+  EXPECT_FALSE(mnist->compromised);
+  EXPECT_EQ(mnist->checkpoint, mnist->clean_checkpoint);
+  // Fine-tunes learn something even in the tiny preset.
+  EXPECT_GT(mnist->clean_finetuned_accuracy, 0.5);
+  ASSERT_TRUE(loaded->attack.has_value());
+  EXPECT_EQ(loaded->attack->trigger.pattern, "learned");
+  auto trigger = LoadScenarioTrigger(*loaded);
+  ASSERT_TRUE(trigger.ok()) << trigger.status();
+  EXPECT_EQ(trigger->pattern.sizes(), (std::vector<int64_t>{1, 4, 4}));
+  auto calibration =
+      LoadLabeledImages(loaded->Path(mnist->calibration));
+  ASSERT_TRUE(calibration.ok());
+  EXPECT_LE(calibration->size(), 512);
+  // The architecture file is TorchScript and matches the checkpoints.
+  auto model = Model::Load(loaded->Path(loaded->architecture.file));
+  ASSERT_TRUE(model.ok()) << model.status();
+  EXPECT_TRUE((*model)->LoadBackboneFromPath(loaded->Path(mnist->checkpoint)).ok());
+}
+
+TEST_F(TinyScenarioTest, EvalOfATaskCheckpointMatchesTheBuild) {
+  const ScenarioTask* mnist = scenario_->FindTask("mnist");
+  auto evaluation =
+      EvaluateModelFile(*scenario_, scenario_->Path(mnist->checkpoint));
+  ASSERT_TRUE(evaluation.ok()) << evaluation.status();
+  ASSERT_EQ(evaluation->tasks.size(), 3u);
+  // A task checkpoint has no `<task>/head.*`: heads come from the scenario.
+  EXPECT_EQ(evaluation->tasks[0].head_source, "scenario");
+  EXPECT_DOUBLE_EQ(evaluation->tasks[0].accuracy,
+                   mnist->clean_finetuned_accuracy);
+  EXPECT_DOUBLE_EQ(evaluation->tasks[0].normalized_accuracy, 1.0);
+  ASSERT_EQ(evaluation->asr.size(), 1u);
+  EXPECT_EQ(evaluation->asr[0].task, "fashion");
+  EXPECT_EQ(evaluation->asr[0].target, 3);
+
+  // The backdoored checkpoint alone reproduces the build's measurements.
+  const ScenarioTask* fashion = scenario_->FindTask("fashion");
+  auto backdoored =
+      EvaluateModelFile(*scenario_, scenario_->Path(fashion->checkpoint));
+  ASSERT_TRUE(backdoored.ok());
+  EXPECT_DOUBLE_EQ(backdoored->tasks[1].accuracy, fashion->finetuned_accuracy);
+  EXPECT_DOUBLE_EQ(backdoored->asr[0].asr, *fashion->finetuned_asr);
+
+  nlohmann::json json = nlohmann::json::parse(
+      EvaluationToJson(*scenario_, "m.safetensors", *evaluation));
+  EXPECT_EQ(json["tasks"][0]["name"], "mnist");
+  EXPECT_TRUE(json["tasks"][0]["accuracy"].is_number());
+  EXPECT_TRUE(json["mean_accuracy"].is_number());
+  EXPECT_EQ(json["asr"][0]["task"], "fashion");
+  EXPECT_EQ(json["asr"][0]["target"], 3);
+  EXPECT_TRUE(json["asr"][0]["asr"].is_number());
+}
+
+TEST_F(TinyScenarioTest, EvalTakesHeadsFromMergedModels) {
+  std::vector<MergeInput> inputs;
+  for (const ScenarioTask& task : scenario_->tasks) {
+    inputs.push_back({task.name, scenario_->Path(task.checkpoint), 1.0});
+  }
+  const std::string merged = (*root_ / "ta.safetensors").string();
+  auto report = Merge(scenario_->Path(scenario_->base), inputs, merged, {});
+  ASSERT_TRUE(report.ok()) << report.status();
+  auto evaluation = EvaluateModelFile(*scenario_, merged);
+  ASSERT_TRUE(evaluation.ok()) << evaluation.status();
+  for (const TaskAccuracy& task : evaluation->tasks) {
+    EXPECT_EQ(task.head_source, "model");
+    EXPECT_GT(task.accuracy, 0.2) << task.name;
+  }
+  // A model that does not fit the architecture is refused.
+  const std::string wrong = (*root_ / "wrong.safetensors").string();
+  ASSERT_TRUE(SaveTensors(wrong, {{"conv1.weight", torch::zeros({1})}}).ok());
+  EXPECT_EQ(EvaluateModelFile(*scenario_, wrong).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+}
+
+TEST_F(TinyScenarioTest, TableHasUndefendedRows) {
+  auto rows = RunTable(*scenario_, UndefendedProducers());
+  ASSERT_TRUE(rows.ok()) << rows.status();
+  ASSERT_EQ(rows->size(), 2u);
+  EXPECT_EQ((*rows)[0].method, "TA");
+  EXPECT_EQ((*rows)[1].method, "TIES");
+  for (const TableRow& row : *rows) {
+    EXPECT_GT(row.clean.mean_accuracy, 0.2);
+    EXPECT_GT(row.backdoored.mean_accuracy, 0.2);
+    ASSERT_EQ(row.backdoored.asr.size(), 1u);
+  }
+  const std::string text = TableToText(*scenario_, *rows);
+  EXPECT_THAT(text, HasSubstr("TIES"));
+  EXPECT_THAT(text, HasSubstr("ASR(fashion)"));
+  nlohmann::json json =
+      nlohmann::json::parse(TableToJson(*scenario_, *rows));
+  EXPECT_EQ(json["rows"][0]["method"], "TA");
+  // Row producers are pluggable: a defense is one more entry.
+  std::vector<RowProducer> producers = {
+      {"BASE", [](const Scenario& scenario, const std::vector<MergeInput>&,
+                  const std::string& output) {
+         std::error_code error;
+         fs::copy_file(scenario.Path(scenario.base), output, error);
+         return error ? absl::InternalError(error.message()) : absl::OkStatus();
+       }}};
+  auto base_rows = RunTable(*scenario_, producers);
+  ASSERT_TRUE(base_rows.ok()) << base_rows.status();
+  EXPECT_DOUBLE_EQ((*base_rows)[0].clean.mean_accuracy,
+                   (*base_rows)[0].backdoored.mean_accuracy);
+}
+
+TEST_F(TinyScenarioTest, SameConfigurationIsReused) {
+  auto again = BuildScenario(Options("badmerging"));
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_TRUE(again->reused);
+  EXPECT_EQ(again->scenario.config_hash, scenario_->config_hash);
+  BuildOptions other = Options("badmerging");
+  other.attack.target_class = 4;
+  EXPECT_NE(ConfigHash(other), scenario_->config_hash);
+  other.attack.target_class = 11;
+  other.out_dir = (*root_ / "bad-target").string();
+  EXPECT_EQ(BuildScenario(other).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  other.attack.target_class = 0;
+  other.attack.compromised = {"greek"};
+  EXPECT_EQ(BuildScenario(other).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+// Without the stage cache, the same seed gives the same bytes.
+TEST_F(TinyScenarioTest, SeededBuildsAreReproducible) {
+  BuildOptions first = Options("repro-a");
+  first.attack.kind = AttackKind::kBadNets;
+  first.cache_dir.clear();
+  BuildOptions second = first;
+  second.out_dir = (*root_ / "repro-b").string();
+  auto a = BuildScenario(first);
+  ASSERT_TRUE(a.ok()) << a.status();
+  auto b = BuildScenario(second);
+  ASSERT_TRUE(b.ok()) << b.status();
+  ASSERT_EQ(a->scenario.files.size(), b->scenario.files.size());
+  for (size_t i = 0; i < a->scenario.files.size(); ++i) {
+    if (a->scenario.files[i].path == "provenance.json") continue;
+    EXPECT_EQ(a->scenario.files[i].sha256, b->scenario.files[i].sha256)
+        << a->scenario.files[i].path;
+  }
+  const ScenarioTask* fashion = a->scenario.FindTask("fashion");
+  EXPECT_EQ(a->scenario.attack->trigger.pattern, "white");
+  EXPECT_NE(fashion->checkpoint, fashion->clean_checkpoint);
+}
+
+}  // namespace
+}  // namespace mergeguard::bench
