@@ -64,16 +64,6 @@ absl::StatusOr<std::string> ReadString(const YAML::Node& node,
   return node.Scalar();
 }
 
-absl::StatusOr<bool> ReadBool(const YAML::Node& node, absl::string_view field) {
-  bool value;
-  if (!node.IsScalar() || !YAML::convert<bool>::decode(node, value)) {
-    return FieldError(node, field,
-                      absl::StrCat("expected true or false, got ",
-                                   Describe(node)));
-  }
-  return value;
-}
-
 // ReadChoice reads a string that must be one of `choices`.
 absl::StatusOr<std::string> ReadChoice(
     const YAML::Node& node, absl::string_view field,
@@ -83,9 +73,10 @@ absl::StatusOr<std::string> ReadChoice(
   for (const std::string& choice : choices) {
     if (value == choice) return value;
   }
-  return FieldError(node, field,
-                    absl::StrCat("expected one of ", absl::StrJoin(choices, ", "),
-                                 "; got \"", value, "\""));
+  return FieldError(
+      node, field,
+      absl::StrCat("expected one of ", absl::StrJoin(choices, ", "), "; got \"",
+                   value, "\""));
 }
 
 // ParseByteSize accepts "512MB", "2GiB", "1000000" and the like.
@@ -101,14 +92,13 @@ absl::StatusOr<uint64_t> ReadByteSize(const YAML::Node& node,
       absl::StripAsciiWhitespace(absl::string_view(text).substr(i)));
   double number;
   if (digits.empty() || !absl::SimpleAtod(digits, &number)) {
-    return FieldError(node, field,
-                      absl::StrCat("expected a size such as 2GB, got \"", text,
-                                   "\""));
+    return FieldError(
+        node, field,
+        absl::StrCat("expected a size such as 2GB, got \"", text, "\""));
   }
   static const std::map<std::string, double> kUnits = {
-      {"", 1},           {"b", 1},          {"kb", 1e3},
-      {"mb", 1e6},       {"gb", 1e9},       {"kib", 1024.0},
-      {"mib", 1048576.0}, {"gib", 1073741824.0}};
+      {"", 1},     {"b", 1},        {"kb", 1e3},        {"mb", 1e6},
+      {"gb", 1e9}, {"kib", 1024.0}, {"mib", 1048576.0}, {"gib", 1073741824.0}};
   auto it = kUnits.find(unit);
   if (it == kUnits.end()) {
     return FieldError(node, field,
@@ -133,9 +123,8 @@ std::string StemOf(const std::string& path) {
   return name;
 }
 
-using ParameterSetter =
-    std::function<absl::Status(const YAML::Node&, const std::string&,
-                               MergeOptions&)>;
+using ParameterSetter = std::function<absl::Status(
+    const YAML::Node&, const std::string&, MergeOptions&)>;
 
 struct ParameterSpec {
   // Methods the parameter applies to; empty means all.
@@ -145,8 +134,7 @@ struct ParameterSpec {
 
 // DoubleParameter builds a setter for a double field checked against
 // [min, max] (an open bound when the flag says so).
-ParameterSetter DoubleParameter(double min,
-                                double max, bool min_open,
+ParameterSetter DoubleParameter(double min, double max, bool min_open,
                                 std::function<double&(MergeOptions&)> field) {
   return [=](const YAML::Node& node, const std::string& name,
              MergeOptions& options) -> absl::Status {
@@ -172,10 +160,9 @@ const std::map<std::string, ParameterSpec>& Parameters() {
                         [](MergeOptions& o) -> double& { return o.lambda; })}},
       {"top_k",
        {{M::kTies, M::kDare},
-        DoubleParameter(0, 100, true,
-                        [](MergeOptions& o) -> double& {
-                          return o.ties.top_k_percent;
-                        })}},
+        DoubleParameter(
+            0, 100, true,
+            [](MergeOptions& o) -> double& { return o.ties.top_k_percent; })}},
       {"trim_scope",
        {{M::kTies, M::kDare},
         [](const YAML::Node& node, const std::string& name,
@@ -192,23 +179,23 @@ const std::map<std::string, ParameterSpec>& Parameters() {
            MergeOptions& o) -> absl::Status {
           ASSIGN_OR_RETURN(std::string v,
                            ReadChoice(node, name, {"mean", "sum"}));
-          o.ties.disjoint = v == "mean" ? DisjointMode::kMean
-                                        : DisjointMode::kSum;
+          o.ties.disjoint =
+              v == "mean" ? DisjointMode::kMean : DisjointMode::kSum;
           return absl::OkStatus();
         }}},
       {"drop_rate",
        {{M::kDare},
-        DoubleParameter(0, 1, false, [](MergeOptions& o) -> double& {
-          return o.dare.drop_rate;
-        })}},
+        DoubleParameter(
+            0, 1, false,
+            [](MergeOptions& o) -> double& { return o.dare.drop_rate; })}},
       {"combine",
        {{M::kDare},
         [](const YAML::Node& node, const std::string& name,
            MergeOptions& o) -> absl::Status {
           ASSIGN_OR_RETURN(std::string v,
                            ReadChoice(node, name, {"task_arithmetic", "ties"}));
-          o.dare.combine = v == "ties" ? DareCombine::kTies
-                                       : DareCombine::kTaskArithmetic;
+          o.dare.combine =
+              v == "ties" ? DareCombine::kTies : DareCombine::kTaskArithmetic;
           return absl::OkStatus();
         }}},
       {"seed",
@@ -222,14 +209,14 @@ const std::map<std::string, ParameterSpec>& Parameters() {
         }}},
       {"gamma",
        {{M::kBreadcrumbs},
-        DoubleParameter(0, 1, false, [](MergeOptions& o) -> double& {
-          return o.breadcrumbs.gamma;
-        })}},
+        DoubleParameter(
+            0, 1, false,
+            [](MergeOptions& o) -> double& { return o.breadcrumbs.gamma; })}},
       {"density",
        {{M::kBreadcrumbs},
-        DoubleParameter(0, 1, true, [](MergeOptions& o) -> double& {
-          return o.breadcrumbs.density;
-        })}},
+        DoubleParameter(
+            0, 1, true,
+            [](MergeOptions& o) -> double& { return o.breadcrumbs.density; })}},
       {"tall_lambda",
        {{M::kConsensus},
         DoubleParameter(0, kInf, false,
@@ -247,10 +234,9 @@ const std::map<std::string, ParameterSpec>& Parameters() {
         }}},
       {"alpha",
        {{M::kConsensus},
-        DoubleParameter(-kInf, kInf, false,
-                        [](MergeOptions& o) -> double& {
-                          return o.consensus.alpha;
-                        })}},
+        DoubleParameter(
+            -kInf, kInf, false,
+            [](MergeOptions& o) -> double& { return o.consensus.alpha; })}},
       {"cosine_scope",
        {{M::kModelStock},
         [](const YAML::Node& node, const std::string& name,
@@ -296,8 +282,7 @@ absl::Status ParseModels(const YAML::Node& node, const std::string& base_dir,
         }
       }
       if (input.path.empty()) {
-        return FieldError(entry, absl::StrCat(field, ".path"),
-                          "is required");
+        return FieldError(entry, absl::StrCat(field, ".path"), "is required");
       }
     } else {
       return FieldError(entry, field,
@@ -343,9 +328,9 @@ absl::Status ParseParameters(const YAML::Node& node, MergeConfig& config) {
                        known.empty() ? "none" : absl::StrJoin(known, ", ")));
     }
     if (!it->second.methods.empty() && !it->second.methods.count(method)) {
-      return FieldError(kv.first, field,
-                        absl::StrCat("does not apply to method ",
-                                     MergeMethodName(method)));
+      return FieldError(
+          kv.first, field,
+          absl::StrCat("does not apply to method ", MergeMethodName(method)));
     }
     RETURN_IF_ERROR(it->second.set(kv.second, field, config.options));
   }
@@ -373,9 +358,8 @@ absl::Status ParseRoot(const YAML::Node& root, const std::string& base_dir,
     config.options.method = *parsed;
   }
   static const std::set<std::string> kTopLevel = {
-      "method",       "base",          "models",  "parameters",
-      "head_prefix",  "dtype",         "compute_dtype", "threads",
-      "shard_size"};
+      "method", "base",          "models",  "parameters", "head_prefix",
+      "dtype",  "compute_dtype", "threads", "shard_size"};
   for (const auto& kv : root) {
     const std::string key = kv.first.Scalar();
     if (!kTopLevel.count(key)) {
@@ -395,9 +379,9 @@ absl::Status ParseRoot(const YAML::Node& root, const std::string& base_dir,
       ASSIGN_OR_RETURN(std::string name, ReadString(value, key));
       absl::StatusOr<DType> dtype = ParseDType(absl::AsciiStrToUpper(name));
       if (!dtype.ok() || !IsFloatingPoint(*dtype)) {
-        return FieldError(value, key,
-                          absl::StrCat("expected F32, F16, BF16 or F64, got \"",
-                                       name, "\""));
+        return FieldError(
+            value, key,
+            absl::StrCat("expected F32, F16, BF16 or F64, got \"", name, "\""));
       }
       config.options.output_dtype = *dtype;
     } else if (key == "compute_dtype") {

@@ -567,7 +567,9 @@ absl::StatusOr<std::string> SanitizerClient::HealthStatus() {
   grpc::GenericStub generic(channel_);
   grpc::ClientContext context;
   context.set_deadline(absl::ToChronoTime(absl::Now() + options_.rpc_timeout));
-  grpc::ByteBuffer request;
+  // An empty message still needs one (empty) slice to be sendable.
+  grpc::Slice empty_slice(std::string{});
+  grpc::ByteBuffer request(&empty_slice, 1);
   grpc::ByteBuffer response;
   grpc::Status status;
   absl::Notification done;

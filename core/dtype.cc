@@ -17,9 +17,9 @@ struct DTypeInfo {
 };
 
 constexpr DTypeInfo kDTypes[] = {
-    {DType::kF64, "F64", 8},  {DType::kF32, "F32", 4}, {DType::kF16, "F16", 2},
+    {DType::kF64, "F64", 8},   {DType::kF32, "F32", 4}, {DType::kF16, "F16", 2},
     {DType::kBF16, "BF16", 2}, {DType::kI64, "I64", 8}, {DType::kI32, "I32", 4},
-    {DType::kI16, "I16", 2},  {DType::kI8, "I8", 1},   {DType::kU8, "U8", 1},
+    {DType::kI16, "I16", 2},   {DType::kI8, "I8", 1},   {DType::kU8, "U8", 1},
     {DType::kBool, "BOOL", 1},
 };
 
@@ -30,15 +30,27 @@ const DTypeInfo& Info(DType dtype) {
   return kDTypes[1];  // unreachable: the table covers the enum
 }
 
+// Safetensors data need not be aligned (a header length that is not a
+// multiple of 8 shifts it), so loads go through memcpy, which compiles to a
+// plain load on x86 and stays defined behaviour everywhere.
+template <typename V>
+inline V LoadUnaligned(const char* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
 // Decode/Encode convert between a storage type and a compute type `T`.
 template <typename T>
 void Decode(DType dtype, const void* src, size_t n, T* dst) {
   switch (dtype) {
-#define MG_DECODE(kind, ctype)                                      \
-  case DType::kind: {                                               \
-    const ctype* s = static_cast<const ctype*>(src);                \
-    for (size_t i = 0; i < n; ++i) dst[i] = static_cast<T>(s[i]);   \
-    return;                                                         \
+#define MG_DECODE(kind, ctype)                                              \
+  case DType::kind: {                                                       \
+    const char* s = static_cast<const char*>(src);                          \
+    for (size_t i = 0; i < n; ++i) {                                        \
+      dst[i] = static_cast<T>(LoadUnaligned<ctype>(s + i * sizeof(ctype))); \
+    }                                                                       \
+    return;                                                                 \
   }
     MG_DECODE(kF64, double)
     MG_DECODE(kF32, float)
@@ -49,14 +61,18 @@ void Decode(DType dtype, const void* src, size_t n, T* dst) {
     MG_DECODE(kU8, uint8_t)
 #undef MG_DECODE
     case DType::kF16: {
-      const c10::Half* s = static_cast<const c10::Half*>(src);
-      for (size_t i = 0; i < n; ++i) dst[i] = static_cast<T>(static_cast<float>(s[i]));
+      const char* s = static_cast<const char*>(src);
+      for (size_t i = 0; i < n; ++i) {
+        c10::Half h(LoadUnaligned<uint16_t>(s + 2 * i), c10::Half::from_bits());
+        dst[i] = static_cast<T>(static_cast<float>(h));
+      }
       return;
     }
     case DType::kBF16: {
-      const uint16_t* s = static_cast<const uint16_t*>(src);
+      const char* s = static_cast<const char*>(src);
       for (size_t i = 0; i < n; ++i) {
-        uint32_t bits = static_cast<uint32_t>(s[i]) << 16;
+        uint32_t bits =
+            static_cast<uint32_t>(LoadUnaligned<uint16_t>(s + 2 * i)) << 16;
         float f;
         std::memcpy(&f, &bits, sizeof(f));
         dst[i] = static_cast<T>(f);
@@ -74,11 +90,11 @@ void Decode(DType dtype, const void* src, size_t n, T* dst) {
 template <typename T>
 void Encode(const T* src, size_t n, DType dtype, void* dst) {
   switch (dtype) {
-#define MG_ENCODE(kind, ctype)                                      \
-  case DType::kind: {                                               \
-    ctype* d = static_cast<ctype*>(dst);                            \
+#define MG_ENCODE(kind, ctype)                                        \
+  case DType::kind: {                                                 \
+    ctype* d = static_cast<ctype*>(dst);                              \
     for (size_t i = 0; i < n; ++i) d[i] = static_cast<ctype>(src[i]); \
-    return;                                                         \
+    return;                                                           \
   }
     MG_ENCODE(kF64, double)
     MG_ENCODE(kF32, float)
@@ -90,13 +106,15 @@ void Encode(const T* src, size_t n, DType dtype, void* dst) {
 #undef MG_ENCODE
     case DType::kF16: {
       c10::Half* d = static_cast<c10::Half*>(dst);
-      for (size_t i = 0; i < n; ++i) d[i] = c10::Half(static_cast<float>(src[i]));
+      for (size_t i = 0; i < n; ++i)
+        d[i] = c10::Half(static_cast<float>(src[i]));
       return;
     }
     case DType::kBF16: {
       // c10::BFloat16's float constructor rounds to nearest even.
       c10::BFloat16* d = static_cast<c10::BFloat16*>(dst);
-      for (size_t i = 0; i < n; ++i) d[i] = c10::BFloat16(static_cast<float>(src[i]));
+      for (size_t i = 0; i < n; ++i)
+        d[i] = c10::BFloat16(static_cast<float>(src[i]));
       return;
     }
     case DType::kBool: {
@@ -123,8 +141,8 @@ absl::string_view DTypeName(DType dtype) { return Info(dtype).name; }
 size_t DTypeSize(DType dtype) { return Info(dtype).size; }
 
 bool IsFloatingPoint(DType dtype) {
-  return dtype == DType::kF64 || dtype == DType::kF32 ||
-         dtype == DType::kF16 || dtype == DType::kBF16;
+  return dtype == DType::kF64 || dtype == DType::kF32 || dtype == DType::kF16 ||
+         dtype == DType::kBF16;
 }
 
 void ConvertToFloat(DType dtype, const void* src, size_t count, float* dst) {

@@ -87,6 +87,16 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Clone() const {
   }));
   copy->input_shape_ = input_shape_;
   RETURN_IF_ERROR(copy->Init());
+  // deepcopy clones tensors that require grad through autograd; the copy's
+  // parameters must be leaves of their own.
+  RETURN_IF_ERROR(CallTorch("Model::Clone", [&]() -> absl::Status {
+    for (Impl::Slot& slot : copy->impl_->slots) {
+      torch::Tensor value = slot.owner.attr(slot.attribute).toTensor();
+      slot.owner.setattr(slot.attribute, value.detach().requires_grad_(
+                                             value.requires_grad()));
+    }
+    return absl::OkStatus();
+  }));
   return copy;
 }
 

@@ -259,7 +259,9 @@ JobSnapshot JobManager::SnapshotLocked(const Entry& entry) const {
   snapshot.record = entry.record;
   if (entry.record.state == JobState::kQueued) {
     auto it = std::find(queue_.begin(), queue_.end(), entry.record.id);
-    snapshot.queue_position = static_cast<int>(it - queue_.begin());
+    if (it != queue_.end()) {
+      snapshot.queue_position = static_cast<int>(it - queue_.begin());
+    }
   }
   return snapshot;
 }
@@ -292,7 +294,7 @@ void JobManager::Cancel(const std::string& tenant, const std::string& id,
     }
     entry = it->second;
     JobRecord& record = entry->record;
-    if (record.state == JobState::kRunning) {
+    if (record.state == JobState::kRunning || entry->starting) {
       // The worker notices at the job's next step and records the outcome.
       entry->cancel_requested = true;
     } else if (record.state == JobState::kQueued) {
@@ -425,7 +427,7 @@ bool JobManager::WorkAvailable() const {
 void JobManager::WorkerLoop() {
   for (;;) {
     std::shared_ptr<Entry> entry;
-    JobSnapshot snapshot;
+    JobRecord running;
     {
       absl::MutexLock lock(&mu_);
       mu_.Await(absl::Condition(this, &JobManager::WorkAvailable));
@@ -433,17 +435,25 @@ void JobManager::WorkerLoop() {
       entry = jobs_[queue_.front()];
       queue_.pop_front();
       ++busy_workers_;
-      JobRecord& record = entry->record;
-      record.state = JobState::kRunning;
-      ++record.attempts;
-      record.start_time_unix_ms = NowUnixMs();
-      record.progress = JobProgress{};
-      ++record.version;
-      snapshot = SnapshotLocked(*entry);
+      entry->starting = true;
+      running = entry->record;
     }
-    absl::Status written = journal_->Write(snapshot.record);
+    running.state = JobState::kRunning;
+    ++running.attempts;
+    running.start_time_unix_ms = NowUnixMs();
+    running.progress = JobProgress{};
+    ++running.version;
+    // Journal first: once a client sees "running", a restart knows it too.
+    absl::Status written = journal_->Write(running);
     if (!written.ok()) {
-      LogError("journal: ", snapshot.record.id, ": ", written.ToString());
+      LogError("journal: ", running.id, ": ", written.ToString());
+    }
+    JobSnapshot snapshot;
+    {
+      absl::MutexLock lock(&mu_);
+      entry->record = running;
+      entry->starting = false;
+      snapshot = SnapshotLocked(*entry);
     }
     Notify(snapshot);
     RunAttempt(entry);
@@ -487,7 +497,8 @@ void JobManager::RunAttempt(const std::shared_ptr<Entry>& entry) {
     uint64_t expected_bytes = 0;
     for (const ArtifactReference& ref : ReferencedArtifacts(spec)) {
       absl::StatusOr<ArtifactInfo> info = store_->Lookup(tenant, ref.digest);
-      if (info.ok()) expected_bytes = std::max(expected_bytes, info->size_bytes);
+      if (info.ok())
+        expected_bytes = std::max(expected_bytes, info->size_bytes);
     }
     ready = store_->CheckFreeDisk(expected_bytes, "the job's result");
   }

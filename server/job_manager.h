@@ -126,6 +126,8 @@ class JobManager {
   struct Entry {
     JobRecord record;  // guarded by JobManager::mu_
     std::atomic<bool> cancel_requested{false};
+    // Taken off the queue; "running" is being journaled. Guarded by mu_.
+    bool starting = false;
     absl::Time last_progress_notify;  // guarded by JobManager::mu_
   };
 

@@ -401,11 +401,16 @@ TEST_P(MergeTiesTest, MatchesReference) {
 }
 
 INSTANTIATE_TEST_SUITE_P(
-    ScopesAndModes, MergeTiesTest,
+    MergeTies, MergeTiesTest,
     ::testing::Values(TiesCase{TrimScope::kGlobal, DisjointMode::kMean},
                       TiesCase{TrimScope::kGlobal, DisjointMode::kSum},
                       TiesCase{TrimScope::kTensor, DisjointMode::kMean},
-                      TiesCase{TrimScope::kTensor, DisjointMode::kSum}));
+                      TiesCase{TrimScope::kTensor, DisjointMode::kSum}),
+    [](const ::testing::TestParamInfo<TiesCase>& info) {
+      return absl::StrCat(
+          info.param.scope == TrimScope::kGlobal ? "Global" : "Tensor",
+          info.param.disjoint == DisjointMode::kMean ? "Mean" : "Sum");
+    });
 
 TEST_F(MergeTest, TiesGlobalTrimDiffersFromTensorTrim) {
   // Scale one tensor's task vectors so a global threshold keeps mostly it.

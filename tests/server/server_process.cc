@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -131,6 +132,8 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(
   pid_t pid = ::fork();
   if (pid < 0) return absl::InternalError("fork failed");
   if (pid == 0) {
+    // The server dies with the test, even when the test crashes.
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
     int log = ::open(server->log_path_.c_str(),
                      O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
     if (log >= 0) {

@@ -386,6 +386,7 @@ TEST_F(ServiceTest, QuotaConcurrencyAndDiskLimitsAreResourceExhausted) {
   request.mutable_metadata()->set_size_bytes(100);
   request.mutable_metadata()->set_sha256(Sha256Hex(std::string(100, 'x')));
   ASSERT_TRUE(open_upload->Write(request));
+  absl::SleepFor(absl::Milliseconds(300));  // the server takes the slot
   absl::Status concurrent;
   for (int i = 0; i < 100; ++i) {
     concurrent =
