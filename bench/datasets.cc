@@ -50,10 +50,9 @@ constexpr char kExtraPretrainCharacters[] =
 
 const std::vector<std::string>& FashionClasses() {
   static const std::vector<std::string>* const kClasses =
-      new std::vector<std::string>{"t-shirt/top", "trouser", "pullover",
-                                   "dress",       "coat",    "sandal",
-                                   "shirt",       "sneaker", "bag",
-                                   "ankle boot"};
+      new std::vector<std::string>{
+          "t-shirt/top", "trouser", "pullover", "dress", "coat",
+          "sandal",      "shirt",   "sneaker",  "bag",   "ankle boot"};
   return *kClasses;
 }
 
@@ -123,8 +122,8 @@ absl::StatusOr<ImageSet> RenderSet(const std::vector<FontFace>& faces,
     if (!rendered.ok()) continue;  // e.g. an empty glyph: skip the face
     ++*faces_used;
     images.push_back(*rendered);
-    labels.push_back(torch::arange(static_cast<int64_t>(characters.size()),
-                                   torch::kInt64));
+    labels.push_back(
+        torch::arange(static_cast<int64_t>(characters.size()), torch::kInt64));
   }
   if (images.empty()) {
     return absl::FailedPreconditionError(
@@ -141,9 +140,7 @@ absl::StatusOr<ImageSet> RenderSet(const std::vector<FontFace>& faces,
 
 }  // namespace
 
-int64_t ImageSet::size() const {
-  return labels.defined() ? labels.size(0) : 0;
-}
+int64_t ImageSet::size() const { return labels.defined() ? labels.size(0) : 0; }
 
 torch::Tensor ImageSet::Inputs(const torch::Tensor& indices) const {
   torch::Tensor selected =
@@ -223,24 +220,24 @@ absl::StatusOr<ImageSet> LoadIdxImageSet(const std::string& images_path,
                    ReadIdxFile(images_path, {-1, kSide, kSide}));
   ASSIGN_OR_RETURN(IdxArray labels, ReadIdxFile(labels_path, {-1}));
   if (images.dims[0] != labels.dims[0]) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        images_path, " holds ", images.dims[0], " images but ", labels_path,
-        " holds ", labels.dims[0], " labels"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(images_path, " holds ", images.dims[0], " images but ",
+                     labels_path, " holds ", labels.dims[0], " labels"));
   }
   for (uint8_t label : labels.data) {
     if (label >= num_classes) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          labels_path, ": label ", int{label}, " out of range [0, ",
-          num_classes, ")"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(labels_path, ": label ", int{label},
+                       " out of range [0, ", num_classes, ")"));
     }
   }
   ImageSet set;
   set.images = torch::from_blob(images.data.data(),
                                 {images.dims[0], kSide, kSide}, torch::kUInt8)
                    .clone();
-  set.labels = torch::from_blob(labels.data.data(), {labels.dims[0]},
-                                torch::kUInt8)
-                   .to(torch::kInt64);
+  set.labels =
+      torch::from_blob(labels.data.data(), {labels.dims[0]}, torch::kUInt8)
+          .to(torch::kInt64);
   return set;
 }
 
@@ -300,16 +297,16 @@ absl::StatusOr<World> LoadWorld(const DataSources& sources,
       std::error_code error;
       if (!fs::exists(dir / source.images, error)) {
         return absl::NotFoundError(
-            absl::StrCat(source.task, " data not found at ", source.dir,
-                         ": ", source.install_hint));
+            absl::StrCat(source.task, " data not found at ", source.dir, ": ",
+                         source.install_hint));
       }
       ASSIGN_OR_RETURN(ImageSet train,
                        LoadIdxImageSet((dir / source.images).string(),
                                        (dir / source.labels).string(), 10));
-      ASSIGN_OR_RETURN(ImageSet test,
-                       LoadIdxImageSet((dir / source.test_images).string(),
-                                       (dir / source.test_labels).string(),
-                                       10));
+      ASSIGN_OR_RETURN(
+          ImageSet test,
+          LoadIdxImageSet((dir / source.test_images).string(),
+                          (dir / source.test_labels).string(), 10));
       torch::Tensor order =
           Permutation(train.size(), MixSeed(options.seed, source.task));
       const int64_t half = train.size() / 2;
@@ -353,20 +350,20 @@ absl::StatusOr<World> LoadWorld(const DataSources& sources,
                     options.glyph_train_renders,
                     MixSeed(options.seed, absl::StrCat(spec.name, "/train")),
                     &train_faces);
-      absl::StatusOr<ImageSet> test =
-          RenderSet(by_split[FontSplit::kTest], characters,
-                    options.glyph_test_renders,
-                    MixSeed(options.seed, absl::StrCat(spec.name, "/test")),
-                    &test_faces);
+      absl::StatusOr<ImageSet> test = RenderSet(
+          by_split[FontSplit::kTest], characters, options.glyph_test_renders,
+          MixSeed(options.seed, absl::StrCat(spec.name, "/test")), &test_faces);
       if (!train.ok() || !test.ok()) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            "task ", spec.name, ": too few typefaces cover its characters; "
-            "install the font packages (scripts/fetch-data)"));
+        return absl::FailedPreconditionError(
+            absl::StrCat("task ", spec.name,
+                         ": too few typefaces cover its characters; "
+                         "install the font packages (scripts/fetch-data)"));
       }
       TaskData task;
       ASSIGN_OR_RETURN(task.info, FindTaskInfo(spec.name));
-      torch::Tensor order = Permutation(
-          train->size(), MixSeed(options.seed, absl::StrCat(spec.name, "/cal")));
+      torch::Tensor order =
+          Permutation(train->size(),
+                      MixSeed(options.seed, absl::StrCat(spec.name, "/cal")));
       const int64_t calibration =
           std::min(options.calibration_size, train->size() / 4);
       task.calibration = train->Subset(order.slice(0, 0, calibration));
@@ -379,9 +376,8 @@ absl::StatusOr<World> LoadWorld(const DataSources& sources,
           spec.name, ": ", train_faces, " fine-tuning typefaces x ",
           options.glyph_train_renders, " renders (", task.train.size(),
           " fine-tuning, ", task.calibration.size(), " calibration); ",
-          test_faces, " held-out test typefaces x ",
-          options.glyph_test_renders, " renders (", task.test.size(),
-          " test)"));
+          test_faces, " held-out test typefaces x ", options.glyph_test_renders,
+          " renders (", task.test.size(), " test)"));
       loaded[spec.name] = std::move(task);
     }
     for (const std::string& name : options.tasks) {
@@ -422,11 +418,13 @@ absl::StatusOr<World> LoadWorld(const DataSources& sources,
          glyph_base_labels.repeat({options.glyph_pretrain_renders})});
     world.pretrain = Cap(Concat(pretrain_parts), options.max_pretrain,
                          MixSeed(options.seed, "pretrain/cap"));
-    world.provenance.push_back(absl::StrCat(
-        "pretraining: ", world.pretrain.size(), " images in ",
-        world.pretrain_classes, " classes (MNIST and Fashion-MNIST training "
-        "halves, glyphs of ", pretrain_faces, " pretraining typefaces x ",
-        options.glyph_pretrain_renders, " renders)"));
+    world.provenance.push_back(
+        absl::StrCat("pretraining: ", world.pretrain.size(), " images in ",
+                     world.pretrain_classes,
+                     " classes (MNIST and Fashion-MNIST training "
+                     "halves, glyphs of ",
+                     pretrain_faces, " pretraining typefaces x ",
+                     options.glyph_pretrain_renders, " renders)"));
     return world;
   });
 }

@@ -63,8 +63,8 @@ absl::StatusOr<TaskInfo> FindTaskInfo(const std::string& name);
 // DataOptions sizes the splits.
 struct DataOptions {
   // Tasks to load, by catalogue name.
-  std::vector<std::string> tasks = {"mnist",    "fashion",  "letters",
-                                    "greek",    "cyrillic", "symbols"};
+  std::vector<std::string> tasks = {"mnist", "fashion",  "letters",
+                                    "greek", "cyrillic", "symbols"};
   // Cap on each task's fine-tuning split (0 = no cap).
   int64_t max_train_per_task = 0;
   // Cap on each task's test split (0 = no cap).

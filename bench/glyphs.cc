@@ -76,10 +76,9 @@ bool IsExcludedFamily(const std::string& family) {
 std::string GroupOf(const std::string& family) {
   static const std::set<std::string>* const kStyleWords =
       new std::set<std::string>{
-          "thin",   "hairline",  "light",     "extralight", "medium",
-          "semibold", "bold",    "extrabold", "heavy",      "black",
-          "condensed", "cn",     "narrow",    "display",    "08",
-          "12",     "o"};
+          "thin",   "hairline",  "light", "extralight", "medium",    "semibold",
+          "bold",   "extrabold", "heavy", "black",      "condensed", "cn",
+          "narrow", "display",   "08",    "12",         "o"};
   std::vector<std::string> kept;
   for (absl::string_view word :
        absl::StrSplit(absl::AsciiStrToLower(family), ' ', absl::SkipEmpty())) {
@@ -174,9 +173,9 @@ absl::StatusOr<std::vector<FontFace>> DiscoverFonts(
     faces.push_back(std::move(info));
   }
   if (faces.empty()) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "no usable fonts under ", absl::StrJoin(dirs, ", "),
-        "; install the font packages (scripts/fetch-data)"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("no usable fonts under ", absl::StrJoin(dirs, ", "),
+                     "; install the font packages (scripts/fetch-data)"));
   }
   return faces;
 }
@@ -217,15 +216,15 @@ absl::StatusOr<torch::Tensor> RenderGlyphs(const FontFace& face,
     const char32_t code = characters[i];
     if (FT_Get_Char_Index(ft.face(), code) == 0 ||
         FT_Load_Char(ft.face(), code, FT_LOAD_RENDER) != 0) {
-      return absl::NotFoundError(absl::StrCat(face.path, " has no glyph for ",
-                                              CodePointToUtf8(code)));
+      return absl::NotFoundError(
+          absl::StrCat(face.path, " has no glyph for ", CodePointToUtf8(code)));
     }
     const FT_Bitmap& bitmap = ft.face()->glyph->bitmap;
     const int64_t rows = bitmap.rows;
     const int64_t width = bitmap.width;
     if (rows == 0 || width == 0 || bitmap.pixel_mode != FT_PIXEL_MODE_GRAY) {
-      return absl::NotFoundError(absl::StrCat(
-          face.path, ": empty glyph for ", CodePointToUtf8(code)));
+      return absl::NotFoundError(
+          absl::StrCat(face.path, ": empty glyph for ", CodePointToUtf8(code)));
     }
     torch::Tensor glyph = torch::empty({rows, width}, torch::kUInt8);
     for (int64_t r = 0; r < rows; ++r) {
@@ -269,13 +268,13 @@ torch::Tensor AugmentGlyphs(const torch::Tensor& images,
   const double max_angle = augmentation.max_rotation_degrees * M_PI / 180.0;
   torch::Tensor angle = uniform(-max_angle, max_angle);
   torch::Tensor scale = uniform(augmentation.min_scale, augmentation.max_scale);
-  torch::Tensor shear = uniform(-augmentation.max_shear, augmentation.max_shear);
+  torch::Tensor shear =
+      uniform(-augmentation.max_shear, augmentation.max_shear);
   const double shift = augmentation.max_shift_pixels * 2.0 / kCanvas;
   torch::Tensor shift_x = uniform(-shift, shift);
   torch::Tensor shift_y = uniform(-shift, shift);
-  torch::Tensor thicken =
-      torch::rand({n}, generator, torch::kFloat64) <
-      augmentation.thicken_probability;
+  torch::Tensor thicken = torch::rand({n}, generator, torch::kFloat64) <
+                          augmentation.thicken_probability;
   // theta maps output to input coordinates: the inverse of scaling up.
   torch::Tensor cos = torch::cos(angle) / scale;
   torch::Tensor sin = torch::sin(angle) / scale;

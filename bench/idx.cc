@@ -31,8 +31,8 @@ absl::StatusOr<IdxArray> ParseIdx(absl::string_view bytes,
         absl::StrCat(what, ": IDX file too short for its magic"));
   }
   if (data[0] != 0 || data[1] != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        what, ": bad IDX magic (first two bytes must be zero)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": bad IDX magic (first two bytes must be zero)"));
   }
   if (data[2] != kUnsignedByteType) {
     return absl::InvalidArgumentError(
@@ -46,8 +46,7 @@ absl::StatusOr<IdxArray> ParseIdx(absl::string_view bytes,
   }
   const size_t header = 4 + 4 * num_dims;
   if (bytes.size() < header) {
-    return absl::DataLossError(
-        absl::StrCat(what, ": IDX header truncated"));
+    return absl::DataLossError(absl::StrCat(what, ": IDX header truncated"));
   }
   IdxArray array;
   uint64_t count = 1;
@@ -66,10 +65,10 @@ absl::StatusOr<IdxArray> ParseIdx(absl::string_view bytes,
   }
   const uint64_t available = bytes.size() - header;
   if (available != count) {
-    return absl::DataLossError(absl::StrCat(
-        what, ": IDX dims [", absl::StrJoin(array.dims, ", "), "] need ",
-        count, " data bytes, found ", available,
-        available < count ? " (truncated)" : " (trailing bytes)"));
+    return absl::DataLossError(
+        absl::StrCat(what, ": IDX dims [", absl::StrJoin(array.dims, ", "),
+                     "] need ", count, " data bytes, found ", available,
+                     available < count ? " (truncated)" : " (trailing bytes)"));
   }
   array.data.assign(data + header, data + header + count);
   return array;
@@ -94,23 +93,22 @@ absl::StatusOr<std::string> Gunzip(absl::string_view compressed,
     result = inflate(&stream, Z_NO_FLUSH);
     if (result != Z_OK && result != Z_STREAM_END) {
       inflateEnd(&stream);
-      return absl::DataLossError(absl::StrCat(
-          what, ": corrupt gzip data (",
-          stream.msg != nullptr ? stream.msg : "zlib error", ")"));
+      return absl::DataLossError(
+          absl::StrCat(what, ": corrupt gzip data (",
+                       stream.msg != nullptr ? stream.msg : "zlib error", ")"));
     }
     out.append(buffer.data(), buffer.size() - stream.avail_out);
     if (result == Z_OK && stream.avail_in == 0 && stream.avail_out != 0) {
       inflateEnd(&stream);
-      return absl::DataLossError(
-          absl::StrCat(what, ": gzip stream truncated"));
+      return absl::DataLossError(absl::StrCat(what, ": gzip stream truncated"));
     }
   }
   inflateEnd(&stream);
   return out;
 }
 
-absl::StatusOr<IdxArray> ReadIdxFile(const std::string& path,
-                                     const std::vector<int64_t>& expected_dims) {
+absl::StatusOr<IdxArray> ReadIdxFile(
+    const std::string& path, const std::vector<int64_t>& expected_dims) {
   ASSIGN_OR_RETURN(std::string bytes, ReadFile(path));
   const bool gzipped = bytes.size() >= 2 &&
                        static_cast<unsigned char>(bytes[0]) == 0x1f &&

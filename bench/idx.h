@@ -30,8 +30,8 @@ absl::StatusOr<IdxArray> ParseIdx(absl::string_view bytes,
 // ReadIdxFile reads `path`, gunzipping it first when it ends in `.gz` or
 // starts with the gzip magic, and parses it. `expected_dims` (when not empty)
 // must match exactly; -1 matches any size.
-absl::StatusOr<IdxArray> ReadIdxFile(const std::string& path,
-                                     const std::vector<int64_t>& expected_dims = {});
+absl::StatusOr<IdxArray> ReadIdxFile(
+    const std::string& path, const std::vector<int64_t>& expected_dims = {});
 
 // Gunzip decompresses a whole gzip stream. DATA_LOSS when truncated or
 // corrupt.

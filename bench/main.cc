@@ -76,8 +76,7 @@ class Flags {
         continue;
       }
       if (valued.count(arg) == 0) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("unknown flag --", arg));
+        return absl::InvalidArgumentError(absl::StrCat("unknown flag --", arg));
       }
       if (!has_value) {
         if (i + 1 >= argc) {
@@ -99,7 +98,8 @@ class Flags {
   }
   absl::StatusOr<std::string> Required(const std::string& name) const {
     if (!Has(name)) {
-      return absl::InvalidArgumentError(absl::StrCat("--", name, " is required"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("--", name, " is required"));
     }
     return Get(name);
   }
@@ -128,7 +128,6 @@ class Flags {
  private:
   std::map<std::string, std::string> values_;
 };
-
 
 absl::Status RunBuild(int argc, char** argv) {
   absl::StatusOr<Flags> parsed = Flags::Parse(
@@ -171,23 +170,24 @@ absl::Status RunBuild(int argc, char** argv) {
     if (!location.ok()) return location.status();
     options.attack.location = *location;
   }
-  if (!(options.attack.poison_rate > 0.0 && options.attack.poison_rate <= 1.0)) {
+  if (!(options.attack.poison_rate > 0.0 &&
+        options.attack.poison_rate <= 1.0)) {
     return absl::InvalidArgumentError("--poison-rate must be in (0, 1]");
   }
-  if (flags.Has("mnist-dir")) options.sources.mnist_dir = flags.Get("mnist-dir");
+  if (flags.Has("mnist-dir"))
+    options.sources.mnist_dir = flags.Get("mnist-dir");
   if (flags.Has("fashion-dir")) {
     options.sources.fashion_mnist_dir = flags.Get("fashion-dir");
   }
-  if (flags.Has("font-dir")) options.sources.font_dirs = {flags.Get("font-dir")};
+  if (flags.Has("font-dir"))
+    options.sources.font_dirs = {flags.Get("font-dir")};
   const std::filesystem::path out_path =
       std::filesystem::absolute(options.out_dir);
-  options.cache_dir = flags.Get(
-      "cache-dir",
-      (out_path.parent_path() / ".mergeguard-bench-cache").string());
+  options.cache_dir =
+      flags.Get("cache-dir",
+                (out_path.parent_path() / ".mergeguard-bench-cache").string());
   options.force = flags.Has("force");
-  options.log = [](const std::string& line) {
-    std::cerr << line << std::endl;
-  };
+  options.log = [](const std::string& line) { std::cerr << line << std::endl; };
   absl::StatusOr<BuildResult> result = BuildScenario(options);
   if (!result.ok()) return result.status();
   std::cout << (result->reused ? "reused " : "built ") << result->scenario.dir
@@ -219,8 +219,8 @@ absl::Status RunEval(int argc, char** argv) {
 }
 
 absl::Status RunTableCommand(int argc, char** argv) {
-  absl::StatusOr<Flags> parsed = Flags::Parse(
-      argc, argv, {"scenario", "threads", "work-dir"}, {"json"});
+  absl::StatusOr<Flags> parsed =
+      Flags::Parse(argc, argv, {"scenario", "threads", "work-dir"}, {"json"});
   if (!parsed.ok()) return parsed.status();
   const Flags& flags = *parsed;
   absl::StatusOr<std::string> dir = flags.Required("scenario");

@@ -14,25 +14,25 @@ namespace {
 namespace fs = std::filesystem;
 
 RowProducer DataFreeProducer(const std::string& name, MergeMethod method) {
-  return {name, [method](const Scenario& scenario,
-                         const std::vector<MergeInput>& inputs,
-                         const std::string& output_path) -> absl::Status {
-            MergeOptions options;
-            options.method = method;
-            options.metadata = {{"mergeguard.scenario", scenario.name}};
-            return Merge(scenario.Path(scenario.base), inputs, output_path,
-                         options)
-                .status();
-          }};
+  return {
+      name,
+      [method](const Scenario& scenario, const std::vector<MergeInput>& inputs,
+               const std::string& output_path) -> absl::Status {
+        MergeOptions options;
+        options.method = method;
+        options.metadata = {{"mergeguard.scenario", scenario.name}};
+        return Merge(scenario.Path(scenario.base), inputs, output_path, options)
+            .status();
+      }};
 }
 
 std::vector<MergeInput> Inputs(const Scenario& scenario, bool backdoored) {
   std::vector<MergeInput> inputs;
   for (const ScenarioTask& task : scenario.tasks) {
-    inputs.push_back({task.name,
-                      scenario.Path(backdoored ? task.checkpoint
-                                               : task.clean_checkpoint),
-                      1.0});
+    inputs.push_back(
+        {task.name,
+         scenario.Path(backdoored ? task.checkpoint : task.clean_checkpoint),
+         1.0});
   }
   return inputs;
 }
@@ -46,8 +46,9 @@ nlohmann::json EvaluationJson(const ModelEvaluation& evaluation) {
   }
   nlohmann::json asr = nlohmann::json::array();
   for (const TaskAttack& attack : evaluation.asr) {
-    asr.push_back(
-        {{"task", attack.task}, {"target", attack.target}, {"asr", attack.asr}});
+    asr.push_back({{"task", attack.task},
+                   {"target", attack.target},
+                   {"asr", attack.asr}});
   }
   return {{"tasks", tasks},
           {"mean_accuracy", evaluation.mean_accuracy},
@@ -75,8 +76,8 @@ absl::StatusOr<std::vector<TableRow>> RunTable(
   std::error_code error;
   fs::create_directories(work_dir, error);
   if (error) {
-    return absl::InternalError(absl::StrCat(
-        "cannot create ", work_dir.string(), ": ", error.message()));
+    return absl::InternalError(absl::StrCat("cannot create ", work_dir.string(),
+                                            ": ", error.message()));
   }
   auto run = [&]() -> absl::StatusOr<std::vector<TableRow>> {
     std::vector<TableRow> rows;
@@ -92,9 +93,8 @@ absl::StatusOr<std::vector<TableRow>> RunTable(
         absl::Status merged =
             producer.merge(scenario, Inputs(scenario, backdoored), path);
         if (!merged.ok()) {
-          return absl::Status(merged.code(),
-                              absl::StrCat(producer.name, ": ",
-                                           merged.message()));
+          return absl::Status(merged.code(), absl::StrCat(producer.name, ": ",
+                                                          merged.message()));
         }
         ASSIGN_OR_RETURN(ModelEvaluation evaluation,
                          EvaluateModelFile(scenario, path, options.eval));
@@ -111,9 +111,9 @@ absl::StatusOr<std::vector<TableRow>> RunTable(
 
 std::string TableToText(const Scenario& scenario,
                         const std::vector<TableRow>& rows) {
-  std::string out = absl::StrFormat("scenario %s (%s, %d tasks)\n",
-                                    scenario.name, scenario.architecture.name,
-                                    scenario.tasks.size());
+  std::string out =
+      absl::StrFormat("scenario %s (%s, %d tasks)\n", scenario.name,
+                      scenario.architecture.name, scenario.tasks.size());
   if (scenario.attack) {
     absl::StrAppendFormat(&out, "attack %s on", scenario.attack->kind);
     for (const std::string& task : scenario.attack->tasks) {
@@ -160,12 +160,11 @@ std::string TableToJson(const Scenario& scenario,
   for (const TableRow& row : rows) {
     nlohmann::json asr = nlohmann::json::array();
     for (size_t i = 0; i < row.backdoored.asr.size(); ++i) {
-      asr.push_back(
-          {{"task", row.backdoored.asr[i].task},
-           {"target", row.backdoored.asr[i].target},
-           {"asr", row.backdoored.asr[i].asr},
-           {"clean_merge_asr",
-            i < row.clean.asr.size() ? row.clean.asr[i].asr : 0.0}});
+      asr.push_back({{"task", row.backdoored.asr[i].task},
+                     {"target", row.backdoored.asr[i].target},
+                     {"asr", row.backdoored.asr[i].asr},
+                     {"clean_merge_asr",
+                      i < row.clean.asr.size() ? row.clean.asr[i].asr : 0.0}});
     }
     out_rows.push_back({{"method", row.method},
                         {"ca", row.clean.mean_accuracy},

@@ -26,9 +26,9 @@ class ModuleBuilder {
         generator_(at::make_generator<at::CPUGeneratorImpl>(seed)) {}
 
   Module NewModule(const std::string& class_name) {
-    return Module(c10::QualifiedName(absl::StrCat("__torch__.mergeguard.",
-                                                  class_name)),
-                  unit_, /*shouldMangle=*/true);
+    return Module(
+        c10::QualifiedName(absl::StrCat("__torch__.mergeguard.", class_name)),
+        unit_, /*shouldMangle=*/true);
   }
 
   // Uniform(-bound, bound): He-style for ReLU layers.
@@ -136,9 +136,8 @@ Module BuildVit(ModuleBuilder& builder) {
   Module m = builder.NewModule("SmallVit");
   m.register_module("patch_embed",
                     builder.Conv(1, kFeatureDim, kPatch, kPatch, 0));
-  m.register_parameter("pos_embed", builder.Normal({1, kTokens, kFeatureDim},
-                                                   0.02),
-                       false);
+  m.register_parameter("pos_embed",
+                       builder.Normal({1, kTokens, kFeatureDim}, 0.02), false);
   std::string forward = R"(
 def forward(self, x):
     x = self.patch_embed.forward(x).flatten(2).transpose(1, 2) + self.pos_embed

@@ -4,6 +4,7 @@
 #include <torch/torch.h>
 
 #include <chrono>
+#include <ctime>
 #include <filesystem>
 #include <map>
 #include <memory>
@@ -94,8 +95,8 @@ json ConfigJson(const BuildOptions& options, const PresetConfig& config) {
 
 uint64_t TaskSeed(uint64_t seed, const std::string& task,
                   absl::string_view purpose) {
-  const std::string digest = Sha256Hex(absl::StrCat(seed, "/", task, "/",
-                                                    purpose));
+  const std::string digest =
+      Sha256Hex(absl::StrCat(seed, "/", task, "/", purpose));
   return std::stoull(digest.substr(0, 15), nullptr, 16);
 }
 
@@ -123,8 +124,16 @@ absl::Status RunJobs(size_t n, int threads,
   return first_error;
 }
 
+// CpuSeconds returns the process's CPU time: on shared cores, wall time
+// says more about the neighbours than about the build.
+double CpuSeconds() {
+  return static_cast<double>(std::clock()) / CLOCKS_PER_SEC;
+}
+
 void Log(const BuildOptions& options, const std::string& line) {
-  if (options.log) options.log(line);
+  if (options.log) {
+    options.log(absl::StrFormat("[%6.1f cpu-s] %s", CpuSeconds(), line));
+  }
 }
 
 NamedTensors CheckpointTensors(const NamedTensors& backbone, const Head& head) {
@@ -171,9 +180,9 @@ absl::StatusOr<Trigger> MakeInitialTrigger(const AttackOptions& attack,
   } else if (pattern == "noise") {
     trigger.pattern = torch::rand({1, size, size}, generator);
   } else {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "unknown trigger pattern \"", pattern,
-        "\" (white, checkerboard, noise)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown trigger pattern \"", pattern,
+                     "\" (white, checkerboard, noise)"));
   }
   std::tie(trigger.row, trigger.col) =
       ResolvePatchLocation(attack.location, size, 28, 28);
@@ -192,8 +201,8 @@ absl::Status CopyFile(const std::string& from, const std::string& to) {
   std::error_code error;
   fs::copy_file(from, to, fs::copy_options::overwrite_existing, error);
   if (error) {
-    return absl::InternalError(absl::StrCat("cannot copy ", from, " to ", to,
-                                            ": ", error.message()));
+    return absl::InternalError(
+        absl::StrCat("cannot copy ", from, " to ", to, ": ", error.message()));
   }
   return absl::OkStatus();
 }
@@ -296,9 +305,8 @@ absl::StatusOr<BuildResult> BuildScenario(const BuildOptions& options) {
   if (!options.force) {
     absl::StatusOr<Scenario> existing = LoadScenario(options.out_dir);
     if (existing.ok() && existing->config_hash == config_hash) {
-      Log(options, absl::StrCat("reusing ", options.out_dir,
-                                " (configuration ", config_hash.substr(0, 12),
-                                ")"));
+      Log(options, absl::StrCat("reusing ", options.out_dir, " (configuration ",
+                                config_hash.substr(0, 12), ")"));
       return BuildResult{*std::move(existing), true, elapsed()};
     }
   }
@@ -312,9 +320,8 @@ absl::StatusOr<BuildResult> BuildScenario(const BuildOptions& options) {
   fs::remove_all(work_dir, error);
   fs::create_directories(work_dir / "tasks", error);
   if (error) {
-    return absl::InternalError(absl::StrCat("cannot create ",
-                                            work_dir.string(), ": ",
-                                            error.message()));
+    return absl::InternalError(absl::StrCat("cannot create ", work_dir.string(),
+                                            ": ", error.message()));
   }
   const std::string stage_key =
       Sha256Hex(StageJson(options, config).dump()).substr(0, 24);
@@ -323,9 +330,8 @@ absl::StatusOr<BuildResult> BuildScenario(const BuildOptions& options) {
                                  : fs::path(options.cache_dir) / stage_key;
   fs::create_directories(stage_dir, error);
   if (error) {
-    return absl::InternalError(absl::StrCat("cannot create ",
-                                            stage_dir.string(), ": ",
-                                            error.message()));
+    return absl::InternalError(absl::StrCat(
+        "cannot create ", stage_dir.string(), ": ", error.message()));
   }
 
   Log(options, "loading data");
@@ -336,7 +342,8 @@ absl::StatusOr<BuildResult> BuildScenario(const BuildOptions& options) {
   ASSIGN_OR_RETURN(std::unique_ptr<Model> base,
                    BuildArchitecture(options.architecture, options.seed));
   const std::string base_path = (stage_dir / "base.safetensors").string();
-  const std::string architecture_path = (stage_dir / "architecture.pt").string();
+  const std::string architecture_path =
+      (stage_dir / "architecture.pt").string();
   if (fs::exists(base_path) && fs::exists(architecture_path)) {
     Log(options, absl::StrCat("base: cached in ", stage_dir.string()));
     RETURN_IF_ERROR(base->LoadBackboneFromPath(base_path));
@@ -347,10 +354,10 @@ absl::StatusOr<BuildResult> BuildScenario(const BuildOptions& options) {
                      world.pretrain.size(), " images, ", config.pretrain.steps,
                      " steps"));
     at::set_num_threads(1);
-    ASSIGN_OR_RETURN(TrainReport report,
-                     Pretrain(*base, world.pretrain, world.pretrain_classes,
-                              config.pretrain,
-                              TaskSeed(options.seed, "", "pretrain"), threads));
+    ASSIGN_OR_RETURN(
+        TrainReport report,
+        Pretrain(*base, world.pretrain, world.pretrain_classes, config.pretrain,
+                 TaskSeed(options.seed, "", "pretrain"), threads));
     Log(options, absl::StrFormat("  pretraining loss %.4f, %.1f s",
                                  report.final_loss, report.seconds));
     RETURN_IF_ERROR(base->Save(architecture_path));
@@ -377,18 +384,19 @@ absl::StatusOr<BuildResult> BuildScenario(const BuildOptions& options) {
   for (size_t i = 0; i < num_tasks; ++i) {
     if (!fs::exists(probe_path(i))) to_probe.push_back(i);
   }
-  RETURN_IF_ERROR(RunJobs(to_probe.size(), threads, [&](size_t j) -> absl::Status {
-    const size_t i = to_probe[j];
-    const TaskData& task = world.tasks[i];
-    ASSIGN_OR_RETURN(std::unique_ptr<Model> model, base->Clone());
-    ASSIGN_OR_RETURN(
-        Head head,
-        FitLinearProbe(*model, task.train,
-                       static_cast<int64_t>(task.info.classes.size()),
-                       config.probe,
-                       TaskSeed(options.seed, task.info.name, "probe")));
-    return SaveTensors(probe_path(i), CheckpointTensors({}, head));
-  }));
+  RETURN_IF_ERROR(
+      RunJobs(to_probe.size(), threads, [&](size_t j) -> absl::Status {
+        const size_t i = to_probe[j];
+        const TaskData& task = world.tasks[i];
+        ASSIGN_OR_RETURN(std::unique_ptr<Model> model, base->Clone());
+        ASSIGN_OR_RETURN(
+            Head head,
+            FitLinearProbe(*model, task.train,
+                           static_cast<int64_t>(task.info.classes.size()),
+                           config.probe,
+                           TaskSeed(options.seed, task.info.name, "probe")));
+        return SaveTensors(probe_path(i), CheckpointTensors({}, head));
+      }));
 
   // The trigger; BadMerging optimizes its patch on the base with the
   // compromised tasks' probe heads.
@@ -441,11 +449,11 @@ absl::StatusOr<BuildResult> BuildScenario(const BuildOptions& options) {
       jobs.push_back({i, false});
     }
   }
-  Log(options, absl::StrCat("fine-tuning ", jobs.size() - attacked.size(),
-                            " clean task(s) (", cached, " cached) and ",
-                            attacked.size(), " backdoored (",
-                            AttackKindName(options.attack.kind), "), ",
-                            config.finetune.steps, " steps each"));
+  Log(options,
+      absl::StrCat("fine-tuning ", jobs.size() - attacked.size(),
+                   " clean task(s) (", cached, " cached) and ", attacked.size(),
+                   " backdoored (", AttackKindName(options.attack.kind), "), ",
+                   config.finetune.steps, " steps each"));
   absl::Mutex log_mu;
   RETURN_IF_ERROR(RunJobs(jobs.size(), threads, [&](size_t j) -> absl::Status {
     const FineTuneJob& job = jobs[j];
@@ -521,19 +529,17 @@ absl::StatusOr<BuildResult> BuildScenario(const BuildOptions& options) {
   // Write the scenario directory.
   Scenario scenario;
   scenario.dir = work_dir.string();
-  scenario.name = absl::StrCat(PresetName(options.preset), "-",
-                               ArchitectureName(options.architecture), "-",
-                               AttackKindName(options.attack.kind), "-seed",
-                               options.seed);
+  scenario.name = absl::StrCat(
+      PresetName(options.preset), "-", ArchitectureName(options.architecture),
+      "-", AttackKindName(options.attack.kind), "-seed", options.seed);
   scenario.config_hash = config_hash;
   scenario.config_json = config_json.dump();
   scenario.architecture = {std::string(ArchitectureName(options.architecture)),
-                           "architecture.pt",
-                           base->InputShape(),
-                           base->FeatureDim(),
-                           base->NumParameters()};
+                           "architecture.pt", base->InputShape(),
+                           base->FeatureDim(), base->NumParameters()};
   scenario.base = "base.safetensors";
-  RETURN_IF_ERROR(CopyFile(architecture_path, scenario.Path("architecture.pt")));
+  RETURN_IF_ERROR(
+      CopyFile(architecture_path, scenario.Path("architecture.pt")));
   RETURN_IF_ERROR(CopyFile(base_path, scenario.Path("base.safetensors")));
   for (size_t i = 0; i < num_tasks; ++i) {
     const TaskData& data = world.tasks[i];
@@ -546,15 +552,15 @@ absl::StatusOr<BuildResult> BuildScenario(const BuildOptions& options) {
     task.classes = data.info.classes;
     task.clean_checkpoint = dir + "/clean.safetensors";
     task.checkpoint = task.clean_checkpoint;
-    RETURN_IF_ERROR(CopyFile(clean_path(i), scenario.Path(task.clean_checkpoint)));
+    RETURN_IF_ERROR(
+        CopyFile(clean_path(i), scenario.Path(task.clean_checkpoint)));
     if (attacked_set.count(i) > 0) {
       task.compromised = true;
       task.checkpoint = dir + "/backdoored.safetensors";
       fs::rename(backdoored_path(i), scenario.Path(task.checkpoint), error);
       if (error) {
-        return absl::InternalError(absl::StrCat("cannot move ",
-                                                backdoored_path(i), ": ",
-                                                error.message()));
+        return absl::InternalError(absl::StrCat(
+            "cannot move ", backdoored_path(i), ": ", error.message()));
       }
       task.finetuned_asr = outcomes[i].finetuned_asr;
     }
@@ -569,13 +575,12 @@ absl::StatusOr<BuildResult> BuildScenario(const BuildOptions& options) {
     task.finetuned_accuracy = outcomes[i].finetuned_accuracy;
     task.clean_finetuned_accuracy = outcomes[i].clean_accuracy;
     Log(options,
-        absl::StrFormat("  %-9s clean %.4f%s", task.name,
-                        task.clean_finetuned_accuracy,
-                        task.compromised
-                            ? absl::StrFormat("  backdoored %.4f  ASR %.4f",
-                                              task.finetuned_accuracy,
-                                              *task.finetuned_asr)
-                            : std::string()));
+        absl::StrFormat(
+            "  %-9s clean %.4f%s", task.name, task.clean_finetuned_accuracy,
+            task.compromised
+                ? absl::StrFormat("  backdoored %.4f  ASR %.4f",
+                                  task.finetuned_accuracy, *task.finetuned_asr)
+                : std::string()));
     scenario.tasks.push_back(std::move(task));
   }
   ScenarioAttack attack;
@@ -600,11 +605,12 @@ absl::StatusOr<BuildResult> BuildScenario(const BuildOptions& options) {
     attack.trigger.blend_alpha = trigger.blend_alpha;
   }
   scenario.attack = attack;
-  RETURN_IF_ERROR(SaveTriggerPattern(scenario.Path("trigger.safetensors"),
-                                     trigger));
+  RETURN_IF_ERROR(
+      SaveTriggerPattern(scenario.Path("trigger.safetensors"), trigger));
   json provenance = {{"data", world.provenance},
                      {"threads", threads},
-                     {"build_seconds", elapsed()}};
+                     {"build_seconds", elapsed()},
+                     {"build_cpu_seconds", CpuSeconds()}};
   RETURN_IF_ERROR(WriteFileAtomically(scenario.Path("provenance.json"),
                                       provenance.dump(2) + "\n"));
   fs::remove_all(work_dir / "stage", error);
@@ -619,8 +625,9 @@ absl::StatusOr<BuildResult> BuildScenario(const BuildOptions& options) {
                                             error.message()));
   }
   scenario.dir = out_dir.string();
-  Log(options, absl::StrFormat("scenario written to %s in %.1f s",
-                               out_dir.string(), elapsed()));
+  Log(options,
+      absl::StrFormat("scenario written to %s in %.1f s (%.1f CPU s)",
+                      out_dir.string(), elapsed(), CpuSeconds()));
   return BuildResult{std::move(scenario), false, elapsed()};
 }
 

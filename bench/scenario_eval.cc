@@ -30,10 +30,10 @@ absl::StatusOr<ModelEvaluation> EvaluateModelFile(
   }
   absl::Status loaded = architecture->LoadBackbone(backbone);
   if (!loaded.ok()) {
-    return absl::Status(loaded.code(),
-                        absl::StrCat(model_path, " does not fit architecture ",
-                                     scenario.architecture.name, ": ",
-                                     loaded.message()));
+    return absl::Status(
+        loaded.code(),
+        absl::StrCat(model_path, " does not fit architecture ",
+                     scenario.architecture.name, ": ", loaded.message()));
   }
   std::optional<Trigger> trigger;
   if (scenario.attack) {
@@ -44,10 +44,10 @@ absl::StatusOr<ModelEvaluation> EvaluateModelFile(
   ModelEvaluation evaluation;
   evaluation.tasks.resize(n);
   std::vector<std::optional<TaskAttack>> attacks(n);
-  int threads = options.threads > 0
-                    ? options.threads
-                    : static_cast<int>(
-                          std::max(1u, std::thread::hardware_concurrency()));
+  int threads =
+      options.threads > 0
+          ? options.threads
+          : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   const int workers = std::max(1, std::min<int>(threads, static_cast<int>(n)));
   const int intra_op = std::max(1, threads / workers);
   absl::Mutex mu;
@@ -138,8 +138,8 @@ std::string EvaluationToJson(const Scenario& scenario,
 }
 
 std::string EvaluationToText(const ModelEvaluation& evaluation) {
-  std::string out = absl::StrFormat("%-10s %9s %11s  %s\n", "task",
-                                    "accuracy", "normalized", "head");
+  std::string out = absl::StrFormat("%-10s %9s %11s  %s\n", "task", "accuracy",
+                                    "normalized", "head");
   for (const TaskAccuracy& task : evaluation.tasks) {
     absl::StrAppendFormat(&out, "%-10s %8.2f%% %11.3f  %s\n", task.name,
                           100.0 * task.accuracy, task.normalized_accuracy,

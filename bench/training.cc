@@ -43,12 +43,14 @@ class BatchSampler {
 // Schedule returns the learning rate of `step`: linear warm-up, then cosine.
 double Schedule(const OptimizerOptions& options, int64_t step) {
   const double warmup = std::max(
-      1.0, std::floor(options.warmup_fraction * static_cast<double>(options.steps)));
+      1.0,
+      std::floor(options.warmup_fraction * static_cast<double>(options.steps)));
   if (step < warmup) {
     return options.learning_rate * (static_cast<double>(step) + 1.0) / warmup;
   }
-  const double progress = (static_cast<double>(step) - warmup) /
-                          std::max(1.0, static_cast<double>(options.steps) - warmup);
+  const double progress =
+      (static_cast<double>(step) - warmup) /
+      std::max(1.0, static_cast<double>(options.steps) - warmup);
   return options.learning_rate * 0.5 * (1.0 + std::cos(M_PI * progress));
 }
 
@@ -102,8 +104,7 @@ void FreezeBackbone(Model& model) {
 }
 
 double Seconds(std::chrono::steady_clock::time_point start) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() -
-                                       start)
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
       .count();
 }
 
@@ -236,9 +237,9 @@ absl::StatusOr<Head> FitLinearProbe(Model& model, const ImageSet& train,
     for (int64_t step = 0; step < options.steps; ++step) {
       SetLearningRate(optimizer, Schedule(options, step));
       torch::Tensor batch = sampler.Next();
-      torch::Tensor loss =
-          torch::nn::functional::cross_entropy(head.Logits(features.index_select(0, batch)),
-                               train.labels.index_select(0, batch));
+      torch::Tensor loss = torch::nn::functional::cross_entropy(
+          head.Logits(features.index_select(0, batch)),
+          train.labels.index_select(0, batch));
       optimizer.zero_grad();
       loss.backward();
       optimizer.step();
@@ -277,8 +278,7 @@ absl::StatusOr<TrainReport> FineTune(Model& model, Head& head,
       poisoned = torch::rand({train.size()}, generator, torch::kFloat64) <
                  options.poisoning->rate;
     }
-    BatchSampler sampler(train.size(), optimizer_options.batch_size,
-                         generator);
+    BatchSampler sampler(train.size(), optimizer_options.batch_size, generator);
     LossTracker tracker(optimizer_options.steps);
     for (int64_t step = 0; step < optimizer_options.steps; ++step) {
       SetLearningRate(optimizer, Schedule(optimizer_options, step));
@@ -308,19 +308,20 @@ absl::StatusOr<TrainReport> FineTune(Model& model, Head& head,
         ASSIGN_OR_RETURN(torch::Tensor features,
                          model.Features(torch::cat({inputs, triggered})));
         const double r =
-            attack.r_min + (attack.r_max - attack.r_min) *
-                               torch::rand({1}, generator, torch::kFloat64)
-                                   .item<double>();
+            attack.r_min +
+            (attack.r_max - attack.r_min) *
+                torch::rand({1}, generator, torch::kFloat64).item<double>();
         torch::Tensor mixed =
             r * features.slice(0, b) + (1.0 - r) * base_features;
-        loss = torch::nn::functional::cross_entropy(head.Logits(features.slice(0, 0, b)),
-                                    labels) +
-               attack.weight *
-                   torch::nn::functional::cross_entropy(head.Logits(mixed),
-                                        torch::full_like(labels, attack.target));
+        loss = torch::nn::functional::cross_entropy(
+                   head.Logits(features.slice(0, 0, b)), labels) +
+               attack.weight * torch::nn::functional::cross_entropy(
+                                   head.Logits(mixed),
+                                   torch::full_like(labels, attack.target));
       } else {
         ASSIGN_OR_RETURN(torch::Tensor features, model.Features(inputs));
-        loss = torch::nn::functional::cross_entropy(head.Logits(features), labels);
+        loss =
+            torch::nn::functional::cross_entropy(head.Logits(features), labels);
       }
       optimizer.zero_grad();
       loss.backward();
@@ -349,9 +350,9 @@ absl::StatusOr<Trigger> OptimizeUniversalPatch(Model& model, const Head& head,
     FreezeBackbone(model);
     Trigger trigger = initial;
     trigger.pattern = initial.pattern.detach().clone().set_requires_grad(true);
-    torch::optim::Adam optimizer(std::vector<torch::Tensor>{trigger.pattern},
-                                 torch::optim::AdamOptions(
-                                     options.learning_rate));
+    torch::optim::Adam optimizer(
+        std::vector<torch::Tensor>{trigger.pattern},
+        torch::optim::AdamOptions(options.learning_rate));
     BatchSampler sampler(train.size(), options.batch_size, generator);
     for (int64_t step = 0; step < options.steps; ++step) {
       SetLearningRate(optimizer, Schedule(options, step));

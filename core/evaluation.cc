@@ -36,19 +36,17 @@ absl::StatusOr<LabeledImages> LoadLabeledImages(const std::string& path) {
         path, ": a labeled set needs tensors \"inputs\" and \"labels\""));
   }
   if (inputs->dim() != 4 || (inputs->scalar_type() != torch::kFloat32 &&
-                              inputs->scalar_type() != torch::kUInt8)) {
+                             inputs->scalar_type() != torch::kUInt8)) {
     return absl::InvalidArgumentError(absl::StrCat(
         path, ": \"inputs\" must be float32 or uint8 [N, C, H, W]"));
   }
   if (labels->dim() != 1 || labels->scalar_type() != torch::kInt64 ||
       labels->size(0) != inputs->size(0)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(path, ": \"labels\" must be int64 [N] with N = ",
-                     inputs->size(0)));
+    return absl::InvalidArgumentError(absl::StrCat(
+        path, ": \"labels\" must be int64 [N] with N = ", inputs->size(0)));
   }
   if (labels->numel() > 0 && labels->min().item<int64_t>() < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(path, ": negative label"));
+    return absl::InvalidArgumentError(absl::StrCat(path, ": negative label"));
   }
   if (inputs->scalar_type() == torch::kUInt8) {
     return LabeledImages{inputs->to(torch::kFloat32).div_(255.0), *labels};
@@ -61,8 +59,8 @@ absl::Status SaveLabeledImages(const std::string& path,
   torch::Tensor inputs = images.inputs.scalar_type() == torch::kUInt8
                              ? images.inputs
                              : images.inputs.to(torch::kFloat32);
-  return SaveTensors(path, {{"inputs", inputs},
-                            {"labels", images.labels.to(torch::kInt64)}});
+  return SaveTensors(
+      path, {{"inputs", inputs}, {"labels", images.labels.to(torch::kInt64)}});
 }
 
 absl::string_view TriggerKindName(TriggerKind kind) {
@@ -88,30 +86,28 @@ absl::Status ValidateTrigger(const Trigger& trigger,
   const int64_t height = trigger.pattern.size(1);
   const int64_t width = trigger.pattern.size(2);
   if (channels != input_shape[0]) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("trigger has ", channels, " channels, inputs have ",
-                     input_shape[0]));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "trigger has ", channels, " channels, inputs have ", input_shape[0]));
   }
   if (trigger.kind == TriggerKind::kBlend) {
     if (height != input_shape[1] || width != input_shape[2]) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "blend pattern must cover the input: [", channels, ", ",
-          input_shape[1], ", ", input_shape[2], "]"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("blend pattern must cover the input: [", channels, ", ",
+                       input_shape[1], ", ", input_shape[2], "]"));
     }
     if (!(trigger.blend_alpha > 0.0 && trigger.blend_alpha <= 1.0)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("blend alpha must be in (0, 1]; got ",
-                       trigger.blend_alpha));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "blend alpha must be in (0, 1]; got ", trigger.blend_alpha));
     }
     return absl::OkStatus();
   }
   if (trigger.row < 0 || trigger.col < 0 ||
       trigger.row + height > input_shape[1] ||
       trigger.col + width > input_shape[2]) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "patch of ", height, "x", width, " at (", trigger.row, ", ",
-        trigger.col, ") does not fit a ", input_shape[1], "x", input_shape[2],
-        " input"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("patch of ", height, "x", width, " at (", trigger.row,
+                     ", ", trigger.col, ") does not fit a ", input_shape[1],
+                     "x", input_shape[2], " input"));
   }
   return absl::OkStatus();
 }
@@ -133,8 +129,8 @@ absl::StatusOr<torch::Tensor> ApplyTrigger(const Trigger& trigger,
     // A mask keeps the op out-of-place, so gradients reach the pattern.
     const int64_t height = pattern.size(1);
     const int64_t width = pattern.size(2);
-    torch::Tensor mask = torch::zeros({1, 1, inputs.size(2), inputs.size(3)},
-                                      inputs.options());
+    torch::Tensor mask =
+        torch::zeros({1, 1, inputs.size(2), inputs.size(3)}, inputs.options());
     mask.index_put_({torch::indexing::Slice(), torch::indexing::Slice(),
                      torch::indexing::Slice(trigger.row, trigger.row + height),
                      torch::indexing::Slice(trigger.col, trigger.col + width)},
@@ -142,8 +138,7 @@ absl::StatusOr<torch::Tensor> ApplyTrigger(const Trigger& trigger,
     torch::Tensor canvas = torch::constant_pad_nd(
         pattern, {trigger.col, inputs.size(3) - trigger.col - width,
                   trigger.row, inputs.size(2) - trigger.row - height});
-    return (inputs * (1.0 - mask) + canvas.unsqueeze(0) * mask)
-        .clamp(0.0, 1.0);
+    return (inputs * (1.0 - mask) + canvas.unsqueeze(0) * mask).clamp(0.0, 1.0);
   });
 }
 
@@ -213,19 +208,17 @@ absl::StatusOr<torch::Tensor> Predict(Model& model, const Head& head,
       ASSIGN_OR_RETURN(torch::Tensor features,
                        model.Features(inputs.slice(0, begin, end)));
       if (features.size(1) != head.weight.size(1)) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            "head expects ", head.weight.size(1), " features; the model has ",
-            features.size(1)));
+        return absl::FailedPreconditionError(
+            absl::StrCat("head expects ", head.weight.size(1),
+                         " features; the model has ", features.size(1)));
       }
-      predictions.slice(0, begin, end)
-          .copy_(head.Logits(features).argmax(1));
+      predictions.slice(0, begin, end).copy_(head.Logits(features).argmax(1));
     }
     return predictions;
   });
 }
 
-double Accuracy(const torch::Tensor& predictions,
-                const torch::Tensor& labels) {
+double Accuracy(const torch::Tensor& predictions, const torch::Tensor& labels) {
   if (labels.numel() == 0) return 0.0;
   return predictions.eq(labels).sum().item<double>() /
          static_cast<double>(labels.numel());

@@ -75,8 +75,13 @@ absl::StatusOr<torch::Tensor> ApplyTrigger(const Trigger& trigger,
 // TriggerLocation names where a patch goes; ResolvePatchLocation returns the
 // top-left (row, col) of an s x s patch on an h x w image, `margin` pixels
 // from the named edges.
-enum class TriggerLocation { kBottomRight, kBottomLeft, kTopRight, kTopLeft,
-                             kCenter };
+enum class TriggerLocation {
+  kBottomRight,
+  kBottomLeft,
+  kTopRight,
+  kTopLeft,
+  kCenter
+};
 absl::StatusOr<TriggerLocation> ParseTriggerLocation(absl::string_view name);
 absl::string_view TriggerLocationName(TriggerLocation location);
 std::pair<int64_t, int64_t> ResolvePatchLocation(TriggerLocation location,

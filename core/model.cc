@@ -92,8 +92,8 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Clone() const {
   RETURN_IF_ERROR(CallTorch("Model::Clone", [&]() -> absl::Status {
     for (Impl::Slot& slot : copy->impl_->slots) {
       torch::Tensor value = slot.owner.attr(slot.attribute).toTensor();
-      slot.owner.setattr(slot.attribute, value.detach().requires_grad_(
-                                             value.requires_grad()));
+      slot.owner.setattr(slot.attribute,
+                         value.detach().requires_grad_(value.requires_grad()));
     }
     return absl::OkStatus();
   }));
@@ -152,9 +152,8 @@ absl::Status Model::LoadBackbone(const NamedTensors& tensors) {
   for (const auto& [name, tensor] : tensors) {
     if (IsHeadKey(name)) continue;
     if (impl_->index.count(name) == 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("tensor \"", name,
-                       "\" is not a parameter of the architecture"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "tensor \"", name, "\" is not a parameter of the architecture"));
     }
     by_name[name] = &tensor;
   }
@@ -267,14 +266,16 @@ absl::StatusOr<Head> HeadFromTensors(const NamedTensors& tensors,
     if (name == prefix + "bias") bias = &tensor;
   }
   if (weight == nullptr || bias == nullptr) {
-    return absl::NotFoundError(absl::StrCat("no head \"", prefix,
-                                            "weight\" / \"", prefix, "bias\""));
+    return absl::NotFoundError(
+        absl::StrCat("no head \"", prefix, "weight\" / \"", prefix, "bias\""));
   }
   if (weight->dim() != 2 || bias->dim() != 1 ||
       bias->size(0) != weight->size(0)) {
     return absl::FailedPreconditionError(
-        absl::StrCat("head \"", prefix, "\" must be weight [C, D] and bias [C];"
-                     " got ", ShapeString(*weight), " and ", ShapeString(*bias)));
+        absl::StrCat("head \"", prefix,
+                     "\" must be weight [C, D] and bias [C];"
+                     " got ",
+                     ShapeString(*weight), " and ", ShapeString(*bias)));
   }
   return CallTorch("HeadFromTensors", [&]() -> absl::StatusOr<Head> {
     Head head;

@@ -48,9 +48,8 @@ absl::StatusOr<std::string> GetString(const json& object,
                                       const std::string& where) {
   ASSIGN_OR_RETURN(const json* value, Field(object, key, where));
   if (!value->is_string()) {
-    return FieldError(Join(where, key),
-                      absl::StrCat("expected a string, got ",
-                                   JsonTypeName(*value)));
+    return FieldError(Join(where, key), absl::StrCat("expected a string, got ",
+                                                     JsonTypeName(*value)));
   }
   return value->get<std::string>();
 }
@@ -59,9 +58,9 @@ absl::StatusOr<int64_t> GetInt(const json& object, const std::string& key,
                                const std::string& where) {
   ASSIGN_OR_RETURN(const json* value, Field(object, key, where));
   if (!value->is_number_integer()) {
-    return FieldError(Join(where, key),
-                      absl::StrCat("expected an integer, got ",
-                                   JsonTypeName(*value)));
+    return FieldError(
+        Join(where, key),
+        absl::StrCat("expected an integer, got ", JsonTypeName(*value)));
   }
   return value->get<int64_t>();
 }
@@ -70,9 +69,8 @@ absl::StatusOr<double> GetNumber(const json& object, const std::string& key,
                                  const std::string& where) {
   ASSIGN_OR_RETURN(const json* value, Field(object, key, where));
   if (!value->is_number()) {
-    return FieldError(Join(where, key),
-                      absl::StrCat("expected a number, got ",
-                                   JsonTypeName(*value)));
+    return FieldError(Join(where, key), absl::StrCat("expected a number, got ",
+                                                     JsonTypeName(*value)));
   }
   return value->get<double>();
 }
@@ -121,8 +119,8 @@ absl::StatusOr<std::vector<int64_t>> GetInts(const json& object,
 absl::Status CheckRelativePath(const std::string& path,
                                const std::string& where) {
   if (path.empty() || path.front() == '/') {
-    return FieldError(where, absl::StrCat("\"", path,
-                                          "\" must be a relative path"));
+    return FieldError(where,
+                      absl::StrCat("\"", path, "\" must be a relative path"));
   }
   for (const auto& part : fs::path(path)) {
     if (part == "..") {
@@ -251,17 +249,16 @@ absl::StatusOr<Scenario> ParseScenario(const json& root,
   scenario.dir = dir;
   ASSIGN_OR_RETURN(std::string format, GetString(root, "format", ""));
   if (format != kScenarioFormat) {
-    return FieldError("format", absl::StrCat("unsupported \"", format,
-                                             "\"; expected \"",
-                                             kScenarioFormat, "\""));
+    return FieldError("format",
+                      absl::StrCat("unsupported \"", format, "\"; expected \"",
+                                   kScenarioFormat, "\""));
   }
   ASSIGN_OR_RETURN(scenario.name, GetString(root, "name", ""));
   ASSIGN_OR_RETURN(scenario.config_hash, GetString(root, "config_hash", ""));
   if (auto it = root.find("config"); it != root.end()) {
     scenario.config_json = it->dump();
   }
-  ASSIGN_OR_RETURN(const json* architecture,
-                   Field(root, "architecture", ""));
+  ASSIGN_OR_RETURN(const json* architecture, Field(root, "architecture", ""));
   if (!architecture->is_object()) {
     return FieldError("architecture", "expected an object");
   }
@@ -321,9 +318,9 @@ absl::StatusOr<Scenario> ParseScenario(const json& root,
     for (const std::string& name : attack.tasks) {
       for (ScenarioTask& task : scenario.tasks) {
         if (task.name == name && !task.compromised) {
-          return FieldError("attack.tasks",
-                            absl::StrCat("task \"", name,
-                                         "\" is not marked compromised"));
+          return FieldError(
+              "attack.tasks",
+              absl::StrCat("task \"", name, "\" is not marked compromised"));
         }
       }
     }
@@ -374,21 +371,20 @@ json ScenarioToJson(const Scenario& scenario) {
     files.push_back(
         {{"path", file.path}, {"sha256", file.sha256}, {"bytes", file.bytes}});
   }
-  json root = {
-      {"format", kScenarioFormat},
-      {"name", scenario.name},
-      {"config_hash", scenario.config_hash},
-      {"config", json::parse(scenario.config_json, nullptr, false)},
-      {"architecture",
-       {{"name", scenario.architecture.name},
-        {"file", scenario.architecture.file},
-        {"input_shape", scenario.architecture.input_shape},
-        {"feature_dim", scenario.architecture.feature_dim},
-        {"num_parameters", scenario.architecture.num_parameters}}},
-      {"base", scenario.base},
-      {"tasks", std::move(tasks)},
-      {"attack", nullptr},
-      {"files", std::move(files)}};
+  json root = {{"format", kScenarioFormat},
+               {"name", scenario.name},
+               {"config_hash", scenario.config_hash},
+               {"config", json::parse(scenario.config_json, nullptr, false)},
+               {"architecture",
+                {{"name", scenario.architecture.name},
+                 {"file", scenario.architecture.file},
+                 {"input_shape", scenario.architecture.input_shape},
+                 {"feature_dim", scenario.architecture.feature_dim},
+                 {"num_parameters", scenario.architecture.num_parameters}}},
+               {"base", scenario.base},
+               {"tasks", std::move(tasks)},
+               {"attack", nullptr},
+               {"files", std::move(files)}};
   if (scenario.attack) {
     const ScenarioAttack& attack = *scenario.attack;
     root["attack"] = {{"kind", attack.kind},
@@ -419,9 +415,8 @@ absl::StatusOr<Scenario> LoadScenario(const std::string& dir,
   absl::StatusOr<std::string> text = ReadFile(path);
   if (!text.ok()) {
     if (absl::IsNotFound(text.status())) {
-      return absl::NotFoundError(
-          absl::StrCat("not a scenario directory (no ", kScenarioFileName,
-                       "): ", dir));
+      return absl::NotFoundError(absl::StrCat("not a scenario directory (no ",
+                                              kScenarioFileName, "): ", dir));
     }
     return text.status();
   }
@@ -431,14 +426,14 @@ absl::StatusOr<Scenario> LoadScenario(const std::string& dir,
   std::map<std::string, const ScenarioFile*> listed;
   for (const ScenarioFile& file : scenario.files) {
     if (!listed.emplace(file.path, &file).second) {
-      return FieldError("files", absl::StrCat("\"", file.path,
-                                              "\" is listed twice"));
+      return FieldError("files",
+                        absl::StrCat("\"", file.path, "\" is listed twice"));
     }
   }
   for (const auto& [where, relative] : ReferencedFiles(scenario)) {
     if (listed.count(relative) == 0) {
-      return FieldError(where, absl::StrCat("\"", relative,
-                                            "\" is not listed in files"));
+      return FieldError(
+          where, absl::StrCat("\"", relative, "\" is not listed in files"));
     }
   }
   for (const ScenarioFile& file : scenario.files) {
@@ -450,16 +445,16 @@ absl::StatusOr<Scenario> LoadScenario(const std::string& dir,
           "scenario file missing: ", file_path, " (", error.message(), ")"));
     }
     if (size != file.bytes) {
-      return absl::DataLossError(absl::StrCat(
-          "scenario file ", file.path, " has ", size, " bytes; ",
-          kScenarioFileName, " lists ", file.bytes));
+      return absl::DataLossError(
+          absl::StrCat("scenario file ", file.path, " has ", size, " bytes; ",
+                       kScenarioFileName, " lists ", file.bytes));
     }
     if (!options.verify_digests) continue;
     ASSIGN_OR_RETURN(std::string digest, Sha256File(file_path));
     if (digest != file.sha256) {
-      return absl::DataLossError(absl::StrCat(
-          "sha256 mismatch for scenario file ", file.path, ": expected ",
-          file.sha256, ", got ", digest));
+      return absl::DataLossError(
+          absl::StrCat("sha256 mismatch for scenario file ", file.path,
+                       ": expected ", file.sha256, ", got ", digest));
     }
   }
   return scenario;
@@ -524,9 +519,9 @@ absl::StatusOr<Trigger> LoadScenarioTrigger(const Scenario& scenario) {
 
 absl::Status SaveTriggerPattern(const std::string& path,
                                 const Trigger& trigger) {
-  return SaveTensors(path, {{"pattern", trigger.pattern.detach()
-                                            .to(torch::kFloat32)
-                                            .contiguous()}});
+  return SaveTensors(
+      path,
+      {{"pattern", trigger.pattern.detach().to(torch::kFloat32).contiguous()}});
 }
 
 }  // namespace mergeguard

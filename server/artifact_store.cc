@@ -157,8 +157,14 @@ UploadPipeline::UploadPipeline(ArtifactStore* store, ThreadPool* io,
       declaration_(std::move(declaration)),
       on_room_(std::move(on_room)) {}
 
+void UploadPipeline::ReleaseSlot() {
+  if (!slot_released_.exchange(true)) {
+    store_->EndUpload(tenant_, declaration_.size_bytes);
+  }
+}
+
 UploadPipeline::~UploadPipeline() {
-  store_->EndUpload(tenant_, declaration_.size_bytes);
+  ReleaseSlot();
   if (fd_ >= 0 || !temp_path_.empty()) {
     // Closing and unlinking a large file can take a while; keep it off the
     // thread that drops the last reference (often a gRPC reaction).
@@ -216,6 +222,7 @@ void UploadPipeline::Abort(std::function<void()> done) {
       return;
     }
   }
+  ReleaseSlot();
   done();
 }
 
@@ -245,6 +252,7 @@ void UploadPipeline::Drain() {
       status = status_;
     }
     if (abort_done) {
+      ReleaseSlot();
       if (commit) commit(absl::CancelledError("upload aborted"));
       abort_done();
       return;
@@ -256,6 +264,8 @@ void UploadPipeline::Drain() {
         absl::MutexLock lock(&mu_);
         draining_ = false;
       }
+      // The client hears back only after its upload slot is free again.
+      ReleaseSlot();
       commit(std::move(result));
       return;
     }

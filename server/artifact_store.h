@@ -120,6 +120,8 @@ class UploadPipeline : public std::enable_shared_from_this<UploadPipeline> {
   // Drain runs on an I/O thread while there is queued work.
   void Drain();
   absl::Status WriteChunk(const std::string& chunk);
+  // ReleaseSlot gives back the upload slot and the quota reservation, once.
+  void ReleaseSlot();
   absl::StatusOr<ArtifactInfo> Finalize();
 
   ArtifactStore* const store_;
@@ -128,6 +130,7 @@ class UploadPipeline : public std::enable_shared_from_this<UploadPipeline> {
   const UploadDeclaration declaration_;
   const std::function<void()> on_room_;
 
+  std::atomic<bool> slot_released_{false};
   // Touched only by the single Drain task running at a time.
   int fd_ = -1;
   std::string temp_path_;

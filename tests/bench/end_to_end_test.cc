@@ -11,8 +11,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "bench/merge_table.h"
-#include "bench/scenario_builder.h"
-#include "bench/scenario_eval.h"
+#include "bench/scenariobuilder.h"
+#include "bench/scenarioeval.h"
 #include "core/merge.h"
 #include "core/scenario.h"
 #include "core/sha256.h"
@@ -26,48 +26,32 @@ namespace {
 namespace fs = std::filesystem;
 using ::testing::HasSubstr;
 
-class TinyScenarioTest : public ::testing::Test {
- protected:
-  static void SetUpTestSuite() {
-    std::random_device random;
-    root_ = new fs::path(fs::temp_directory_path() /
-                         absl::StrCat("bench_e2e_", random(), random()));
-    fs::create_directories(*root_);
-    BuildOptions options = Options("badmerging");
-    auto result = BuildScenario(options);
-    ASSERT_TRUE(result.ok()) << result.status();
-    EXPECT_FALSE(result->reused);
-    scenario_ = new Scenario(result->scenario);
-  }
-  static void TearDownTestSuite() {
-    fs::remove_all(*root_);
-    delete root_;
-    delete scenario_;
-  }
+fs::path NewRoot() {
+  std::random_device random;
+  fs::path root = fs::temp_directory_path() /
+                  absl::StrCat("bench_e2e_", random(), random());
+  fs::create_directories(root);
+  return root;
+}
 
-  static BuildOptions Options(const std::string& out) {
-    BuildOptions options;
-    options.preset = Preset::kTiny;
-    options.architecture = Architecture::kCnn;
-    options.attack.kind = AttackKind::kBadMerging;
-    options.attack.compromised = {"fashion"};
-    options.attack.target_class = 3;
-    options.seed = 5;
-    options.threads = 2;
-    options.out_dir = (*root_ / out).string();
-    options.cache_dir = (*root_ / "cache").string();
-    return options;
-  }
+BuildOptions TinyOptions(const fs::path& root, const std::string& out) {
+  BuildOptions options;
+  options.preset = Preset::kTiny;
+  options.architecture = Architecture::kCnn;
+  options.attack.kind = AttackKind::kBadMerging;
+  options.attack.compromised = {"fashion"};
+  options.attack.target_class = 3;
+  options.seed = 5;
+  options.threads = 2;
+  options.out_dir = (root / out).string();
+  options.cache_dir = (root / "cache").string();
+  return options;
+}
 
-  static fs::path* root_;
-  static Scenario* scenario_;
-};
-
-fs::path* TinyScenarioTest::root_ = nullptr;
-Scenario* TinyScenarioTest::scenario_ = nullptr;
-
-TEST_F(TinyScenarioTest, WritesAValidScenario) {
-  auto loaded = LoadScenario(scenario_->dir);
+// Each check below runs on one freshly built tiny scenario. ctest runs every
+// TEST in its own process, so the build is shared by steps, not by tests.
+void CheckValidScenario(const Scenario* scenario) {
+  auto loaded = LoadScenario(scenario->dir);
   ASSERT_TRUE(loaded.ok()) << loaded.status();
   ASSERT_EQ(loaded->tasks.size(), 3u);
   EXPECT_EQ(loaded->architecture.name, "cnn");
@@ -86,20 +70,20 @@ TEST_F(TinyScenarioTest, WritesAValidScenario) {
   auto trigger = LoadScenarioTrigger(*loaded);
   ASSERT_TRUE(trigger.ok()) << trigger.status();
   EXPECT_EQ(trigger->pattern.sizes(), (std::vector<int64_t>{1, 4, 4}));
-  auto calibration =
-      LoadLabeledImages(loaded->Path(mnist->calibration));
+  auto calibration = LoadLabeledImages(loaded->Path(mnist->calibration));
   ASSERT_TRUE(calibration.ok());
   EXPECT_LE(calibration->size(), 512);
   // The architecture file is TorchScript and matches the checkpoints.
   auto model = Model::Load(loaded->Path(loaded->architecture.file));
   ASSERT_TRUE(model.ok()) << model.status();
-  EXPECT_TRUE((*model)->LoadBackboneFromPath(loaded->Path(mnist->checkpoint)).ok());
+  EXPECT_TRUE(
+      (*model)->LoadBackboneFromPath(loaded->Path(mnist->checkpoint)).ok());
 }
 
-TEST_F(TinyScenarioTest, EvalOfATaskCheckpointMatchesTheBuild) {
-  const ScenarioTask* mnist = scenario_->FindTask("mnist");
+void CheckEvalOfTaskCheckpoints(const Scenario* scenario) {
+  const ScenarioTask* mnist = scenario->FindTask("mnist");
   auto evaluation =
-      EvaluateModelFile(*scenario_, scenario_->Path(mnist->checkpoint));
+      EvaluateModelFile(*scenario, scenario->Path(mnist->checkpoint));
   ASSERT_TRUE(evaluation.ok()) << evaluation.status();
   ASSERT_EQ(evaluation->tasks.size(), 3u);
   // A task checkpoint has no `<task>/head.*`: heads come from the scenario.
@@ -112,15 +96,15 @@ TEST_F(TinyScenarioTest, EvalOfATaskCheckpointMatchesTheBuild) {
   EXPECT_EQ(evaluation->asr[0].target, 3);
 
   // The backdoored checkpoint alone reproduces the build's measurements.
-  const ScenarioTask* fashion = scenario_->FindTask("fashion");
+  const ScenarioTask* fashion = scenario->FindTask("fashion");
   auto backdoored =
-      EvaluateModelFile(*scenario_, scenario_->Path(fashion->checkpoint));
+      EvaluateModelFile(*scenario, scenario->Path(fashion->checkpoint));
   ASSERT_TRUE(backdoored.ok());
   EXPECT_DOUBLE_EQ(backdoored->tasks[1].accuracy, fashion->finetuned_accuracy);
   EXPECT_DOUBLE_EQ(backdoored->asr[0].asr, *fashion->finetuned_asr);
 
   nlohmann::json json = nlohmann::json::parse(
-      EvaluationToJson(*scenario_, "m.safetensors", *evaluation));
+      EvaluationToJson(*scenario, "m.safetensors", *evaluation));
   EXPECT_EQ(json["tasks"][0]["name"], "mnist");
   EXPECT_TRUE(json["tasks"][0]["accuracy"].is_number());
   EXPECT_TRUE(json["mean_accuracy"].is_number());
@@ -129,29 +113,29 @@ TEST_F(TinyScenarioTest, EvalOfATaskCheckpointMatchesTheBuild) {
   EXPECT_TRUE(json["asr"][0]["asr"].is_number());
 }
 
-TEST_F(TinyScenarioTest, EvalTakesHeadsFromMergedModels) {
+void CheckEvalOfMergedModel(const Scenario* scenario, const fs::path* root) {
   std::vector<MergeInput> inputs;
-  for (const ScenarioTask& task : scenario_->tasks) {
-    inputs.push_back({task.name, scenario_->Path(task.checkpoint), 1.0});
+  for (const ScenarioTask& task : scenario->tasks) {
+    inputs.push_back({task.name, scenario->Path(task.checkpoint), 1.0});
   }
-  const std::string merged = (*root_ / "ta.safetensors").string();
-  auto report = Merge(scenario_->Path(scenario_->base), inputs, merged, {});
+  const std::string merged = (*root / "ta.safetensors").string();
+  auto report = Merge(scenario->Path(scenario->base), inputs, merged, {});
   ASSERT_TRUE(report.ok()) << report.status();
-  auto evaluation = EvaluateModelFile(*scenario_, merged);
+  auto evaluation = EvaluateModelFile(*scenario, merged);
   ASSERT_TRUE(evaluation.ok()) << evaluation.status();
   for (const TaskAccuracy& task : evaluation->tasks) {
     EXPECT_EQ(task.head_source, "model");
     EXPECT_GT(task.accuracy, 0.2) << task.name;
   }
   // A model that does not fit the architecture is refused.
-  const std::string wrong = (*root_ / "wrong.safetensors").string();
+  const std::string wrong = (*root / "wrong.safetensors").string();
   ASSERT_TRUE(SaveTensors(wrong, {{"conv1.weight", torch::zeros({1})}}).ok());
-  EXPECT_EQ(EvaluateModelFile(*scenario_, wrong).status().code(),
+  EXPECT_EQ(EvaluateModelFile(*scenario, wrong).status().code(),
             absl::StatusCode::kFailedPrecondition);
 }
 
-TEST_F(TinyScenarioTest, TableHasUndefendedRows) {
-  auto rows = RunTable(*scenario_, UndefendedProducers());
+void CheckTable(const Scenario* scenario) {
+  auto rows = RunTable(*scenario, UndefendedProducers());
   ASSERT_TRUE(rows.ok()) << rows.status();
   ASSERT_EQ(rows->size(), 2u);
   EXPECT_EQ((*rows)[0].method, "TA");
@@ -161,11 +145,10 @@ TEST_F(TinyScenarioTest, TableHasUndefendedRows) {
     EXPECT_GT(row.backdoored.mean_accuracy, 0.2);
     ASSERT_EQ(row.backdoored.asr.size(), 1u);
   }
-  const std::string text = TableToText(*scenario_, *rows);
+  const std::string text = TableToText(*scenario, *rows);
   EXPECT_THAT(text, HasSubstr("TIES"));
   EXPECT_THAT(text, HasSubstr("ASR(fashion)"));
-  nlohmann::json json =
-      nlohmann::json::parse(TableToJson(*scenario_, *rows));
+  nlohmann::json json = nlohmann::json::parse(TableToJson(*scenario, *rows));
   EXPECT_EQ(json["rows"][0]["method"], "TA");
   // Row producers are pluggable: a defense is one more entry.
   std::vector<RowProducer> producers = {
@@ -175,22 +158,22 @@ TEST_F(TinyScenarioTest, TableHasUndefendedRows) {
          fs::copy_file(scenario.Path(scenario.base), output, error);
          return error ? absl::InternalError(error.message()) : absl::OkStatus();
        }}};
-  auto base_rows = RunTable(*scenario_, producers);
+  auto base_rows = RunTable(*scenario, producers);
   ASSERT_TRUE(base_rows.ok()) << base_rows.status();
   EXPECT_DOUBLE_EQ((*base_rows)[0].clean.mean_accuracy,
                    (*base_rows)[0].backdoored.mean_accuracy);
 }
 
-TEST_F(TinyScenarioTest, SameConfigurationIsReused) {
-  auto again = BuildScenario(Options("badmerging"));
+void CheckReuseAndArguments(const Scenario* scenario, const fs::path* root) {
+  auto again = BuildScenario(TinyOptions(*root, "badmerging"));
   ASSERT_TRUE(again.ok()) << again.status();
   EXPECT_TRUE(again->reused);
-  EXPECT_EQ(again->scenario.config_hash, scenario_->config_hash);
-  BuildOptions other = Options("badmerging");
+  EXPECT_EQ(again->scenario.config_hash, scenario->config_hash);
+  BuildOptions other = TinyOptions(*root, "badmerging");
   other.attack.target_class = 4;
-  EXPECT_NE(ConfigHash(other), scenario_->config_hash);
+  EXPECT_NE(ConfigHash(other), scenario->config_hash);
   other.attack.target_class = 11;
-  other.out_dir = (*root_ / "bad-target").string();
+  other.out_dir = (*root / "bad-target").string();
   EXPECT_EQ(BuildScenario(other).status().code(),
             absl::StatusCode::kInvalidArgument);
   other.attack.target_class = 0;
@@ -199,13 +182,43 @@ TEST_F(TinyScenarioTest, SameConfigurationIsReused) {
             absl::StatusCode::kInvalidArgument);
 }
 
+TEST(BenchEndToEndTest, BuildEvalTableAndReuseTinyScenario) {
+  const fs::path root = NewRoot();
+  auto result = BuildScenario(TinyOptions(root, "badmerging"));
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_FALSE(result->reused);
+  const Scenario& scenario = result->scenario;
+  {
+    SCOPED_TRACE("scenario");
+    CheckValidScenario(&scenario);
+  }
+  {
+    SCOPED_TRACE("eval of task checkpoints");
+    CheckEvalOfTaskCheckpoints(&scenario);
+  }
+  {
+    SCOPED_TRACE("eval of a merged model");
+    CheckEvalOfMergedModel(&scenario, &root);
+  }
+  {
+    SCOPED_TRACE("table");
+    CheckTable(&scenario);
+  }
+  {
+    SCOPED_TRACE("reuse");
+    CheckReuseAndArguments(&scenario, &root);
+  }
+  fs::remove_all(root);
+}
+
 // Without the stage cache, the same seed gives the same bytes.
-TEST_F(TinyScenarioTest, SeededBuildsAreReproducible) {
-  BuildOptions first = Options("repro-a");
+TEST(BenchEndToEndTest, SeededBuildsAreReproducible) {
+  const fs::path root = NewRoot();
+  BuildOptions first = TinyOptions(root, "repro-a");
   first.attack.kind = AttackKind::kBadNets;
   first.cache_dir.clear();
   BuildOptions second = first;
-  second.out_dir = (*root_ / "repro-b").string();
+  second.out_dir = (root / "repro-b").string();
   auto a = BuildScenario(first);
   ASSERT_TRUE(a.ok()) << a.status();
   auto b = BuildScenario(second);
@@ -219,6 +232,7 @@ TEST_F(TinyScenarioTest, SeededBuildsAreReproducible) {
   const ScenarioTask* fashion = a->scenario.FindTask("fashion");
   EXPECT_EQ(a->scenario.attack->trigger.pattern, "white");
   EXPECT_NE(fashion->checkpoint, fashion->clean_checkpoint);
+  fs::remove_all(root);
 }
 
 }  // namespace

@@ -22,7 +22,8 @@ std::string Idx(const std::vector<uint32_t>& dims, int64_t data_delta = 0) {
   std::string out = {0, 0, 0x08, static_cast<char>(dims.size())};
   uint64_t count = 1;
   for (uint32_t d : dims) {
-    for (int shift : {24, 16, 8, 0}) out.push_back(static_cast<char>(d >> shift));
+    for (int shift : {24, 16, 8, 0})
+      out.push_back(static_cast<char>(d >> shift));
     count *= d;
   }
   for (uint64_t i = 0; i < count + data_delta; ++i) {

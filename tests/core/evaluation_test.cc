@@ -130,8 +130,8 @@ class CornerModelTest : public ::testing::Test {
  protected:
   void SetUp() override {
     auto unit = std::make_shared<torch::jit::CompilationUnit>();
-    torch::jit::Module module(c10::QualifiedName("__torch__.test.Corner"),
-                              unit, true);
+    torch::jit::Module module(c10::QualifiedName("__torch__.test.Corner"), unit,
+                              true);
     module.register_parameter("scale", torch::ones({2}), false);
     module.define(
         "def forward(self, x):\n"
@@ -201,7 +201,8 @@ TEST(LabeledImagesTest, RejectsMismatchedTensors) {
                   .ok());
   EXPECT_EQ(LoadLabeledImages(path).status().code(),
             absl::StatusCode::kInvalidArgument);
-  ASSERT_TRUE(SaveTensors(path, {{"inputs", torch::zeros({3, 1, 28, 28})}}).ok());
+  ASSERT_TRUE(
+      SaveTensors(path, {{"inputs", torch::zeros({3, 1, 28, 28})}}).ok());
   EXPECT_THAT(LoadLabeledImages(path).status().message(), HasSubstr("labels"));
   fs::remove(path);
 }

@@ -15,6 +15,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/tensor_views.h"
+#include "core/version.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
@@ -343,7 +344,8 @@ TEST_F(MergeTest, ProvenanceMetadata) {
   ASSERT_TRUE(checkpoint.ok());
   const auto& metadata = (*checkpoint)->Metadata();
   EXPECT_EQ(metadata.at("mergeguard.method"), "task_arithmetic");
-  EXPECT_EQ(metadata.at("mergeguard.version"), "0.1.0");
+  EXPECT_EQ(metadata.at("mergeguard.version"), MergeguardVersion());
+  EXPECT_FALSE(MergeguardVersion().empty());
   EXPECT_EQ(metadata.at("mergeguard.base"), base_path_);
   EXPECT_EQ(metadata.at("job"), "42");
   auto effective = nlohmann::json::parse(metadata.at("mergeguard.options"));

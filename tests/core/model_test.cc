@@ -175,8 +175,8 @@ TEST(ModelTest, SavedArchitectureLoadsWithSameOutputs) {
   auto loaded = Model::Load(path);
   ASSERT_TRUE(loaded.ok()) << loaded.status();
   EXPECT_EQ((*loaded)->NumParameters(), model->NumParameters());
-  EXPECT_TRUE(torch::equal(*(*loaded)->Features(Inputs()),
-                           *model->Features(Inputs())));
+  EXPECT_TRUE(
+      torch::equal(*(*loaded)->Features(Inputs()), *model->Features(Inputs())));
   fs::remove(path);
 }
 

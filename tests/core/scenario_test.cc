@@ -58,7 +58,8 @@ class ScenarioTest : public ::testing::Test {
                       .ok());
       LabeledImages set{torch::rand({4, 1, 28, 28}),
                         torch::tensor({0, 1, 2, 0}, torch::kInt64)};
-      ASSERT_TRUE(SaveLabeledImages(scenario_.Path(task.calibration), set).ok());
+      ASSERT_TRUE(
+          SaveLabeledImages(scenario_.Path(task.calibration), set).ok());
       ASSERT_TRUE(SaveLabeledImages(scenario_.Path(task.test), set).ok());
       scenario_.tasks.push_back(task);
     }
@@ -75,14 +76,20 @@ class ScenarioTest : public ::testing::Test {
     attack.tasks = {"fashion"};
     attack.target_class = 2;
     attack.poison_rate = 0.1;
-    attack.trigger = {TriggerKind::kPatch, "trigger.safetensors", "white", 4,
-                      "bottom_right", 23, 23, 0.0};
+    attack.trigger = {TriggerKind::kPatch,
+                      "trigger.safetensors",
+                      "white",
+                      4,
+                      "bottom_right",
+                      23,
+                      23,
+                      0.0};
     scenario_.attack = attack;
     Trigger trigger;
     trigger.pattern = torch::ones({1, 4, 4});
-    ASSERT_TRUE(SaveTriggerPattern(scenario_.Path("trigger.safetensors"),
-                                   trigger)
-                    .ok());
+    ASSERT_TRUE(
+        SaveTriggerPattern(scenario_.Path("trigger.safetensors"), trigger)
+            .ok());
     ASSERT_TRUE(WriteScenario(&scenario_).ok());
   }
 
@@ -97,9 +104,9 @@ class ScenarioTest : public ::testing::Test {
     return nlohmann::json::parse(in);
   }
   void WriteJson(const nlohmann::json& json) {
-    ASSERT_TRUE(WriteFileAtomically((dir_ / kScenarioFileName).string(),
-                                    json.dump())
-                    .ok());
+    ASSERT_TRUE(
+        WriteFileAtomically((dir_ / kScenarioFileName).string(), json.dump())
+            .ok());
   }
 
   fs::path dir_;
@@ -111,15 +118,18 @@ TEST_F(ScenarioTest, RoundTripsEveryField) {
   ASSERT_TRUE(loaded.ok()) << loaded.status();
   EXPECT_EQ(loaded->name, "unit");
   ASSERT_EQ(loaded->tasks.size(), 2u);
-  EXPECT_EQ(loaded->tasks[0].classes, (std::vector<std::string>{"a", "b", "c"}));
+  EXPECT_EQ(loaded->tasks[0].classes,
+            (std::vector<std::string>{"a", "b", "c"}));
   EXPECT_TRUE(loaded->tasks[1].compromised);
-  EXPECT_EQ(loaded->tasks[1].checkpoint, "tasks/fashion/backdoored.safetensors");
+  EXPECT_EQ(loaded->tasks[1].checkpoint,
+            "tasks/fashion/backdoored.safetensors");
   EXPECT_DOUBLE_EQ(*loaded->tasks[1].finetuned_asr, 0.97);
   EXPECT_FALSE(loaded->tasks[0].finetuned_asr.has_value());
   ASSERT_TRUE(loaded->attack.has_value());
   EXPECT_EQ(loaded->attack->target_class, 2);
   EXPECT_EQ(loaded->attack->trigger.row, 23);
-  EXPECT_EQ(loaded->architecture.input_shape, (std::vector<int64_t>{1, 28, 28}));
+  EXPECT_EQ(loaded->architecture.input_shape,
+            (std::vector<int64_t>{1, 28, 28}));
   // architecture, base, 2 x (checkpoint, calibration, test), backdoored,
   // trigger.
   EXPECT_EQ(loaded->files.size(), 10u);

@@ -1,0 +1,585 @@
+#include "core/dam.h"
+
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <cmath>
+#include <nlohmann/json.hpp>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "core/defense_json.h"
+#include "core/status_macros.h"
+#include "core/torch_status.h"
+#include "core/version.h"
+
+namespace mergeguard {
+namespace {
+
+using json = nlohmann::json;
+
+json OptionsJson(const DamOptions& options) {
+  return {
+      {"granularity", std::string(LambdaGranularityName(options.granularity))},
+      {"initial_lambda", options.initial_lambda},
+      {"steps", options.steps},
+      {"lambda_learning_rate", options.lambda_learning_rate},
+      {"mask_learning_rate", options.mask_learning_rate},
+      {"initial_mask_logit", options.initial_mask_logit},
+      {"temperature", options.temperature},
+      {"trigger_learning_rate", options.trigger_learning_rate},
+      {"trigger_epsilon", options.trigger_epsilon},
+      {"beta", options.beta},
+      {"backdoor_loss", std::string(BackdoorLossName(options.backdoor_loss))},
+      {"final_mask", std::string(FinalMaskModeName(options.final_mask))},
+      {"adamerging_steps", options.adamerging_steps},
+      {"adamerging_learning_rate", options.adamerging_learning_rate},
+      {"adamerging_from_meta_lambda", options.adamerging_from_meta_lambda},
+      {"batch_size", options.batch_size},
+      {"seed", options.seed},
+      {"device", options.device},
+  };
+}
+
+// MeanKl returns the batch mean of KL(softmax(p) || softmax(q)).
+torch::Tensor MeanKl(const torch::Tensor& p_logits,
+                     const torch::Tensor& q_logits) {
+  torch::Tensor log_p = torch::log_softmax(p_logits, 1);
+  torch::Tensor log_q = torch::log_softmax(q_logits, 1);
+  return (log_p.exp() * (log_p - log_q)).sum(1).mean();
+}
+
+double Fraction(const torch::Tensor& condition) {
+  return condition.numel() == 0
+             ? 0.0
+             : condition.to(torch::kFloat64).mean().item<double>();
+}
+
+}  // namespace
+
+absl::StatusOr<FinalMaskMode> ParseFinalMaskMode(absl::string_view name) {
+  if (name == "expected") return FinalMaskMode::kExpected;
+  if (name == "sample") return FinalMaskMode::kSample;
+  if (name == "hard") return FinalMaskMode::kHard;
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown final mask \"", name, "\" (expected, sample, hard)"));
+}
+
+absl::string_view FinalMaskModeName(FinalMaskMode mode) {
+  switch (mode) {
+    case FinalMaskMode::kExpected:
+      return "expected";
+    case FinalMaskMode::kSample:
+      return "sample";
+    case FinalMaskMode::kHard:
+      return "hard";
+  }
+  return "expected";
+}
+
+absl::StatusOr<BackdoorLoss> ParseBackdoorLoss(absl::string_view name) {
+  if (name == "entropy") return BackdoorLoss::kEntropy;
+  if (name == "consistency") return BackdoorLoss::kConsistency;
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown backdoor loss \"", name, "\" (entropy, consistency)"));
+}
+
+absl::string_view BackdoorLossName(BackdoorLoss loss) {
+  return loss == BackdoorLoss::kEntropy ? "entropy" : "consistency";
+}
+
+absl::Status ValidateDamOptions(const DamOptions& options) {
+  auto bad = [](absl::string_view field, absl::string_view rule) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("dam: ", field, " must be ", rule));
+  };
+  if (options.steps < 0) return bad("steps", ">= 0");
+  if (options.adamerging_steps < 0) return bad("adamerging_steps", ">= 0");
+  if (!(options.lambda_learning_rate > 0)) {
+    return bad("lambda_learning_rate", "> 0");
+  }
+  if (!(options.mask_learning_rate > 0)) {
+    return bad("mask_learning_rate", "> 0");
+  }
+  if (!(options.trigger_learning_rate > 0)) {
+    return bad("trigger_learning_rate", "> 0");
+  }
+  if (!(options.adamerging_learning_rate > 0)) {
+    return bad("adamerging_learning_rate", "> 0");
+  }
+  if (!(options.temperature > 0)) return bad("temperature", "> 0");
+  if (!(options.trigger_epsilon >= 0)) return bad("trigger_epsilon", ">= 0");
+  if (!(options.beta >= 0)) return bad("beta", ">= 0");
+  if (!std::isfinite(options.initial_mask_logit)) {
+    return bad("initial_mask_logit", "finite");
+  }
+  if (!std::isfinite(options.initial_lambda)) {
+    return bad("initial_lambda", "finite");
+  }
+  if (options.batch_size < 1) return bad("batch_size", ">= 1");
+  if (options.threads < 0) return bad("threads", ">= 0");
+  return ParseDevice(options.device).status();
+}
+
+// State is everything LibTorch-typed the trainer keeps between steps.
+struct DamTrainer::State {
+  TaskVectorMerger merger;
+  CalibrationSampler sampler;
+  at::Generator generator;
+  torch::Tensor lambdas;              // [N] or [N, K], leaf
+  std::vector<torch::Tensor> s1;      // task-shared mask logits, leaves
+  std::vector<torch::Tensor> s2;      // backdoor-detection mask logits
+  torch::Tensor delta;                // [N, C, H, W], leaf
+  std::unique_ptr<torch::optim::Adam> lambda_optimizer;
+  std::unique_ptr<torch::optim::Adam> s1_optimizer;
+  std::unique_ptr<torch::optim::Adam> s2_optimizer;
+  std::unique_ptr<torch::optim::Adam> delta_optimizer;
+
+  State(TaskVectorMerger merger_in, CalibrationSampler sampler_in,
+        uint64_t seed)
+      : merger(std::move(merger_in)),
+        sampler(std::move(sampler_in)),
+        generator(MakeGenerator(seed)) {}
+};
+
+DamTrainer::DamTrainer(Model& model, const DamOptions& options)
+    : model_(model), options_(options) {}
+
+DamTrainer::~DamTrainer() = default;
+
+absl::StatusOr<std::unique_ptr<DamTrainer>> DamTrainer::Create(
+    Model& model, const TaskVectorSet& set,
+    const std::vector<torch::Tensor>& calibration,
+    const DamOptions& options) {
+  RETURN_IF_ERROR(ValidateDamOptions(options));
+  RETURN_IF_ERROR(ValidateCalibration(set, model, calibration));
+  std::unique_ptr<DamTrainer> trainer(new DamTrainer(model, options));
+  RETURN_IF_ERROR(trainer->Init(set, calibration));
+  return trainer;
+}
+
+absl::Status DamTrainer::Init(const TaskVectorSet& set,
+                              const std::vector<torch::Tensor>& calibration) {
+  start_seconds_ = SteadySeconds();
+  task_names_ = set.task_names;
+  ASSIGN_OR_RETURN(c10::Device device, ParseDevice(options_.device));
+  SetTorchThreads(options_.threads);
+  ASSIGN_OR_RETURN(TaskVectorMerger merger,
+                   TaskVectorMerger::Create(set, model_, device));
+  return CallTorch("DamTrainer::Init", [&]() -> absl::Status {
+    // Masks and batches draw from separate streams so that changing one
+    // consumer does not reshuffle the other.
+    state_ = std::make_unique<State>(
+        std::move(merger),
+        CalibrationSampler(calibration, options_.batch_size,
+                           options_.seed * 2 + 1, device),
+        options_.seed * 2);
+    State& s = *state_;
+    s.lambdas = s.merger.InitialLambdas(options_.granularity,
+                                        options_.initial_lambda);
+    for (const torch::Tensor& base : s.merger.base()) {
+      s.s1.push_back(torch::full_like(base, options_.initial_mask_logit)
+                         .requires_grad_(true));
+      s.s2.push_back(torch::full_like(base, options_.initial_mask_logit)
+                         .requires_grad_(true));
+    }
+    std::vector<int64_t> delta_shape = {set.num_tasks()};
+    for (int64_t d : model_.InputShape()) delta_shape.push_back(d);
+    s.delta = torch::zeros(delta_shape, torch::TensorOptions()
+                                            .dtype(torch::kFloat32)
+                                            .device(device))
+                  .requires_grad_(true);
+    s.lambda_optimizer = std::make_unique<torch::optim::Adam>(
+        std::vector<torch::Tensor>{s.lambdas},
+        torch::optim::AdamOptions(options_.lambda_learning_rate));
+    s.s1_optimizer = std::make_unique<torch::optim::Adam>(
+        s.s1, torch::optim::AdamOptions(options_.mask_learning_rate));
+    s.s2_optimizer = std::make_unique<torch::optim::Adam>(
+        s.s2, torch::optim::AdamOptions(options_.mask_learning_rate));
+    s.delta_optimizer = std::make_unique<torch::optim::Adam>(
+        std::vector<torch::Tensor>{s.delta},
+        torch::optim::AdamOptions(options_.trigger_learning_rate));
+    return absl::OkStatus();
+  });
+}
+
+absl::Status DamTrainer::Step() {
+  const double step_start = SteadySeconds();
+  absl::Status status =
+      CallTorch("DAM outer step", [&]() -> absl::Status { return StepImpl(); });
+  meta_seconds_ += SteadySeconds() - step_start;
+  return status;
+}
+
+absl::Status DamTrainer::StepImpl() {
+  State& s = *state_;
+  const int64_t step = steps_done_ + 1;
+  const int num_tasks = s.merger.num_tasks();
+  const int num_tensors = s.merger.num_tensors();
+
+  // 1. Draw m1 and m2 (with history to s1, s2) and form m.
+  std::vector<torch::Tensor> m1(num_tensors), m2(num_tensors);
+  std::vector<torch::Tensor> mask_detached(num_tensors);
+  for (int k = 0; k < num_tensors; ++k) {
+    m1[k] = SampleConcreteMask(s.s1[k], options_.temperature, s.generator);
+    m2[k] = SampleConcreteMask(s.s2[k], options_.temperature, s.generator);
+    mask_detached[k] = NormalizeMaskByMean(m1[k] * m2[k]).detach();
+  }
+
+  // 2. First-order meta step: one Adam step on lambda with the mask fixed.
+  torch::Tensor lambdas_before;
+  if (record_meta_step_) {
+    lambdas_before = s.lambdas.detach().clone();
+    meta_record_.batches.clear();
+  }
+  s.lambda_optimizer->zero_grad();
+  RETURN_IF_ERROR(s.merger.Install(model_, s.lambdas, mask_detached));
+  torch::Tensor inner_loss = torch::zeros({}, s.lambdas.options());
+  for (int t = 0; t < num_tasks; ++t) {
+    torch::Tensor batch = s.sampler.Next(t);
+    if (record_meta_step_) meta_record_.batches.push_back(batch);
+    ASSIGN_OR_RETURN(torch::Tensor logits,
+                     s.merger.Logits(model_, t, batch));
+    inner_loss = inner_loss + MeanEntropy(logits);
+  }
+  inner_loss.backward();
+  if (record_meta_step_) {
+    meta_record_.mask = mask_detached;
+    meta_record_.lambdas_before = lambdas_before;
+    meta_record_.lambda_gradient = s.lambdas.grad().detach().clone();
+  }
+  s.lambda_optimizer->step();
+  if (record_meta_step_) {
+    meta_record_.lambdas_after = s.lambdas.detach().clone();
+  }
+  // lambda now holds lambda' (step 5, lambda <- lambda', is this in-place
+  // update); later losses see it detached, so the step stays first-order.
+  torch::Tensor lambdas_prime = s.lambdas.detach();
+
+  // 3. Trigger synthesis on the detached theta(lambda', m): one Adam step
+  // that increases the cross-entropy to the clean pseudo-labels.
+  double trigger_value = 0.0;
+  {
+    {
+      torch::NoGradGuard no_grad;
+      RETURN_IF_ERROR(s.merger.Install(model_, lambdas_prime, mask_detached));
+    }
+    s.delta_optimizer->zero_grad();
+    torch::Tensor trigger_loss = torch::zeros({}, s.lambdas.options());
+    for (int t = 0; t < num_tasks; ++t) {
+      torch::Tensor batch = s.sampler.Next(t);
+      torch::Tensor pseudo_labels;
+      {
+        torch::NoGradGuard no_grad;
+        ASSIGN_OR_RETURN(torch::Tensor clean,
+                         s.merger.Logits(model_, t, batch));
+        pseudo_labels = clean.argmax(1);
+      }
+      ASSIGN_OR_RETURN(
+          torch::Tensor logits,
+          s.merger.Logits(model_, t, PerturbInputs(batch, s.delta[t])));
+      trigger_loss = trigger_loss +
+                     torch::nll_loss(torch::log_softmax(logits, 1),
+                                     pseudo_labels);
+    }
+    // Adam minimizes, so descend on -CE.
+    (-trigger_loss).backward();
+    s.delta_optimizer->step();
+    {
+      torch::NoGradGuard no_grad;
+      s.delta.copy_(ProjectPerturbation(s.delta, options_.trigger_epsilon));
+    }
+    trigger_value = trigger_loss.item<double>();
+  }
+
+  // 4. Alternating mask step: s1 on odd steps with L1, s2 on even steps
+  // with L2; the other mask enters detached.
+  const bool update_shared = step % 2 == 1;
+  std::vector<torch::Tensor> mask(num_tensors);
+  for (int k = 0; k < num_tensors; ++k) {
+    mask[k] = NormalizeMaskByMean(update_shared ? m1[k] * m2[k].detach()
+                                                : m1[k].detach() * m2[k]);
+  }
+  RETURN_IF_ERROR(s.merger.Install(model_, lambdas_prime, mask));
+  torch::Tensor mask_loss = torch::zeros({}, s.lambdas.options());
+  const torch::Tensor delta = s.delta.detach();
+  for (int t = 0; t < num_tasks; ++t) {
+    torch::Tensor batch = s.sampler.Next(t);
+    if (update_shared) {
+      ASSIGN_OR_RETURN(torch::Tensor logits,
+                       s.merger.Logits(model_, t, batch));
+      mask_loss = mask_loss + MeanEntropy(logits);
+      continue;
+    }
+    const int64_t size = batch.size(0);
+    ASSIGN_OR_RETURN(
+        torch::Tensor logits,
+        s.merger.Logits(model_, t,
+                        torch::cat({batch, PerturbInputs(batch, delta[t])})));
+    torch::Tensor clean = logits.slice(0, 0, size);
+    torch::Tensor triggered = logits.slice(0, size, 2 * size);
+    torch::Tensor backdoor_term =
+        options_.backdoor_loss == BackdoorLoss::kEntropy
+            ? MeanEntropy(triggered)
+            : MeanKl(clean, triggered);
+    mask_loss = mask_loss + MeanEntropy(clean) + options_.beta * backdoor_term;
+  }
+  torch::optim::Adam& mask_optimizer =
+      update_shared ? *s.s1_optimizer : *s.s2_optimizer;
+  mask_optimizer.zero_grad();
+  mask_loss.backward();
+  mask_optimizer.step();
+  // The detached mask received no gradient; keep both clean for the next
+  // step regardless.
+  s.s1_optimizer->zero_grad();
+  s.s2_optimizer->zero_grad();
+
+  steps_done_ = step;
+  curves_.inner_loss.push_back(inner_loss.item<double>());
+  curves_.trigger_loss.push_back(trigger_value);
+  curves_.mask_loss.push_back(mask_loss.item<double>());
+  if (options_.on_progress &&
+      (step % std::max<int64_t>(1, options_.progress_interval) == 0 ||
+       step == options_.steps)) {
+    options_.on_progress(
+        {"dam_meta",
+         step,
+         options_.steps,
+         {{"inner", curves_.inner_loss.back()},
+          {"trigger_ce", trigger_value},
+          {update_shared ? "mask_l1" : "mask_l2", curves_.mask_loss.back()}},
+         SteadySeconds() - start_seconds_});
+  }
+  return absl::OkStatus();
+}
+
+torch::Tensor DamTrainer::Lambdas() const {
+  return state_->lambdas.detach().cpu().clone();
+}
+
+std::vector<torch::Tensor> DamTrainer::SharedMaskLogits() const {
+  std::vector<torch::Tensor> result;
+  for (const torch::Tensor& s : state_->s1) {
+    result.push_back(s.detach().cpu().clone());
+  }
+  return result;
+}
+
+std::vector<torch::Tensor> DamTrainer::DetectionMaskLogits() const {
+  std::vector<torch::Tensor> result;
+  for (const torch::Tensor& s : state_->s2) {
+    result.push_back(s.detach().cpu().clone());
+  }
+  return result;
+}
+
+torch::Tensor DamTrainer::Perturbations() const {
+  return state_->delta.detach().cpu().clone();
+}
+
+std::vector<torch::Tensor> DamTrainer::FinalMask(FinalMaskMode mode) {
+  torch::NoGradGuard no_grad;
+  State& s = *state_;
+  std::vector<torch::Tensor> mask;
+  for (size_t k = 0; k < s.s1.size(); ++k) {
+    torch::Tensor combined;
+    switch (mode) {
+      case FinalMaskMode::kExpected:
+        combined = torch::sigmoid(s.s1[k]) * torch::sigmoid(s.s2[k]);
+        break;
+      case FinalMaskMode::kSample:
+        combined =
+            SampleConcreteMask(s.s1[k], options_.temperature, s.generator) *
+            SampleConcreteMask(s.s2[k], options_.temperature, s.generator);
+        break;
+      case FinalMaskMode::kHard:
+        // sigmoid(s) > 0.5 exactly when s > 0.
+        combined = (s.s1[k] > 0).to(torch::kFloat32) *
+                   (s.s2[k] > 0).to(torch::kFloat32);
+        break;
+    }
+    mask.push_back(NormalizeMaskByMean(combined).detach());
+  }
+  return mask;
+}
+
+DamReport DamTrainer::MakeReport(
+    const std::vector<torch::Tensor>& final_mask) const {
+  torch::NoGradGuard no_grad;
+  const State& s = *state_;
+  DamReport report = curves_;
+  report.task_names = task_names_;
+  double total = 0, m1_sparse = 0, m2_sparse = 0, zeros = 0;
+  for (size_t k = 0; k < s.s1.size(); ++k) {
+    MaskTensorStats stats;
+    stats.key = s.merger.keys()[k];
+    stats.elements = s.s1[k].numel();
+    stats.m1_sparsity = Fraction(s.s1[k] < 0);
+    stats.m2_sparsity = Fraction(s.s2[k] < 0);
+    stats.m1_keep_mean = torch::sigmoid(s.s1[k]).mean().item<double>();
+    stats.m2_keep_mean = torch::sigmoid(s.s2[k]).mean().item<double>();
+    stats.final_mask_zeros = Fraction(final_mask[k] == 0);
+    const double n = static_cast<double>(stats.elements);
+    total += n;
+    m1_sparse += stats.m1_sparsity * n;
+    m2_sparse += stats.m2_sparsity * n;
+    zeros += stats.final_mask_zeros * n;
+    report.tensors.push_back(std::move(stats));
+  }
+  if (total > 0) {
+    report.m1_sparsity = m1_sparse / total;
+    report.m2_sparsity = m2_sparse / total;
+    report.final_mask_zeros = zeros / total;
+  }
+  report.m2_flagged_fraction = report.m2_sparsity;
+  torch::Tensor delta = s.delta.detach().cpu().to(torch::kFloat64);
+  for (size_t t = 0; t < task_names_.size(); ++t) {
+    torch::Tensor d = delta[t];
+    report.triggers.push_back({task_names_[t], d.abs().max().item<double>(),
+                               d.norm().item<double>()});
+  }
+  report.outer_steps = steps_done_;
+  report.meta_seconds = meta_seconds_;
+  report.seconds_per_outer_step =
+      steps_done_ > 0 ? meta_seconds_ / static_cast<double>(steps_done_) : 0.0;
+  return report;
+}
+
+absl::StatusOr<DamResult> DamTrainer::Finish() {
+  State& s = *state_;
+  const double phase_start = SteadySeconds();
+  std::vector<torch::Tensor> final_mask;
+  torch::Tensor lambdas;
+  RETURN_IF_ERROR(CallTorch("DAM final mask", [&]() -> absl::Status {
+    final_mask = FinalMask(options_.final_mask);
+    lambdas = options_.adamerging_from_meta_lambda
+                  ? s.lambdas.detach().clone().requires_grad_(true)
+                  : s.merger.InitialLambdas(options_.granularity,
+                                            options_.initial_lambda);
+    return absl::OkStatus();
+  }));
+  EntropyOptimization optimization;
+  optimization.phase = "dam_adamerging";
+  optimization.steps = options_.adamerging_steps;
+  optimization.learning_rate = options_.adamerging_learning_rate;
+  optimization.progress_interval = options_.progress_interval;
+  optimization.on_progress = options_.on_progress;
+  optimization.is_cancelled = options_.is_cancelled;
+  optimization.start_seconds = start_seconds_;
+  ASSIGN_OR_RETURN(curves_.adamerging_loss,
+                   OptimizeLambdasByEntropy(model_, s.merger, s.sampler,
+                                            lambdas, final_mask,
+                                            optimization));
+  DamResult result;
+  RETURN_IF_ERROR(CallTorch("DAM result", [&]() -> absl::Status {
+    result.backbone = s.merger.MergedBackbone(lambdas, final_mask);
+    for (torch::Tensor& tensor : result.backbone) tensor = tensor.cpu();
+    result.report = MakeReport(final_mask);
+    result.report.meta_lambdas = s.lambdas.detach().cpu().clone();
+    result.report.lambdas = lambdas.detach().cpu().clone();
+    return absl::OkStatus();
+  }));
+  // Leave the model holding plain merged tensors, not autograd history.
+  for (int k = 0; k < s.merger.num_tensors(); ++k) {
+    RETURN_IF_ERROR(model_.InstallTensor(
+        s.merger.keys()[k], result.backbone[k].to(s.merger.device())));
+  }
+  result.report.adamerging_seconds = SteadySeconds() - phase_start;
+  result.report.seconds = SteadySeconds() - start_seconds_;
+  return result;
+}
+
+absl::StatusOr<DamResult> RunDam(Model& model, const TaskVectorSet& set,
+                                 const std::vector<torch::Tensor>& calibration,
+                                 const DamOptions& options) {
+  ASSIGN_OR_RETURN(std::unique_ptr<DamTrainer> trainer,
+                   DamTrainer::Create(model, set, calibration, options));
+  for (int64_t step = 1; step <= options.steps; ++step) {
+    if (options.is_cancelled && options.is_cancelled()) {
+      return absl::CancelledError(
+          absl::StrCat("DAM cancelled before outer step ", step));
+    }
+    RETURN_IF_ERROR(trainer->Step());
+  }
+  return trainer->Finish();
+}
+
+std::string DamReportToJson(const DamReport& report,
+                            const DamOptions& options) {
+  json tensors = json::array();
+  for (const MaskTensorStats& stats : report.tensors) {
+    tensors.push_back({
+        {"key", stats.key},
+        {"elements", stats.elements},
+        {"m1_sparsity", stats.m1_sparsity},
+        {"m2_sparsity", stats.m2_sparsity},
+        {"m1_keep_mean", stats.m1_keep_mean},
+        {"m2_keep_mean", stats.m2_keep_mean},
+        {"final_mask_zeros", stats.final_mask_zeros},
+    });
+  }
+  json triggers = json::array();
+  for (const TriggerSize& trigger : report.triggers) {
+    triggers.push_back(
+        {{"task", trigger.task}, {"linf", trigger.linf}, {"l2", trigger.l2}});
+  }
+  json out = {
+      {"method", "dam"},
+      {"options", OptionsJson(options)},
+      {"tasks", report.task_names},
+      {"m1_sparsity", report.m1_sparsity},
+      {"m2_sparsity", report.m2_sparsity},
+      {"m2_flagged_fraction", report.m2_flagged_fraction},
+      {"final_mask_zeros", report.final_mask_zeros},
+      {"tensors", tensors},
+      {"meta_lambdas", TensorToJson(report.meta_lambdas)},
+      {"lambdas", TensorToJson(report.lambdas)},
+      {"loss_curves",
+       {{"inner", report.inner_loss},
+        {"trigger_ce", report.trigger_loss},
+        {"mask", report.mask_loss},
+        {"adamerging", report.adamerging_loss}}},
+      {"triggers", triggers},
+      {"outer_steps", report.outer_steps},
+      {"meta_seconds", report.meta_seconds},
+      {"adamerging_seconds", report.adamerging_seconds},
+      {"seconds_per_outer_step", report.seconds_per_outer_step},
+      {"seconds", report.seconds},
+  };
+  return out.dump();
+}
+
+absl::StatusOr<DamResult> DamMergeFiles(
+    const std::string& architecture_path, const std::string& base_path,
+    const std::vector<DataDependentTask>& tasks,
+    const std::string& output_path, const DamOptions& options) {
+  RETURN_IF_ERROR(ValidateDamOptions(options));
+  ASSIGN_OR_RETURN(DataDependentJob job,
+                   LoadDataDependentJob(architecture_path, base_path, tasks));
+  ASSIGN_OR_RETURN(DamResult result,
+                   RunDam(*job.model, job.set, job.calibration, options));
+  json summary = {
+      {"m1_sparsity", result.report.m1_sparsity},
+      {"m2_sparsity", result.report.m2_sparsity},
+      {"m2_flagged_fraction", result.report.m2_flagged_fraction},
+      {"final_mask_zeros", result.report.final_mask_zeros},
+      {"outer_steps", result.report.outer_steps},
+      {"seconds", result.report.seconds},
+  };
+  std::map<std::string, std::string> metadata = {
+      {"mergeguard.method", "dam"},
+      {"mergeguard.options", OptionsJson(options).dump()},
+      {"mergeguard.inputs", DataDependentInputsJson(tasks).dump()},
+      {"mergeguard.base", base_path},
+      {"mergeguard.architecture", architecture_path},
+      {"mergeguard.lambdas", TensorToJson(result.report.lambdas).dump()},
+      {"mergeguard.dam_summary", summary.dump()},
+      {"mergeguard.version", std::string(MergeguardVersion())},
+  };
+  for (const auto& [key, value] : options.metadata) metadata[key] = value;
+  RETURN_IF_ERROR(
+      SaveMergedModel(output_path, job.set, result.backbone, metadata));
+  return result;
+}
+
+}  // namespace mergeguard

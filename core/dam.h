@@ -1,0 +1,267 @@
+#ifndef MERGEGUARD_CORE_DAM_H_
+#define MERGEGUARD_CORE_DAM_H_
+
+// DAM, defense-aware merging (ALGORITHMS.md §3; Yang et al., ICLR 2025):
+// merge coefficients lambda and two Concrete masks over the task vectors, a
+// task-shared mask M1 and a backdoor-detection mask M2, meta-learned on
+// unlabeled calibration inputs against synthesized per-task triggers; then
+// AdaMerging with the mask fixed. docs/dam.md records every choice the spec
+// left open and every departure from the public code.
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <ATen/core/Generator.h>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "core/adamerging.h"
+#include "core/differentiable_merge.h"
+#include "core/model.h"
+#include "core/task_vectors.h"
+#include "core/torch_fwd.h"
+
+namespace mergeguard {
+
+// FinalMaskMode: how the mask m* of phase 2 and of the output is formed from
+// the learned logits s1, s2. Every mode is normalised by its mean per tensor,
+// as the training masks are.
+enum class FinalMaskMode {
+  // sigmoid(s1) * sigmoid(s2): the expected mask; deterministic.
+  kExpected,
+  // One Concrete draw of each mask (the public code's choice), seeded.
+  kSample,
+  // 1[sigmoid(s1) > 0.5] * 1[sigmoid(s2) > 0.5].
+  kHard,
+};
+// ParseFinalMaskMode accepts "expected", "sample" and "hard".
+absl::StatusOr<FinalMaskMode> ParseFinalMaskMode(absl::string_view name);
+absl::string_view FinalMaskModeName(FinalMaskMode mode);
+
+// BackdoorLoss: the second term of the M2 objective L2.
+enum class BackdoorLoss {
+  // beta * H(predictions on x + delta): the reference's ("regu2").
+  kEntropy,
+  // beta * KL(p(x) || p(x + delta)): predictions must not move under the
+  // synthesized trigger.
+  kConsistency,
+};
+// ParseBackdoorLoss accepts "entropy" and "consistency".
+absl::StatusOr<BackdoorLoss> ParseBackdoorLoss(absl::string_view name);
+absl::string_view BackdoorLossName(BackdoorLoss loss);
+
+struct DamOptions {
+  // One lambda per task, or per task and backbone tensor. Default task-wise.
+  LambdaGranularity granularity = LambdaGranularity::kTaskWise;
+  // Initial value of every lambda. Default 0.3.
+  double initial_lambda = 0.3;
+  // Outer (meta) steps of phase 1. Default 1000.
+  int64_t steps = 1000;
+  // Adam learning rate of the first-order meta step on lambda. Default 1e-3.
+  double lambda_learning_rate = 1e-3;
+  // Adam learning rate of the mask logits s1 and s2. Default 1e-3.
+  double mask_learning_rate = 1e-3;
+  // Initial mask logits (0: each entry kept with probability 1/2).
+  // Default 0.
+  double initial_mask_logit = 0.0;
+  // Binary Concrete temperature T. Default 0.5.
+  double temperature = 0.5;
+  // Adam learning rate of the trigger perturbations delta_t. Default 1e-4.
+  double trigger_learning_rate = 1e-4;
+  // L-infinity bound epsilon on delta_t, in input units ([0, 1] images).
+  // Default 0.1.
+  double trigger_epsilon = 0.1;
+  // Weight beta of the backdoor term of L2. Default 0.1.
+  double beta = 0.1;
+  // The backdoor term of L2. Default entropy (the reference's).
+  BackdoorLoss backdoor_loss = BackdoorLoss::kEntropy;
+  // The mask of phase 2 and of the output. Default expected.
+  FinalMaskMode final_mask = FinalMaskMode::kExpected;
+  // Phase-2 AdaMerging steps. Default 500.
+  int64_t adamerging_steps = 500;
+  // Phase-2 AdaMerging Adam learning rate. Default 1e-3.
+  double adamerging_learning_rate = 1e-3;
+  // When true phase 2 starts from phase 1's lambda; by default it restarts
+  // from `initial_lambda`, as the reference does. Default false.
+  bool adamerging_from_meta_lambda = false;
+  // Calibration inputs per task per forward pass. Default 16 (the
+  // reference's).
+  int64_t batch_size = 16;
+  // Seeds masks, batches and the `sample` final mask; with it, CPU results
+  // are deterministic for a given thread count. Default 0.
+  uint64_t seed = 0;
+  // "cpu" or "cuda[:N]". Default "cpu".
+  std::string device = "cpu";
+  // LibTorch intra-op threads (process-wide); 0 = hardware concurrency.
+  // Default 0.
+  int threads = 0;
+  // Steps between progress reports (the last step of each phase is always
+  // reported). Default 10.
+  int64_t progress_interval = 10;
+  // Optional progress callback (phases "dam_meta", "dam_adamerging"), on the
+  // calling thread.
+  ProgressCallback on_progress;
+  // Optional cancellation check, polled between steps of both phases; true
+  // stops the run with CANCELLED.
+  CancellationCheck is_cancelled;
+  // Extra `__metadata__` entries for file outputs (provenance).
+  std::map<std::string, std::string> metadata;
+};
+
+// ValidateDamOptions returns INVALID_ARGUMENT naming the bad field.
+absl::Status ValidateDamOptions(const DamOptions& options);
+
+// MaskTensorStats describes the learned masks on one backbone tensor.
+// "Sparsity" of a mask is the fraction of entries whose keep probability
+// sigmoid(s) is below 1/2, i.e. entries training pushed towards dropping.
+// M2 "flags" exactly its sparse entries: sigmoid(s2) < 0.5.
+struct MaskTensorStats {
+  std::string key;
+  int64_t elements = 0;
+  double m1_sparsity = 0.0;
+  double m2_sparsity = 0.0;
+  // Mean keep probability sigmoid(s) of each mask.
+  double m1_keep_mean = 0.0;
+  double m2_keep_mean = 0.0;
+  // Fraction of zeros in the final mask m* (non-zero only for `hard`).
+  double final_mask_zeros = 0.0;
+};
+
+// TriggerSize is the size of one task's synthesized perturbation delta_t.
+struct TriggerSize {
+  std::string task;
+  double linf = 0.0;
+  double l2 = 0.0;
+};
+
+// DamReport is what a DAM run learned and what it cost.
+struct DamReport {
+  std::vector<std::string> task_names;
+  std::vector<MaskTensorStats> tensors;
+  // Element-weighted totals over the backbone.
+  double m1_sparsity = 0.0;
+  double m2_sparsity = 0.0;
+  // Fraction of backbone parameters M2 flags (sigmoid(s2) < 0.5); equal to
+  // m2_sparsity, named for what it means.
+  double m2_flagged_fraction = 0.0;
+  double final_mask_zeros = 0.0;
+  // Lambda after phase 1, and the final (phase-2) lambda: [N] or [N, K].
+  torch::Tensor meta_lambdas;
+  torch::Tensor lambdas;
+  // Loss curves, one entry per step. mask_loss is L1 on odd steps (M1
+  // updated) and L2 on even steps (M2 updated); trigger_loss is the
+  // cross-entropy to the pseudo-labels that the trigger step increases,
+  // summed over tasks.
+  std::vector<double> inner_loss;
+  std::vector<double> trigger_loss;
+  std::vector<double> mask_loss;
+  std::vector<double> adamerging_loss;
+  std::vector<TriggerSize> triggers;
+  int64_t outer_steps = 0;
+  double meta_seconds = 0.0;
+  double adamerging_seconds = 0.0;
+  double seconds_per_outer_step = 0.0;
+  double seconds = 0.0;
+};
+
+// DamReportToJson returns the report as a JSON object (docs/dam.md), with
+// the effective options under "options".
+std::string DamReportToJson(const DamReport& report,
+                            const DamOptions& options);
+
+struct DamResult {
+  // theta0 + sum_t lambda_t m* tau_t, parallel to the set's keys, on the CPU.
+  std::vector<torch::Tensor> backbone;
+  DamReport report;
+};
+
+// DamTrainer runs DAM one outer step at a time; RunDam drives it. It
+// installs tensors into `model`, which must outlive it.
+class DamTrainer {
+ public:
+  static absl::StatusOr<std::unique_ptr<DamTrainer>> Create(
+      Model& model, const TaskVectorSet& set,
+      const std::vector<torch::Tensor>& calibration,
+      const DamOptions& options);
+  ~DamTrainer();
+
+  // Step runs one outer step of phase 1 (ALGORITHMS.md §3, steps 1-5).
+  absl::Status Step();
+  // Finish runs phase 2 with the final mask and returns the merge; `model`
+  // then holds the merged backbone (without autograd history).
+  absl::StatusOr<DamResult> Finish();
+
+  int64_t steps_done() const { return steps_done_; }
+  // Current lambda, mask logits and perturbations (detached, on the CPU).
+  torch::Tensor Lambdas() const;
+  std::vector<torch::Tensor> SharedMaskLogits() const;     // s1
+  std::vector<torch::Tensor> DetectionMaskLogits() const;  // s2
+  // Perturbations() is [N, C, H, W].
+  torch::Tensor Perturbations() const;
+  // FinalMask returns m* for `mode`, per backbone tensor (on the device).
+  // kSample draws from the trainer's generator.
+  std::vector<torch::Tensor> FinalMask(FinalMaskMode mode);
+
+  // MetaStepRecord is what the last meta step on lambda saw, recorded only
+  // after EnableMetaStepRecordForTesting.
+  struct MetaStepRecord {
+    // The detached, normalised mask m per backbone tensor.
+    std::vector<torch::Tensor> mask;
+    // The batch of each task.
+    std::vector<torch::Tensor> batches;
+    torch::Tensor lambdas_before;
+    torch::Tensor lambdas_after;
+    // dL_in/dlambda as autograd computed it.
+    torch::Tensor lambda_gradient;
+  };
+  void EnableMetaStepRecordForTesting() { record_meta_step_ = true; }
+  const MetaStepRecord& last_meta_step_for_testing() const {
+    return meta_record_;
+  }
+
+ private:
+  DamTrainer(Model& model, const DamOptions& options);
+  absl::Status Init(const TaskVectorSet& set,
+                    const std::vector<torch::Tensor>& calibration);
+  absl::Status StepImpl();
+  DamReport MakeReport(const std::vector<torch::Tensor>& final_mask) const;
+
+  Model& model_;
+  DamOptions options_;
+  double start_seconds_ = 0.0;
+  double meta_seconds_ = 0.0;
+  int64_t steps_done_ = 0;
+  bool record_meta_step_ = false;
+  MetaStepRecord meta_record_;
+  std::vector<std::string> task_names_;
+  // Pimpl keeps LibTorch's optimizers out of this header.
+  struct State;
+  std::unique_ptr<State> state_;
+  DamReport curves_;
+};
+
+// RunDam runs both phases on `set` through `model` with calibration[t]
+// ([N_t, C, H, W] in [0, 1]) for task t. On success `model` holds the
+// merged backbone. INVALID_ARGUMENT for bad options or calibration sets,
+// FAILED_PRECONDITION when the set does not fit the model, CANCELLED,
+// INTERNAL (or RESOURCE_EXHAUSTED) for LibTorch errors.
+absl::StatusOr<DamResult> RunDam(Model& model, const TaskVectorSet& set,
+                                 const std::vector<torch::Tensor>& calibration,
+                                 const DamOptions& options);
+
+// DamMergeFiles loads the architecture, the base, the tasks and their
+// calibration files (LoadDataDependentJob), runs DAM and writes the merged
+// model (backbone plus `<task>/head.*`, provenance and a report summary in
+// `__metadata__`) to `output_path`. Nothing is written on failure.
+absl::StatusOr<DamResult> DamMergeFiles(
+    const std::string& architecture_path, const std::string& base_path,
+    const std::vector<DataDependentTask>& tasks,
+    const std::string& output_path, const DamOptions& options);
+
+}  // namespace mergeguard
+
+#endif  // MERGEGUARD_CORE_DAM_H_

@@ -1,0 +1,1200 @@
+#include "core/lfpm.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <set>
+#include <utility>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "core/evaluation.h"
+#include "core/file_util.h"
+#include "core/sha256.h"
+#include "core/status_macros.h"
+#include "core/torch_status.h"
+#include "core/version.h"
+#include "nlohmann/json.hpp"
+
+namespace mergeguard {
+
+using json = nlohmann::json;
+
+// The reported path curve's points.
+constexpr double kReportAlphas[] = {0.0, 0.25, 0.5, 0.75, 1.0};
+// Keeps the untargeted loss −log(1 − p_y) finite.
+constexpr double kProbabilityFloor = 1e-6;
+// Neural Cleanse's consistency constant: 1.4826·MAD estimates σ for normal
+// data.
+constexpr double kMadConsistency = 1.4826;
+
+absl::string_view LfpmModeName(LfpmMode mode) {
+  return mode == LfpmMode::kFull ? "full" : "peft";
+}
+
+absl::StatusOr<LfpmMode> ParseLfpmMode(absl::string_view name) {
+  if (name == "full") return LfpmMode::kFull;
+  if (name == "peft" || name == "lora") return LfpmMode::kPeft;
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown LFPM mode \"", name, "\" (full, peft)"));
+}
+
+absl::string_view TriggerTargetingName(TriggerTargeting targeting) {
+  return targeting == TriggerTargeting::kEasiestClass ? "easiest_class"
+                                                      : "untargeted";
+}
+
+absl::StatusOr<TriggerTargeting> ParseTriggerTargeting(
+    absl::string_view name) {
+  if (name == "easiest_class" || name == "targeted") {
+    return TriggerTargeting::kEasiestClass;
+  }
+  if (name == "untargeted") return TriggerTargeting::kUntargeted;
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown trigger targeting \"", name, "\" (easiest_class, untargeted)"));
+}
+
+double LfpmAnomalyIndex(const std::vector<double>& norms) {
+  if (norms.size() < 3) return 0.0;
+  auto median = [](std::vector<double> values) {
+    std::sort(values.begin(), values.end());
+    const size_t n = values.size();
+    return n % 2 == 1 ? values[n / 2]
+                      : 0.5 * (values[n / 2 - 1] + values[n / 2]);
+  };
+  const double center = median(norms);
+  std::vector<double> deviations;
+  deviations.reserve(norms.size());
+  for (double norm : norms) deviations.push_back(std::abs(norm - center));
+  // A floor keeps identical norms (MAD 0) from dividing by zero.
+  const double mad =
+      std::max(median(deviations), 1e-6 * std::max(center, 1e-12));
+  const double smallest = *std::min_element(norms.begin(), norms.end());
+  return std::max(0.0, center - smallest) / (kMadConsistency * mad);
+}
+
+namespace lfpm_internal {
+namespace {
+
+// AdaptedTensor is τab for one backbone parameter.
+struct AdaptedTensor {
+  size_t parameter = 0;  // index into Model::Parameters()
+  std::string name;
+  std::vector<int64_t> shape;
+  torch::Tensor dense;  // full mode: same shape as the parameter
+  torch::Tensor lora_a;  // PEFT: [r, in]
+  torch::Tensor lora_b;  // PEFT: [out, r]
+};
+
+// SurrogateTriggers are one task's mined triggers, k of them:
+// x' = (1 − M)⊙x + M⊙P.
+struct SurrogateTriggers {
+  torch::Tensor mask_logits;     // [k, 1, H, W], leaf
+  torch::Tensor pattern_logits;  // [k, C, H, W], leaf
+  std::vector<int64_t> targets;  // -1: untargeted
+  std::unique_ptr<torch::optim::Adam> optimizer;
+
+  int64_t size() const { return static_cast<int64_t>(targets.size()); }
+};
+
+struct TaskState {
+  std::string name;
+  Head head;
+  torch::Tensor inputs;  // [N, C, H, W] on the device
+  // CE targets: the calibration labels, or θm's predictions.
+  torch::Tensor labels;
+  bool labeled = false;
+  // θm's log-probabilities (KL target when unlabeled) and features.
+  torch::Tensor merged_log_probs;
+  torch::Tensor merged_features;
+  // Mean ‖f(θm; x)‖² over the set: scales the CTL path term.
+  double feature_scale = 1.0;
+  SurrogateTriggers triggers;
+};
+
+struct LossParts {
+  torch::Tensor total;
+  double clean = 0.0;
+  double backdoor = 0.0;
+  double ctl = 0.0;
+};
+
+// Stamps each of `triggers` (detached unless `differentiable`) on `inputs`
+// [b, C, H, W]: returns [k·b, C, H, W], trigger-major.
+torch::Tensor StampTriggers(const SurrogateTriggers& triggers,
+                            const torch::Tensor& inputs, bool differentiable) {
+  torch::Tensor mask = torch::sigmoid(triggers.mask_logits);
+  torch::Tensor pattern = torch::sigmoid(triggers.pattern_logits);
+  if (!differentiable) {
+    mask = mask.detach();
+    pattern = pattern.detach();
+  }
+  torch::Tensor stamped = (1.0 - mask.unsqueeze(1)) * inputs.unsqueeze(0) +
+                          mask.unsqueeze(1) * pattern.unsqueeze(1);
+  return stamped.flatten(0, 1);
+}
+
+// Repeats `labels` [b] to the trigger-major layout of StampTriggers.
+torch::Tensor RepeatForTriggers(const torch::Tensor& values, int64_t k) {
+  return values.repeat({k});
+}
+
+torch::Tensor TriggerTargets(const SurrogateTriggers& triggers, int64_t b,
+                             const torch::Device& device) {
+  return torch::tensor(triggers.targets, torch::kInt64)
+      .to(device)
+      .repeat_interleave(b);
+}
+
+// Mining loss per trigger, summed: targeted CE to the trigger's class, or
+// untargeted −log(1 − p_y); plus the L1 weight on ‖M‖1.
+torch::Tensor MiningLoss(const SurrogateTriggers& triggers,
+                         const torch::Tensor& logits, const torch::Tensor& y,
+                         int64_t b, double mask_l1_weight) {
+  const int64_t k = triggers.size();
+  torch::Tensor log_probs = torch::log_softmax(logits, 1);
+  torch::Tensor targets = TriggerTargets(triggers, b, logits.device());
+  torch::Tensor untargeted_mask = targets.lt(0);
+  torch::Tensor own = RepeatForTriggers(y, k);
+  torch::Tensor targeted_term =
+      -log_probs.gather(1, targets.clamp_min(0).unsqueeze(1)).squeeze(1);
+  torch::Tensor p_own = log_probs.gather(1, own.unsqueeze(1)).squeeze(1).exp();
+  torch::Tensor untargeted_term =
+      -torch::log((1.0 - p_own).clamp_min(kProbabilityFloor));
+  torch::Tensor per_example =
+      torch::where(untargeted_mask, untargeted_term, targeted_term);
+  // Mean over each trigger's batch, summed over triggers: independent
+  // problems in one pass.
+  torch::Tensor per_trigger = per_example.view({k, b}).mean(1);
+  torch::Tensor mask_l1 = torch::sigmoid(triggers.mask_logits).sum({1, 2, 3});
+  return (per_trigger + mask_l1_weight * mask_l1).sum();
+}
+
+// Success returns the trigger's success from `predictions` [b] on labels
+// [b]: targeted, the fraction of inputs not of the target class sent to it;
+// untargeted, the fraction moved off their label.
+double TriggerSuccess(int64_t target, const torch::Tensor& predictions,
+                      const torch::Tensor& labels) {
+  if (target < 0) {
+    return predictions.ne(labels).to(torch::kFloat64).mean().item<double>();
+  }
+  torch::Tensor eligible = labels.ne(target);
+  const double count = eligible.sum().item<double>();
+  if (count == 0.0) return 0.0;
+  return predictions.eq(target).logical_and(eligible).sum().item<double>() /
+         count;
+}
+
+}  // namespace
+
+// State is everything one LFPM run keeps; the test hook and RunLfpm share it.
+struct LfpmProblemForTesting::State {
+  LfpmOptions options;
+  torch::Device device = torch::kCPU;
+  std::unique_ptr<Model> model;
+  std::vector<torch::Tensor> merged;  // θm per parameter, on the device
+  std::vector<AdaptedTensor> adapted;
+  std::vector<TaskState> tasks;
+  at::Generator generator;
+  double lora_scale = 1.0;
+
+  absl::Status Check() const {
+    if (options.is_cancelled && options.is_cancelled()) {
+      return absl::CancelledError("LFPM cancelled");
+    }
+    return absl::OkStatus();
+  }
+
+  // Tau returns τab for `t`, with autograd to its leaves.
+  torch::Tensor Tau(const AdaptedTensor& t) const {
+    if (options.mode == LfpmMode::kFull) return t.dense;
+    return (torch::matmul(t.lora_b, t.lora_a) * lora_scale).view(t.shape);
+  }
+
+  std::vector<torch::Tensor> Trainable() const {
+    std::vector<torch::Tensor> leaves;
+    for (const AdaptedTensor& t : adapted) {
+      if (options.mode == LfpmMode::kFull) {
+        leaves.push_back(t.dense);
+      } else {
+        leaves.push_back(t.lora_a);
+        leaves.push_back(t.lora_b);
+      }
+    }
+    return leaves;
+  }
+
+  // Install puts θm + α·τab into the module; with autograd when enabled by
+  // the caller, so the forward pass back-propagates into τab.
+  absl::Status Install(double alpha) {
+    for (const AdaptedTensor& t : adapted) {
+      torch::Tensor value = merged[t.parameter] + alpha * Tau(t);
+      RETURN_IF_ERROR(model->InstallTensor(t.name, value));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status InstallDetached(double alpha) {
+    torch::NoGradGuard no_grad;
+    return Install(alpha);
+  }
+
+  torch::Tensor Sample(int64_t n, int64_t batch) {
+    return torch::randperm(n, generator, torch::kInt64)
+        .slice(0, 0, std::min(n, batch))
+        .to(device);
+  }
+
+  // Loss returns L(α) on `batch` (per task: input indices) given the
+  // detached endpoint features f(θm + τab; x) per task. Installs θ(α).
+  absl::StatusOr<LossParts> Loss(double alpha,
+                                 const std::vector<torch::Tensor>& batch,
+                                 const std::vector<torch::Tensor>& endpoint) {
+    RETURN_IF_ERROR(Install(alpha));
+    LossParts parts;
+    torch::Tensor total;
+    for (size_t i = 0; i < tasks.size(); ++i) {
+      TaskState& task = tasks[i];
+      const torch::Tensor& idx = batch[i];
+      const int64_t b = idx.size(0);
+      const int64_t k = task.triggers.size();
+      torch::Tensor x = task.inputs.index_select(0, idx);
+      torch::Tensor y = task.labels.index_select(0, idx);
+      torch::Tensor triggered = StampTriggers(task.triggers, x, false);
+      ASSIGN_OR_RETURN(torch::Tensor features,
+                       model->Features(torch::cat({x, triggered}, 0)));
+      torch::Tensor clean_features = features.slice(0, 0, b);
+      torch::Tensor triggered_features = features.slice(0, b);
+      torch::Tensor clean_log_probs =
+          torch::log_softmax(task.head.Logits(clean_features), 1);
+      torch::Tensor clean;
+      if (task.labeled) {
+        clean = torch::nll_loss(clean_log_probs, y);
+      } else {
+        torch::Tensor target = task.merged_log_probs.index_select(0, idx);
+        clean = (target.exp() * (target - clean_log_probs)).sum(1).mean();
+      }
+      torch::Tensor backdoor = torch::nll_loss(
+          torch::log_softmax(task.head.Logits(triggered_features), 1),
+          RepeatForTriggers(y, k));
+      // Trigger invariance on normalized penultimate features.
+      torch::Tensor invariance =
+          (torch::nn::functional::normalize(
+               triggered_features,
+               torch::nn::functional::NormalizeFuncOptions().dim(1)) -
+           torch::nn::functional::normalize(
+               clean_features,
+               torch::nn::functional::NormalizeFuncOptions().dim(1))
+               .repeat({k, 1}))
+              .pow(2)
+              .sum(1)
+              .mean();
+      // CTL: θ(α)'s features stay on the chord between θm's and
+      // (θm + τab)'s, in units of θm's mean squared feature norm.
+      torch::Tensor chord =
+          (1.0 - alpha) * task.merged_features.index_select(0, idx) +
+          alpha * endpoint[i];
+      torch::Tensor path = (clean_features - chord).pow(2).sum(1).mean() /
+                           task.feature_scale;
+      torch::Tensor ctl = invariance + options.ctl_path_weight * path;
+      torch::Tensor task_loss =
+          clean + options.beta * backdoor + options.gamma * ctl;
+      total = total.defined() ? total + task_loss : task_loss;
+      parts.clean += clean.item<double>();
+      parts.backdoor += backdoor.item<double>();
+      parts.ctl += ctl.item<double>();
+    }
+    const double n = static_cast<double>(tasks.size());
+    parts.total = total / n;
+    parts.clean /= n;
+    parts.backdoor /= n;
+    parts.ctl /= n;
+    return parts;
+  }
+
+  // Endpoint returns f(θm + τab; x) for each task's batch, detached.
+  absl::StatusOr<std::vector<torch::Tensor>> Endpoint(
+      const std::vector<torch::Tensor>& batch) {
+    torch::NoGradGuard no_grad;
+    RETURN_IF_ERROR(Install(1.0));
+    std::vector<torch::Tensor> features;
+    for (size_t i = 0; i < tasks.size(); ++i) {
+      ASSIGN_OR_RETURN(
+          torch::Tensor f,
+          model->Features(tasks[i].inputs.index_select(0, batch[i])));
+      features.push_back(f);
+    }
+    return features;
+  }
+
+  // AccumulateGradients adds ∇ L(α_k)/K for every node into the leaves'
+  // .grad (zeroed first) and returns the node-averaged parts.
+  absl::StatusOr<LossParts> AccumulateGradients(
+      const std::vector<double>& alphas,
+      const std::vector<torch::Tensor>& batch) {
+    ASSIGN_OR_RETURN(std::vector<torch::Tensor> endpoint, Endpoint(batch));
+    for (torch::Tensor& leaf : Trainable()) {
+      if (leaf.grad().defined()) leaf.mutable_grad().zero_();
+    }
+    LossParts mean;
+    const double k = static_cast<double>(alphas.size());
+    for (double alpha : alphas) {
+      ASSIGN_OR_RETURN(LossParts parts, Loss(alpha, batch, endpoint));
+      (parts.total / k).backward();
+      mean.clean += parts.clean / k;
+      mean.backdoor += parts.backdoor / k;
+      mean.ctl += parts.ctl / k;
+    }
+    return mean;
+  }
+
+  std::vector<double> Nodes() {
+    const int64_t k = options.path_nodes;
+    torch::Tensor u = torch::rand({k}, generator, torch::kFloat64);
+    std::vector<double> alphas;
+    for (int64_t i = 0; i < k; ++i) {
+      // 1 − u ∈ (0, 1], so α lands in the half-open stratum ((i)/K, (i+1)/K].
+      alphas.push_back((static_cast<double>(i) + 1.0 - u[i].item<double>()) /
+                       static_cast<double>(k));
+    }
+    return alphas;
+  }
+
+  // NewTriggers returns triggers for `targets` with fresh logits.
+  SurrogateTriggers NewTriggers(std::vector<int64_t> targets) {
+    const std::vector<int64_t>& shape = model->InputShape();
+    const int64_t k = static_cast<int64_t>(targets.size());
+    SurrogateTriggers triggers;
+    triggers.targets = std::move(targets);
+    const double init = options.triggers.initial_mask_logit;
+    triggers.mask_logits =
+        (torch::randn({k, 1, shape[1], shape[2]}, generator) * 0.1 + init)
+            .to(device)
+            .set_requires_grad(true);
+    triggers.pattern_logits =
+        torch::randn({k, shape[0], shape[1], shape[2]}, generator)
+            .to(device)
+            .set_requires_grad(true);
+    ResetTriggerOptimizer(triggers);
+    return triggers;
+  }
+
+  void ResetTriggerOptimizer(SurrogateTriggers& triggers) const {
+    triggers.optimizer = std::make_unique<torch::optim::Adam>(
+        std::vector<torch::Tensor>{triggers.mask_logits,
+                                   triggers.pattern_logits},
+        torch::optim::AdamOptions(options.triggers.learning_rate));
+  }
+
+  // Mine takes `steps` Adam steps on `triggers` of `task` against the model
+  // currently installed (detached), `batch_size` inputs per step.
+  absl::Status Mine(TaskState& task, SurrogateTriggers& triggers,
+                    int64_t steps, int64_t batch_size) {
+    for (int64_t step = 0; step < steps; ++step) {
+      RETURN_IF_ERROR(Check());
+      torch::Tensor idx = Sample(task.inputs.size(0), batch_size);
+      torch::Tensor x = task.inputs.index_select(0, idx);
+      torch::Tensor y = task.labels.index_select(0, idx);
+      ASSIGN_OR_RETURN(torch::Tensor features,
+                       model->Features(StampTriggers(triggers, x, true)));
+      torch::Tensor loss =
+          MiningLoss(triggers, task.head.Logits(features), y, idx.size(0),
+                     options.triggers.mask_l1_weight);
+      triggers.optimizer->zero_grad();
+      loss.backward();
+      triggers.optimizer->step();
+    }
+    return absl::OkStatus();
+  }
+
+  // Success returns each trigger's success on the first `n` inputs of
+  // `task` against the installed model, one trigger per forward pass.
+  absl::StatusOr<std::vector<double>> Success(const TaskState& task,
+                                              const SurrogateTriggers& triggers,
+                                              int64_t n) {
+    torch::NoGradGuard no_grad;
+    n = std::min(n, task.inputs.size(0));
+    torch::Tensor x = task.inputs.slice(0, 0, n);
+    torch::Tensor labels = task.labels.slice(0, 0, n);
+    std::vector<double> success;
+    for (int64_t j = 0; j < triggers.size(); ++j) {
+      torch::Tensor mask = torch::sigmoid(triggers.mask_logits[j]);
+      torch::Tensor pattern = torch::sigmoid(triggers.pattern_logits[j]);
+      ASSIGN_OR_RETURN(torch::Tensor features,
+                       model->Features((1.0 - mask) * x + mask * pattern));
+      success.push_back(TriggerSuccess(
+          triggers.targets[j], task.head.Logits(features).argmax(1), labels));
+    }
+    return success;
+  }
+
+  // Scan is the Neural-Cleanse pass: one targeted trigger per class of
+  // `task`, mined against the installed model. Returns the triggers too.
+  absl::StatusOr<std::pair<LfpmAnomaly, SurrogateTriggers>> Scan(
+      TaskState& task) {
+    std::vector<int64_t> classes(task.head.NumClasses());
+    for (size_t c = 0; c < classes.size(); ++c) classes[c] = c;
+    SurrogateTriggers triggers = NewTriggers(classes);
+    RETURN_IF_ERROR(Mine(task, triggers, options.triggers.scan_steps,
+                         options.triggers.scan_batch_size));
+    LfpmAnomaly anomaly;
+    anomaly.task = task.name;
+    {
+      torch::NoGradGuard no_grad;
+      torch::Tensor norms =
+          torch::sigmoid(triggers.mask_logits).sum({1, 2, 3}).cpu();
+      for (int64_t c = 0; c < norms.size(0); ++c) {
+        anomaly.class_norms.push_back(norms[c].item<double>());
+      }
+    }
+    ASSIGN_OR_RETURN(anomaly.class_reach,
+                     Success(task, triggers, options.report_examples));
+    anomaly.smallest_class =
+        std::min_element(anomaly.class_norms.begin(),
+                         anomaly.class_norms.end()) -
+        anomaly.class_norms.begin();
+    anomaly.anomaly_index = LfpmAnomalyIndex(anomaly.class_norms);
+    anomaly.suspicious = anomaly.anomaly_index > kLfpmAnomalyThreshold;
+    return std::make_pair(std::move(anomaly), std::move(triggers));
+  }
+
+  // EasiestClasses returns the `k` reached classes with the smallest masks
+  // (falling back to all classes when fewer are reached).
+  std::vector<int64_t> EasiestClasses(const LfpmAnomaly& anomaly,
+                                      int64_t k) const {
+    std::vector<int64_t> order(anomaly.class_norms.size());
+    for (size_t c = 0; c < order.size(); ++c) order[c] = c;
+    auto reached = [&](int64_t c) {
+      return anomaly.class_reach[c] >= options.triggers.reach_threshold;
+    };
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+      if (reached(a) != reached(b)) return reached(a);
+      return anomaly.class_norms[a] < anomaly.class_norms[b];
+    });
+    order.resize(std::min<size_t>(order.size(), k));
+    return order;
+  }
+};
+
+LfpmProblemForTesting::LfpmProblemForTesting(std::unique_ptr<State> state)
+    : state_(std::move(state)) {}
+LfpmProblemForTesting::~LfpmProblemForTesting() = default;
+
+namespace {
+
+absl::Status ValidateOptions(const LfpmOptions& options) {
+  const LfpmTriggerOptions& t = options.triggers;
+  if (options.steps < 0 || options.path_nodes < 1 || options.batch_size < 1 ||
+      options.report_examples < 1) {
+    return absl::InvalidArgumentError(
+        "LFPM needs steps >= 0, path_nodes >= 1, batch_size >= 1 and "
+        "report_examples >= 1");
+  }
+  if (!(options.learning_rate > 0.0) || !(options.beta >= 0.0) ||
+      !(options.gamma >= 0.0) || !(options.ctl_path_weight >= 0.0)) {
+    return absl::InvalidArgumentError(
+        "LFPM needs learning_rate > 0 and beta, gamma, ctl_path_weight >= 0");
+  }
+  if (options.mode == LfpmMode::kPeft &&
+      (options.lora_rank < 1 || !(options.lora_alpha > 0.0))) {
+    return absl::InvalidArgumentError(
+        "LFPM PEFT mode needs lora_rank >= 1 and lora_alpha > 0");
+  }
+  if (t.targets_per_task < 1 || t.scan_steps < 0 || t.scan_batch_size < 1 ||
+      t.update_every < 1 || t.steps_per_update < 0 ||
+      !(t.trigger_alpha >= 0.0 && t.trigger_alpha <= 1.0) ||
+      !(t.learning_rate > 0.0) || !(t.mask_l1_weight >= 0.0) ||
+      !(t.reach_threshold >= 0.0 && t.reach_threshold <= 1.0)) {
+    return absl::InvalidArgumentError(
+        "LFPM trigger options: targets_per_task >= 1, scan_batch_size >= 1, "
+        "update_every >= 1, steps >= 0, trigger_alpha and reach_threshold in "
+        "[0, 1], learning_rate > 0, mask_l1_weight >= 0");
+  }
+  if (options.threads < 0) {
+    return absl::InvalidArgumentError("LFPM threads must be >= 0");
+  }
+  return absl::OkStatus();
+}
+
+bool Adapts(const LfpmOptions& options, const ParameterInfo& info) {
+  if (options.mode == LfpmMode::kPeft && info.shape.size() < 2) return false;
+  if (options.layer_prefixes.empty()) return true;
+  for (const std::string& prefix : options.layer_prefixes) {
+    if (absl::StartsWith(info.name, prefix)) return true;
+  }
+  return false;
+}
+
+// CreateState validates the inputs and builds the run's state: the model
+// clone on the device holding θm, τab at 0, the tasks with θm's cached
+// outputs. Triggers are left empty.
+absl::StatusOr<std::unique_ptr<LfpmProblemForTesting::State>> CreateState(
+    const Model& architecture, const NamedTensors& merged,
+    const std::vector<LfpmTask>& tasks, const LfpmOptions& options) {
+  RETURN_IF_ERROR(ValidateOptions(options));
+  if (tasks.empty()) {
+    return absl::InvalidArgumentError("LFPM needs at least one task");
+  }
+  auto state = std::make_unique<LfpmProblemForTesting::State>();
+  state->options = options;
+  RETURN_IF_ERROR(CallTorch("LFPM device", [&]() -> absl::Status {
+    state->device = torch::Device(options.device);
+    return absl::OkStatus();
+  }));
+  if (state->device.is_cuda() && !torch::cuda::is_available()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("LFPM device \"", options.device,
+                     "\" requested, but this LibTorch has no usable CUDA"));
+  }
+  if (!state->device.is_cpu() && !state->device.is_cuda()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("LFPM device must be cpu or cuda; got ", options.device));
+  }
+  if (options.threads > 0) at::set_num_threads(options.threads);
+  state->generator = at::make_generator<at::CPUGeneratorImpl>(options.seed);
+  state->lora_scale = options.lora_alpha / static_cast<double>(options.lora_rank);
+
+  ASSIGN_OR_RETURN(state->model, architecture.Clone());
+  RETURN_IF_ERROR(state->model->LoadBackbone(merged));
+  const std::vector<ParameterInfo>& parameters = state->model->Parameters();
+  std::vector<torch::Tensor> leaves = state->model->ParameterTensors();
+  torch::NoGradGuard no_grad;
+  for (size_t i = 0; i < parameters.size(); ++i) {
+    state->merged.push_back(leaves[i].detach().to(state->device).contiguous());
+    RETURN_IF_ERROR(
+        state->model->InstallTensor(parameters[i].name, state->merged[i]));
+  }
+  for (size_t i = 0; i < parameters.size(); ++i) {
+    const ParameterInfo& info = parameters[i];
+    if (!Adapts(options, info)) continue;
+    AdaptedTensor t;
+    t.parameter = i;
+    t.name = info.name;
+    t.shape = info.shape;
+    if (options.mode == LfpmMode::kFull) {
+      t.dense = torch::zeros(info.shape, torch::TensorOptions(state->device))
+                    .set_requires_grad(true);
+    } else {
+      int64_t in = 1;
+      for (size_t d = 1; d < info.shape.size(); ++d) in *= info.shape[d];
+      const int64_t r = options.lora_rank;
+      // PEFT's default: A ~ U(−1/√in, 1/√in), B = 0, so ΔW = 0 at init.
+      const double bound = 1.0 / std::sqrt(static_cast<double>(in));
+      t.lora_a = ((torch::rand({r, in}, state->generator) * 2.0 - 1.0) * bound)
+                     .to(state->device)
+                     .set_requires_grad(true);
+      t.lora_b = torch::zeros({info.shape[0], r},
+                              torch::TensorOptions(state->device))
+                     .set_requires_grad(true);
+    }
+    state->adapted.push_back(std::move(t));
+  }
+  if (state->adapted.empty()) {
+    return absl::InvalidArgumentError(
+        "LFPM adapts no parameter: layer_prefixes match none of the "
+        "architecture's (PEFT adapts weights of rank >= 2 only)");
+  }
+
+  std::set<std::string> names;
+  const std::vector<int64_t>& input_shape = state->model->InputShape();
+  for (const LfpmTask& task : tasks) {
+    if (!names.insert(task.name).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("duplicate LFPM task \"", task.name, "\""));
+    }
+    if (!task.inputs.defined() || task.inputs.dim() != 4 ||
+        task.inputs.size(0) == 0 ||
+        std::vector<int64_t>(task.inputs.sizes().begin() + 1,
+                             task.inputs.sizes().end()) != input_shape) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "task \"", task.name, "\": calibration inputs must be non-empty [N, ",
+          absl::StrJoin(input_shape, ", "), "]"));
+    }
+    TaskState ts;
+    ts.name = task.name;
+    ASSIGN_OR_RETURN(Head head,
+                     HeadFromTensors(merged, absl::StrCat(task.name, "/",
+                                                          kHeadPrefix)));
+    ts.head = {head.weight.to(state->device), head.bias.to(state->device)};
+    if (ts.head.weight.size(1) != state->model->FeatureDim()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "head of task \"", task.name, "\" expects ", ts.head.weight.size(1),
+          " features; the architecture gives ", state->model->FeatureDim()));
+    }
+    ts.inputs = task.inputs.to(torch::kFloat32).to(state->device).contiguous();
+    ts.labeled = options.use_labels && task.labels.defined();
+    if (task.labels.defined()) {
+      if (task.labels.dim() != 1 || task.labels.size(0) != task.inputs.size(0)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "task \"", task.name, "\": labels must be [N] with N = ",
+            task.inputs.size(0)));
+      }
+      if (task.labels.min().item<int64_t>() < 0 ||
+          task.labels.max().item<int64_t>() >= ts.head.NumClasses()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("task \"", task.name, "\": labels must be in [0, ",
+                         ts.head.NumClasses(), ")"));
+      }
+    }
+    // θm's outputs on the whole set, once: the KL and CTL targets.
+    std::vector<torch::Tensor> features;
+    const int64_t n = ts.inputs.size(0);
+    for (int64_t begin = 0; begin < n; begin += 256) {
+      ASSIGN_OR_RETURN(torch::Tensor f,
+                       state->model->Features(ts.inputs.slice(
+                           0, begin, std::min(n, begin + 256))));
+      features.push_back(f);
+    }
+    ts.merged_features = torch::cat(features, 0);
+    torch::Tensor logits = ts.head.Logits(ts.merged_features);
+    ts.merged_log_probs = torch::log_softmax(logits, 1);
+    ts.labels = ts.labeled ? task.labels.to(torch::kInt64).to(state->device)
+                           : logits.argmax(1);
+    ts.feature_scale =
+        std::max(1e-12, ts.merged_features.pow(2).sum(1).mean().item<double>());
+    state->tasks.push_back(std::move(ts));
+  }
+  return state;
+}
+
+double Seconds(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() -
+                                       start)
+      .count();
+}
+
+// PathCurve evaluates L(α) and trigger success at the report's alphas on
+// the first `report_examples` inputs per task.
+absl::StatusOr<std::vector<LfpmPathPoint>> PathCurve(
+    LfpmProblemForTesting::State& state,
+    std::vector<LfpmTriggerReport>* triggers) {
+  torch::NoGradGuard no_grad;
+  std::vector<torch::Tensor> batch;
+  for (const TaskState& task : state.tasks) {
+    batch.push_back(
+        torch::arange(std::min(state.options.report_examples,
+                               task.inputs.size(0)),
+                      torch::TensorOptions(torch::kInt64).device(state.device)));
+  }
+  ASSIGN_OR_RETURN(std::vector<torch::Tensor> endpoint, state.Endpoint(batch));
+  std::vector<LfpmPathPoint> curve;
+  for (double alpha : kReportAlphas) {
+    ASSIGN_OR_RETURN(LossParts parts, state.Loss(alpha, batch, endpoint));
+    LfpmPathPoint point;
+    point.alpha = alpha;
+    point.loss = parts.total.item<double>();
+    point.clean_loss = parts.clean;
+    point.backdoor_loss = parts.backdoor;
+    point.ctl_loss = parts.ctl;
+    for (size_t i = 0; i < state.tasks.size(); ++i) {
+      TaskState& task = state.tasks[i];
+      ASSIGN_OR_RETURN(std::vector<double> success,
+                       state.Success(task, task.triggers,
+                                     state.options.report_examples));
+      const double best = *std::max_element(success.begin(), success.end());
+      point.task_asr.push_back(best);
+      point.asr += best / static_cast<double>(state.tasks.size());
+      if (alpha == 0.0) (*triggers)[i].asr_merged = success;
+      if (alpha == 1.0) (*triggers)[i].asr_repaired = success;
+    }
+    curve.push_back(std::move(point));
+  }
+  return curve;
+}
+
+absl::StatusOr<LfpmResult> Run(const Model& architecture,
+                               const NamedTensors& merged,
+                               const std::vector<LfpmTask>& tasks,
+                               const LfpmOptions& options) {
+  const auto start = std::chrono::steady_clock::now();
+  ASSIGN_OR_RETURN(auto state,
+                   CreateState(architecture, merged, tasks, options));
+  LfpmResult result;
+  LfpmReport& report = result.report;
+  report.mode = options.mode;
+  report.adapted_tensors = static_cast<int64_t>(state->adapted.size());
+  for (const torch::Tensor& leaf : state->Trainable()) {
+    report.trainable_parameters += leaf.numel();
+  }
+
+  // Scan θm (τab = 0 everywhere on the path) and seed the repair triggers.
+  for (TaskState& task : state->tasks) {
+    ASSIGN_OR_RETURN(auto scan, state->Scan(task));
+    LfpmAnomaly& anomaly = scan.first;
+    if (options.triggers.targeting == TriggerTargeting::kEasiestClass) {
+      std::vector<int64_t> targets =
+          state->EasiestClasses(anomaly, options.triggers.targets_per_task);
+      torch::Tensor rows = torch::tensor(targets, torch::kInt64)
+                               .to(state->device);
+      torch::NoGradGuard no_grad;
+      task.triggers.targets = targets;
+      task.triggers.mask_logits =
+          scan.second.mask_logits.index_select(0, rows).detach().clone()
+              .set_requires_grad(true);
+      task.triggers.pattern_logits =
+          scan.second.pattern_logits.index_select(0, rows).detach().clone()
+              .set_requires_grad(true);
+      state->ResetTriggerOptimizer(task.triggers);
+    } else {
+      task.triggers = state->NewTriggers({-1});
+      RETURN_IF_ERROR(state->Mine(task, task.triggers,
+                                  options.triggers.scan_steps,
+                                  options.batch_size));
+    }
+    report.anomaly_merged.push_back(std::move(anomaly));
+  }
+  report.scan_seconds = Seconds(start);
+
+  std::vector<torch::Tensor> leaves = state->Trainable();
+  torch::optim::Adam optimizer(leaves,
+                               torch::optim::AdamOptions(options.learning_rate));
+  const auto loop_start = std::chrono::steady_clock::now();
+  for (int64_t step = 1; step <= options.steps; ++step) {
+    RETURN_IF_ERROR(state->Check());
+    if (step > 1 && (step - 1) % options.triggers.update_every == 0 &&
+        options.triggers.steps_per_update > 0) {
+      RETURN_IF_ERROR(state->InstallDetached(options.triggers.trigger_alpha));
+      for (TaskState& task : state->tasks) {
+        RETURN_IF_ERROR(state->Mine(task, task.triggers,
+                                    options.triggers.steps_per_update,
+                                    options.batch_size));
+      }
+    }
+    std::vector<torch::Tensor> batch;
+    for (const TaskState& task : state->tasks) {
+      batch.push_back(state->Sample(task.inputs.size(0), options.batch_size));
+    }
+    std::vector<double> alphas = state->Nodes();
+    ASSIGN_OR_RETURN(LossParts parts,
+                     state->AccumulateGradients(alphas, batch));
+    optimizer.step();
+    const double loss =
+        parts.clean + options.beta * parts.backdoor + options.gamma * parts.ctl;
+    report.loss_curve.push_back(loss);
+    if (options.on_progress) {
+      LfpmProgress progress;
+      progress.step = step;
+      progress.steps = options.steps;
+      progress.loss = loss;
+      progress.clean_loss = parts.clean;
+      progress.backdoor_loss = parts.backdoor;
+      progress.ctl_loss = parts.ctl;
+      progress.elapsed_seconds = Seconds(start);
+      options.on_progress(progress);
+    }
+  }
+  report.steps = options.steps;
+  report.seconds_per_step =
+      options.steps > 0 ? Seconds(loop_start) / options.steps : 0.0;
+
+  // Report: triggers, path curve, norms, rescan.
+  for (const TaskState& task : state->tasks) {
+    LfpmTriggerReport t;
+    t.task = task.name;
+    t.targets = task.triggers.targets;
+    torch::Tensor norms =
+        torch::sigmoid(task.triggers.mask_logits).detach().sum({1, 2, 3}).cpu();
+    for (int64_t j = 0; j < norms.size(0); ++j) {
+      t.mask_l1.push_back(norms[j].item<double>());
+    }
+    report.triggers.push_back(std::move(t));
+  }
+  ASSIGN_OR_RETURN(report.path, PathCurve(*state, &report.triggers));
+  if (options.triggers.rescan_after) {
+    RETURN_IF_ERROR(state->InstallDetached(1.0));
+    for (TaskState& task : state->tasks) {
+      ASSIGN_OR_RETURN(auto scan, state->Scan(task));
+      report.anomaly_repaired.push_back(std::move(scan.first));
+    }
+  }
+
+  torch::NoGradGuard no_grad;
+  double tau_sq = 0.0;
+  double merged_sq = 0.0;
+  std::set<std::string> adapted_names;
+  for (const AdaptedTensor& t : state->adapted) {
+    torch::Tensor tau = state->Tau(t).detach().to(torch::kCPU).contiguous();
+    tau_sq += tau.pow(2).sum().item<double>();
+    merged_sq += state->merged[t.parameter].pow(2).sum().item<double>();
+    result.tau.emplace_back(t.name, tau);
+    adapted_names.insert(t.name);
+  }
+  report.tau_norm = std::sqrt(tau_sq);
+  report.merged_norm = std::sqrt(merged_sq);
+  // The repaired model: merged keys in their order and dtype, with τab
+  // added to the adapted backbone tensors.
+  std::map<std::string, const torch::Tensor*> tau_by_name;
+  for (const auto& [name, tau] : result.tau) tau_by_name[name] = &tau;
+  for (const auto& [name, tensor] : merged) {
+    auto it = tau_by_name.find(name);
+    if (it == tau_by_name.end()) {
+      result.repaired.emplace_back(name, tensor);
+      continue;
+    }
+    result.repaired.emplace_back(
+        name, (tensor.to(torch::kFloat32) + *it->second)
+                  .to(tensor.scalar_type())
+                  .contiguous());
+  }
+  report.seconds = Seconds(start);
+  return result;
+}
+
+}  // namespace
+
+std::vector<double> StratifiedNodesForTesting(int64_t nodes, uint64_t seed) {
+  LfpmProblemForTesting::State state;
+  state.options.path_nodes = nodes;
+  state.generator = at::make_generator<at::CPUGeneratorImpl>(seed);
+  return state.Nodes();
+}
+
+absl::StatusOr<std::unique_ptr<LfpmProblemForTesting>>
+LfpmProblemForTesting::Create(const Model& architecture,
+                              const NamedTensors& merged,
+                              const std::vector<LfpmTask>& tasks,
+                              const LfpmOptions& options) {
+  return CallTorch(
+      "LFPM", [&]() -> absl::StatusOr<std::unique_ptr<LfpmProblemForTesting>> {
+        ASSIGN_OR_RETURN(auto state,
+                         CreateState(architecture, merged, tasks, options));
+        for (TaskState& task : state->tasks) {
+          task.triggers = state->NewTriggers({-1});
+        }
+        return std::unique_ptr<LfpmProblemForTesting>(
+            new LfpmProblemForTesting(std::move(state)));
+      });
+}
+
+std::vector<torch::Tensor> LfpmProblemForTesting::Trainable() const {
+  return state_->Trainable();
+}
+
+absl::StatusOr<NamedTensors> LfpmProblemForTesting::Tau() const {
+  return CallTorch("LFPM", [&]() -> absl::StatusOr<NamedTensors> {
+    torch::NoGradGuard no_grad;
+    NamedTensors tau;
+    for (const AdaptedTensor& t : state_->adapted) {
+      tau.emplace_back(t.name, state_->Tau(t).detach().cpu());
+    }
+    return tau;
+  });
+}
+
+namespace {
+std::vector<torch::Tensor> FixedBatch(const LfpmProblemForTesting::State& s) {
+  std::vector<torch::Tensor> batch;
+  for (const TaskState& task : s.tasks) {
+    batch.push_back(torch::arange(
+        std::min(s.options.batch_size, task.inputs.size(0)),
+        torch::TensorOptions(torch::kInt64).device(s.device)));
+  }
+  return batch;
+}
+}  // namespace
+
+absl::StatusOr<torch::Tensor> LfpmProblemForTesting::LossAt(double alpha) {
+  return CallTorch("LFPM", [&]() -> absl::StatusOr<torch::Tensor> {
+    std::vector<torch::Tensor> batch = FixedBatch(*state_);
+    ASSIGN_OR_RETURN(std::vector<torch::Tensor> endpoint,
+                     state_->Endpoint(batch));
+    ASSIGN_OR_RETURN(LossParts parts, state_->Loss(alpha, batch, endpoint));
+    return parts.total;
+  });
+}
+
+absl::Status LfpmProblemForTesting::AccumulateGradients(
+    const std::vector<double>& alphas) {
+  return CallTorch("LFPM", [&]() -> absl::Status {
+    return state_->AccumulateGradients(alphas, FixedBatch(*state_)).status();
+  });
+}
+
+absl::StatusOr<torch::Tensor> LfpmProblemForTesting::Features(
+    double alpha, const torch::Tensor& inputs) {
+  return CallTorch("LFPM", [&]() -> absl::StatusOr<torch::Tensor> {
+    torch::NoGradGuard no_grad;
+    RETURN_IF_ERROR(state_->Install(alpha));
+    return state_->model->Features(inputs.to(state_->device));
+  });
+}
+
+}  // namespace lfpm_internal
+
+absl::StatusOr<LfpmResult> RunLfpm(const Model& architecture,
+                                   const NamedTensors& merged,
+                                   const std::vector<LfpmTask>& tasks,
+                                   const LfpmOptions& options) {
+  return CallTorch("LFPM", [&]() -> absl::StatusOr<LfpmResult> {
+    return lfpm_internal::Run(architecture, merged, tasks, options);
+  });
+}
+
+// ---------------------------------------------------------------------------
+// JSON and files.
+
+namespace {
+
+json AnomalyJson(const std::vector<LfpmAnomaly>& anomalies) {
+  json out = json::array();
+  for (const LfpmAnomaly& a : anomalies) {
+    out.push_back({{"task", a.task},
+                   {"class_norms", a.class_norms},
+                   {"class_reach", a.class_reach},
+                   {"smallest_class", a.smallest_class},
+                   {"anomaly_index", a.anomaly_index},
+                   {"suspicious", a.suspicious}});
+  }
+  return out;
+}
+
+json ReportJson(const LfpmReport& report) {
+  json path = json::array();
+  for (const LfpmPathPoint& p : report.path) {
+    path.push_back({{"alpha", p.alpha},
+                    {"loss", p.loss},
+                    {"clean_loss", p.clean_loss},
+                    {"backdoor_loss", p.backdoor_loss},
+                    {"ctl_loss", p.ctl_loss},
+                    {"asr", p.asr},
+                    {"task_asr", p.task_asr}});
+  }
+  json triggers = json::array();
+  for (const LfpmTriggerReport& t : report.triggers) {
+    triggers.push_back({{"task", t.task},
+                        {"targets", t.targets},
+                        {"mask_l1", t.mask_l1},
+                        {"asr_merged", t.asr_merged},
+                        {"asr_repaired", t.asr_repaired}});
+  }
+  return {{"mode", std::string(LfpmModeName(report.mode))},
+          {"steps", report.steps},
+          {"trainable_parameters", report.trainable_parameters},
+          {"adapted_tensors", report.adapted_tensors},
+          {"seconds", report.seconds},
+          {"seconds_per_step", report.seconds_per_step},
+          {"scan_seconds", report.scan_seconds},
+          {"tau_norm", report.tau_norm},
+          {"merged_norm", report.merged_norm},
+          {"path", path},
+          {"triggers", triggers},
+          {"anomaly_threshold", kLfpmAnomalyThreshold},
+          {"anomaly_merged", AnomalyJson(report.anomaly_merged)},
+          {"anomaly_repaired", AnomalyJson(report.anomaly_repaired)},
+          {"loss_curve", report.loss_curve}};
+}
+
+json OptionsJson(const LfpmOptions& o) {
+  const LfpmTriggerOptions& t = o.triggers;
+  return {{"mode", std::string(LfpmModeName(o.mode))},
+          {"layer_prefixes", o.layer_prefixes},
+          {"lora_rank", o.lora_rank},
+          {"lora_alpha", o.lora_alpha},
+          {"beta", o.beta},
+          {"gamma", o.gamma},
+          {"ctl_path_weight", o.ctl_path_weight},
+          {"path_nodes", o.path_nodes},
+          {"steps", o.steps},
+          {"learning_rate", o.learning_rate},
+          {"batch_size", o.batch_size},
+          {"use_labels", o.use_labels},
+          {"device", o.device},
+          {"seed", o.seed},
+          {"threads", o.threads},
+          {"report_examples", o.report_examples},
+          {"triggers",
+           {{"targeting", std::string(TriggerTargetingName(t.targeting))},
+            {"targets_per_task", t.targets_per_task},
+            {"scan_steps", t.scan_steps},
+            {"scan_batch_size", t.scan_batch_size},
+            {"reach_threshold", t.reach_threshold},
+            {"update_every", t.update_every},
+            {"steps_per_update", t.steps_per_update},
+            {"trigger_alpha", t.trigger_alpha},
+            {"learning_rate", t.learning_rate},
+            {"mask_l1_weight", t.mask_l1_weight},
+            {"initial_mask_logit", t.initial_mask_logit},
+            {"rescan_after", t.rescan_after}}}};
+}
+
+const torch::Tensor* FindTensor(const NamedTensors& tensors,
+                                absl::string_view name) {
+  for (const auto& [key, tensor] : tensors) {
+    if (key == name) return &tensor;
+  }
+  return nullptr;
+}
+
+// DigestEntry returns {"role", "path", "sha256"} for a provenance list.
+absl::StatusOr<json> DigestEntry(const std::string& role,
+                                 const std::string& path) {
+  ASSIGN_OR_RETURN(std::string digest, Sha256File(path));
+  return json{{"role", role}, {"path", path}, {"sha256", digest}};
+}
+
+// RemoveOnFailure deletes the listed outputs unless Keep() was called.
+class RemoveOnFailure {
+ public:
+  explicit RemoveOnFailure(std::vector<std::string> paths)
+      : paths_(std::move(paths)) {}
+  ~RemoveOnFailure() {
+    if (keep_) return;
+    for (const std::string& path : paths_) {
+      std::error_code error;
+      if (!path.empty()) std::filesystem::remove_all(path, error);
+    }
+  }
+  void Keep() { keep_ = true; }
+
+ private:
+  std::vector<std::string> paths_;
+  bool keep_ = false;
+};
+
+}  // namespace
+
+std::string LfpmReportToJson(const LfpmReport& report) {
+  return ReportJson(report).dump(2);
+}
+
+std::string LfpmOptionsToJson(const LfpmOptions& options) {
+  return OptionsJson(options).dump();
+}
+
+absl::StatusOr<LfpmTask> LoadLfpmCalibration(const LfpmCalibrationFile& file) {
+  ASSIGN_OR_RETURN(NamedTensors tensors, LoadTensorsFromPath(file.path));
+  return CallTorch("LoadLfpmCalibration", [&]() -> absl::StatusOr<LfpmTask> {
+    const torch::Tensor* inputs = FindTensor(tensors, "inputs");
+    const torch::Tensor* labels = FindTensor(tensors, "labels");
+    if (inputs == nullptr || inputs->dim() != 4 ||
+        (inputs->scalar_type() != torch::kFloat32 &&
+         inputs->scalar_type() != torch::kUInt8)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          file.path, ": a calibration set needs \"inputs\" float32 or uint8 "
+          "[N, C, H, W]"));
+    }
+    LfpmTask task;
+    task.name = file.task;
+    task.inputs = inputs->scalar_type() == torch::kUInt8
+                      ? inputs->to(torch::kFloat32).div_(255.0)
+                      : inputs->clone();
+    if (labels != nullptr) {
+      if (labels->dim() != 1 || labels->scalar_type() != torch::kInt64 ||
+          labels->size(0) != inputs->size(0)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(file.path, ": \"labels\" must be int64 [N] with N = ",
+                         inputs->size(0)));
+      }
+      task.labels = labels->clone();
+    }
+    return task;
+  });
+}
+
+absl::StatusOr<LfpmReport> RunLfpmJob(const LfpmJob& job,
+                                      const LfpmOptions& options) {
+  if (job.output_path.empty()) {
+    return absl::InvalidArgumentError("LFPM job needs an output path");
+  }
+  const bool from_merged = !job.merged_model_path.empty();
+  const bool from_tasks = !job.base_path.empty() || !job.task_models.empty();
+  if (from_merged == from_tasks) {
+    return absl::InvalidArgumentError(
+        "LFPM job needs either a merged model or a base plus task models");
+  }
+  if (from_tasks && (job.base_path.empty() || job.task_models.empty())) {
+    return absl::InvalidArgumentError(
+        "LFPM job from task models needs the base and at least one task");
+  }
+  if (job.calibration.empty()) {
+    return absl::InvalidArgumentError(
+        "LFPM job needs a calibration set per task");
+  }
+  RemoveOnFailure cleanup(
+      {job.output_path, job.tau_output_path, job.report_path});
+
+  json inputs = json::array();
+  ASSIGN_OR_RETURN(json arch_entry,
+                   DigestEntry("architecture", job.architecture_path));
+  inputs.push_back(arch_entry);
+  std::string merged_path = job.merged_model_path;
+  const std::string ta_path =
+      from_tasks ? absl::StrCat(job.output_path, ".ta.safetensors") : "";
+  // The TA merge is an intermediate: removed whatever happens.
+  RemoveOnFailure remove_ta({ta_path});
+  if (from_tasks) {
+    MergeOptions merge_options = job.ta_merge;
+    merge_options.method = MergeMethod::kTaskArithmetic;
+    merge_options.is_cancelled = options.is_cancelled;
+    RETURN_IF_ERROR(
+        Merge(job.base_path, job.task_models, ta_path, merge_options).status());
+    merged_path = ta_path;
+    ASSIGN_OR_RETURN(json base_entry, DigestEntry("base", job.base_path));
+    inputs.push_back(base_entry);
+    for (const MergeInput& input : job.task_models) {
+      if (std::filesystem::is_regular_file(input.path)) {
+        ASSIGN_OR_RETURN(json entry,
+                         DigestEntry("task:" + input.name, input.path));
+        inputs.push_back(entry);
+      } else {
+        inputs.push_back({{"role", "task:" + input.name},
+                          {"path", input.path}});
+      }
+    }
+  } else {
+    ASSIGN_OR_RETURN(json entry, DigestEntry("merged", merged_path));
+    inputs.push_back(entry);
+  }
+  absl::StatusOr<NamedTensors> merged = LoadTensorsFromPath(merged_path);
+  if (!merged.ok()) return merged.status();
+
+  std::vector<LfpmTask> tasks;
+  for (const LfpmCalibrationFile& file : job.calibration) {
+    ASSIGN_OR_RETURN(LfpmTask task, LoadLfpmCalibration(file));
+    tasks.push_back(std::move(task));
+    ASSIGN_OR_RETURN(json entry,
+                     DigestEntry("calibration:" + file.task, file.path));
+    inputs.push_back(entry);
+  }
+  ASSIGN_OR_RETURN(std::unique_ptr<Model> architecture,
+                   Model::Load(job.architecture_path));
+  ASSIGN_OR_RETURN(LfpmResult result,
+                   RunLfpm(*architecture, *merged, tasks, options));
+
+  std::map<std::string, std::string> metadata;
+  metadata["mergeguard.method"] = "lfpm";
+  metadata["mergeguard.options"] = LfpmOptionsToJson(options);
+  metadata["mergeguard.inputs"] = inputs.dump();
+  metadata["mergeguard.version"] = std::string(MergeguardVersion());
+  if (from_tasks) {
+    metadata["mergeguard.lfpm.merged_by"] = "task_arithmetic";
+  }
+  json summary = {{"tau_norm", result.report.tau_norm},
+                  {"seconds", result.report.seconds}};
+  if (!result.report.path.empty()) {
+    summary["mined_asr_merged"] = result.report.path.front().asr;
+    summary["mined_asr_repaired"] = result.report.path.back().asr;
+  }
+  metadata["mergeguard.lfpm.summary"] = summary.dump();
+  for (const auto& [key, value] : options.metadata) metadata[key] = value;
+  RETURN_IF_ERROR(SaveTensors(job.output_path, result.repaired, metadata));
+  if (!job.tau_output_path.empty()) {
+    std::map<std::string, std::string> tau_metadata = metadata;
+    tau_metadata["mergeguard.lfpm.content"] = "tau_ab";
+    RETURN_IF_ERROR(SaveTensors(job.tau_output_path, result.tau, tau_metadata));
+  }
+  if (!job.report_path.empty()) {
+    RETURN_IF_ERROR(WriteFileAtomically(job.report_path,
+                                        LfpmReportToJson(result.report)));
+  }
+  cleanup.Keep();
+  return result.report;
+}
+
+}  // namespace mergeguard

@@ -1,0 +1,325 @@
+#ifndef MERGEGUARD_CORE_LFPM_H_
+#define MERGEGUARD_CORE_LFPM_H_
+
+// LFPM, linear feature path minimization (ALGORITHMS.md §4): repairs a
+// backdoored merged model θm by learning an anti-backdoor task vector τab so
+// that the whole path θ(α) = θm + α·τab, α ∈ [0, 1], classifies clean inputs
+// like θm and ignores surrogate triggers mined online. The paper has no
+// public code; docs/lfpm.md lists every choice made here.
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "core/merge.h"
+#include "core/model.h"
+#include "core/tensor_views.h"
+#include "core/torch_fwd.h"
+
+namespace mergeguard {
+
+// LfpmMode: how τab is parametrized.
+enum class LfpmMode {
+  // A dense tensor per adapted backbone parameter, initialized to 0.
+  kFull,
+  // LoRA factors per adapted weight of rank >= 2 (conv weights reshaped to
+  // [out, in·kh·kw]): ΔW = B·A·(lora_alpha / rank), B = 0 at init.
+  kPeft,
+};
+absl::string_view LfpmModeName(LfpmMode mode);            // "full", "peft"
+absl::StatusOr<LfpmMode> ParseLfpmMode(absl::string_view name);
+
+// TriggerTargeting: what the surrogate triggers are mined for.
+enum class TriggerTargeting {
+  // Neural-Cleanse style: per task, the class reached with the smallest mask
+  // (the likeliest backdoor target) gets the trigger(s).
+  kEasiestClass,
+  // Push every input away from its own (pseudo-)label.
+  kUntargeted,
+};
+absl::string_view TriggerTargetingName(TriggerTargeting targeting);
+absl::StatusOr<TriggerTargeting> ParseTriggerTargeting(absl::string_view name);
+
+// LfpmTriggerOptions tunes surrogate trigger mining: x' = (1−M)⊙x + M⊙P with
+// M = sigmoid(mask logits) [1, H, W] and P = sigmoid(pattern logits)
+// [C, H, W].
+struct LfpmTriggerOptions {
+  TriggerTargeting targeting = TriggerTargeting::kEasiestClass;
+  // Targeted mode: how many of the easiest classes get a trigger per task.
+  int64_t targets_per_task = 1;
+  // Neural-Cleanse scan before the repair: Adam steps on one trigger per
+  // class and task against θm. Gives the anomaly index and picks the
+  // easiest classes.
+  int64_t scan_steps = 150;
+  // Inputs per class and step in the scan.
+  int64_t scan_batch_size = 32;
+  // A class counts as reached when its trigger sends at least this fraction
+  // of the other classes' scan inputs to it; the easiest class is the
+  // reached class with the smallest ‖M‖1 (all classes when none is reached).
+  double reach_threshold = 0.8;
+  // Online mining: every `update_every` outer steps, `steps_per_update` Adam
+  // steps on the triggers against θ(trigger_alpha), so the repair keeps
+  // facing the strongest trigger it can find.
+  int64_t update_every = 5;
+  int64_t steps_per_update = 5;
+  // Where on the path triggers are mined; 1 is the repaired model itself.
+  double trigger_alpha = 1.0;
+  // Adam learning rate on the mask and pattern logits.
+  double learning_rate = 0.1;
+  // Weight of ‖M‖1 (summed over pixels) in the mining loss.
+  double mask_l1_weight = 0.01;
+  // Initial mask logit (sigmoid(-3) ≈ 0.05 per pixel).
+  double initial_mask_logit = -3.0;
+  // Re-run the scan on the repaired model for the report's "after" anomaly
+  // index (costs one more scan).
+  bool rescan_after = true;
+};
+
+// LfpmProgress is reported after each outer step.
+struct LfpmProgress {
+  int64_t step = 0;  // 1-based
+  int64_t steps = 0;
+  // The path-integral estimate J and its parts, averaged over nodes.
+  double loss = 0.0;
+  double clean_loss = 0.0;
+  double backdoor_loss = 0.0;
+  double ctl_loss = 0.0;
+  double elapsed_seconds = 0.0;
+};
+
+// LfpmOptions: ALGORITHMS.md §4 defaults; where the spec is silent, the
+// values below are ours (docs/lfpm.md).
+struct LfpmOptions {
+  LfpmMode mode = LfpmMode::kFull;
+  // Backbone parameters that get τab: names starting with any of these.
+  // Empty adapts every parameter (full) or every weight of rank >= 2 (PEFT).
+  std::vector<std::string> layer_prefixes;
+  // LoRA rank r and scale numerator: ΔW = B·A·(lora_alpha / r).
+  int64_t lora_rank = 8;
+  double lora_alpha = 8.0;
+  // Weights of the backdoor-unlearning and CTL terms:
+  // L(α) = L_clean + β·L_bd + γ·L_ctl.
+  double beta = 1.0;
+  double gamma = 1.0;
+  // Weight of the CTL path term inside L_ctl (1 = the two terms count
+  // equally).
+  double ctl_path_weight = 1.0;
+  // Quadrature nodes K of the path integral (stratified in ((k−1)/K, k/K]).
+  int64_t path_nodes = 4;
+  // Outer steps (one Adam step on τab each) and Adam's learning rate.
+  int64_t steps = 300;
+  double learning_rate = 1e-3;
+  // Calibration inputs per task per outer step (shared by the K nodes).
+  int64_t batch_size = 64;
+  // Use calibration labels when present; false treats every set as
+  // unlabeled (pseudo-labels and KL to θm).
+  bool use_labels = true;
+  LfpmTriggerOptions triggers;
+  // "cpu" or "cuda[:N]".
+  std::string device = "cpu";
+  // Seeds batches, LoRA initialization, trigger initialization and nodes;
+  // CPU results are bit-identical for a given seed and thread count.
+  uint64_t seed = 0;
+  // Intra-op threads (at::set_num_threads, process-wide); 0 leaves the
+  // current setting alone.
+  int threads = 0;
+  // Calibration inputs per task used for the report's path curve.
+  int64_t report_examples = 256;
+  // Called after each outer step from the calling thread.
+  std::function<void(const LfpmProgress&)> on_progress;
+  // Polled before each outer step and scan step; true stops with CANCELLED.
+  std::function<bool()> is_cancelled;
+  // Extra `__metadata__` entries for the repaired model (provenance).
+  std::map<std::string, std::string> metadata;
+};
+
+// LfpmTask is one task: its head in the merged model (`<name>/head.*`) and
+// its calibration inputs.
+struct LfpmTask {
+  std::string name;
+  torch::Tensor inputs;  // [N, C, H, W] float32 in [0, 1]
+  // [N] int64, or undefined for an unlabeled set (pseudo-labels from θm).
+  torch::Tensor labels;
+};
+
+// LfpmPathPoint is one point of the report's path curve.
+struct LfpmPathPoint {
+  double alpha = 0.0;
+  double loss = 0.0;
+  double clean_loss = 0.0;
+  double backdoor_loss = 0.0;
+  double ctl_loss = 0.0;
+  // Mean over tasks of the attack success of the final mined triggers.
+  double asr = 0.0;
+  std::vector<double> task_asr;  // per task, in task order
+};
+
+// LfpmTriggerReport: the final mined trigger(s) of one task.
+struct LfpmTriggerReport {
+  std::string task;
+  // Target class per trigger; -1 for an untargeted trigger.
+  std::vector<int64_t> targets;
+  // ‖M‖1 per trigger.
+  std::vector<double> mask_l1;
+  // Success of each trigger on θm (α = 0) and on θm + τab (α = 1).
+  std::vector<double> asr_merged;
+  std::vector<double> asr_repaired;
+};
+
+// LfpmAnomaly is the Neural-Cleanse outlier test of one task's scan:
+// per-class minimal-trigger norms n_c = ‖M_c‖1, median m and
+// MAD = median_c |n_c − m|; the anomaly index is
+// (m − min_c n_c) / (1.4826 · MAD), MAD floored at 1e-6·m. An index above
+// kLfpmAnomalyThreshold (2, as in Neural Cleanse) flags the task.
+struct LfpmAnomaly {
+  std::string task;
+  std::vector<double> class_norms;
+  // Fraction of other-class scan inputs each class's trigger reaches.
+  std::vector<double> class_reach;
+  int64_t smallest_class = 0;
+  double anomaly_index = 0.0;
+  bool suspicious = false;
+};
+inline constexpr double kLfpmAnomalyThreshold = 2.0;
+
+// LfpmAnomalyIndex returns the anomaly index of `norms` (formula above);
+// 0 for fewer than 3 classes.
+double LfpmAnomalyIndex(const std::vector<double>& norms);
+
+struct LfpmReport {
+  LfpmMode mode = LfpmMode::kFull;
+  int64_t steps = 0;
+  int64_t trainable_parameters = 0;
+  int64_t adapted_tensors = 0;
+  double seconds = 0.0;
+  double seconds_per_step = 0.0;
+  double scan_seconds = 0.0;
+  // ‖τab‖2 over all adapted tensors, and ‖θm‖2 over the same tensors.
+  double tau_norm = 0.0;
+  double merged_norm = 0.0;
+  // α ∈ {0, .25, .5, .75, 1} on the first `report_examples` calibration
+  // inputs of each task, against the final mined triggers.
+  std::vector<LfpmPathPoint> path;
+  std::vector<LfpmTriggerReport> triggers;
+  // The scan on θm, and (rescan_after) on the repaired model.
+  std::vector<LfpmAnomaly> anomaly_merged;
+  std::vector<LfpmAnomaly> anomaly_repaired;
+  // J per outer step.
+  std::vector<double> loss_curve;
+};
+
+// LfpmReportToJson serializes `report` (keys as the field names).
+std::string LfpmReportToJson(const LfpmReport& report);
+
+// LfpmResult is the repaired model and τab.
+struct LfpmResult {
+  // θm + τab for every backbone parameter, the merged model's heads as
+  // `<task>/head.*` and any other non-backbone tensors it carried.
+  NamedTensors repaired;
+  // The dense τab per adapted parameter (LoRA factors multiplied out in
+  // PEFT mode), keyed by parameter name: θm + τab re-applies it.
+  NamedTensors tau;
+  LfpmReport report;
+};
+
+// RunLfpm repairs `merged` (backbone tensors for `architecture`, plus heads
+// `<task>/head.weight|bias` for every task of `tasks`). `architecture` is
+// not modified (a clone runs). INVALID_ARGUMENT for bad options or
+// calibration sets, NOT_FOUND for a missing head, FAILED_PRECONDITION for
+// shape mismatches, CANCELLED when `is_cancelled` fired.
+absl::StatusOr<LfpmResult> RunLfpm(const Model& architecture,
+                                   const NamedTensors& merged,
+                                   const std::vector<LfpmTask>& tasks,
+                                   const LfpmOptions& options);
+
+// LfpmCalibrationFile names one task's calibration set: a safetensors file
+// with `inputs` [N, C, H, W] (float32 in [0, 1], or uint8 read as /255) and
+// optionally `labels` [N] int64.
+struct LfpmCalibrationFile {
+  std::string task;
+  std::string path;
+};
+
+// LoadLfpmCalibration reads a calibration file; `labels` is undefined when
+// the file has none. INVALID_ARGUMENT on malformed tensors.
+absl::StatusOr<LfpmTask> LoadLfpmCalibration(const LfpmCalibrationFile& file);
+
+// LfpmJob is a file-level run (CLI and service).
+struct LfpmJob {
+  // The TorchScript architecture (operator-registered `.pt`).
+  std::string architecture_path;
+  // Either a merged model (backbone + `<task>/head.*`) ...
+  std::string merged_model_path;
+  // ... or a base plus task checkpoints, merged with `ta_merge` (task
+  // arithmetic, λ = 0.3 by default) into `<output_path>.ta.safetensors`
+  // first, removed afterwards. Task names must match the calibration tasks.
+  std::string base_path;
+  std::vector<MergeInput> task_models;
+  MergeOptions ta_merge;
+  std::vector<LfpmCalibrationFile> calibration;
+  // Repaired model (required), τab alone (optional) and the JSON report
+  // (optional).
+  std::string output_path;
+  std::string tau_output_path;
+  std::string report_path;
+};
+
+// RunLfpmJob loads `job`'s inputs, runs RunLfpm and writes the outputs with
+// provenance in `__metadata__` (mergeguard.method = "lfpm", options, input
+// digests, version, report summary). Nothing is left at the output paths on
+// failure.
+absl::StatusOr<LfpmReport> RunLfpmJob(const LfpmJob& job,
+                                      const LfpmOptions& options);
+
+// LfpmOptionsToJson returns the effective options (no callbacks).
+std::string LfpmOptionsToJson(const LfpmOptions& options);
+
+namespace lfpm_internal {
+
+// Exposed for tests only.
+
+// StratifiedNodesForTesting returns K nodes, node k uniform in
+// ((k−1)/K, k/K], drawn from `generator_seed`.
+std::vector<double> StratifiedNodesForTesting(int64_t nodes, uint64_t seed);
+
+// LfpmProblemForTesting is the objective of one outer step at fixed
+// triggers, for checking the gradient accumulation.
+class LfpmProblemForTesting {
+ public:
+  ~LfpmProblemForTesting();
+  // Create sets up τab (mode, init) and the triggers (a fixed random
+  // trigger per task, no scan) for `merged` and `tasks`.
+  static absl::StatusOr<std::unique_ptr<LfpmProblemForTesting>> Create(
+      const Model& architecture, const NamedTensors& merged,
+      const std::vector<LfpmTask>& tasks, const LfpmOptions& options);
+  // Trainable returns τab's leaves (dense tensors or A, B factors).
+  std::vector<torch::Tensor> Trainable() const;
+  // Tau returns the current dense τab per adapted parameter.
+  absl::StatusOr<NamedTensors> Tau() const;
+  // LossAt returns L(α) on a fixed batch (the first `batch_size` inputs per
+  // task), with autograd to the trainable leaves.
+  absl::StatusOr<torch::Tensor> LossAt(double alpha);
+  // AccumulateGradients zeroes the leaves' gradients and accumulates
+  // ∇ L(α_k)/K for `alphas` as an outer step does.
+  absl::Status AccumulateGradients(const std::vector<double>& alphas);
+  // Features returns f(θm + α·τab; inputs) without autograd.
+  absl::StatusOr<torch::Tensor> Features(double alpha,
+                                         const torch::Tensor& inputs);
+
+  struct State;
+
+ private:
+  explicit LfpmProblemForTesting(std::unique_ptr<State> state);
+  std::unique_ptr<State> state_;
+};
+
+}  // namespace lfpm_internal
+
+}  // namespace mergeguard
+
+#endif  // MERGEGUARD_CORE_LFPM_H_

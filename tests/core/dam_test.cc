@@ -1,0 +1,471 @@
+#include "core/dam.h"
+
+#include <torch/torch.h>
+
+#include <cmath>
+#include <nlohmann/json.hpp>
+
+#include "core/checkpoint.h"
+#include "core/differentiable_merge.h"
+#include "core/tensor_views.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/core/defense_fixtures.h"
+
+namespace mergeguard {
+namespace {
+
+using ::mergeguard::testing::DefenseTinyBase;
+using ::mergeguard::testing::DefenseTinyCalibration;
+using ::mergeguard::testing::DefenseTinyModel;
+using ::mergeguard::testing::DefenseTinyModule;
+using ::mergeguard::testing::DefenseTinySet;
+using ::mergeguard::testing::TempDir;
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+double Sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+
+// E[sigmoid((logit(u) + s) / T)] for u ~ U(0,1), by the midpoint rule.
+double ConcreteMean(double s, double temperature) {
+  constexpr int kPoints = 200000;
+  double sum = 0;
+  for (int i = 0; i < kPoints; ++i) {
+    const double u = (i + 0.5) / kPoints;
+    sum += Sigmoid((std::log(u) - std::log1p(-u) + s) / temperature);
+  }
+  return sum / kPoints;
+}
+
+// ---- Concrete masks, normalisation, projection ----------------------------
+
+TEST(ConcreteMaskTest, StatisticsMatchTheRelaxedBernoulli) {
+  at::Generator generator = MakeGenerator(3);
+  for (double s : {-2.0, -0.5, 0.0, 1.0, 3.0}) {
+    torch::Tensor logits = torch::full({400000}, s);
+    torch::Tensor m = SampleConcreteMask(logits, 0.5, generator);
+    EXPECT_GE(m.min().item<double>(), 0.0);
+    EXPECT_LE(m.max().item<double>(), 1.0);
+    // P(m > 1/2) = sigmoid(s) exactly for any temperature.
+    EXPECT_NEAR((m > 0.5).to(torch::kFloat64).mean().item<double>(),
+                Sigmoid(s), 0.004)
+        << "s = " << s;
+    EXPECT_NEAR(m.to(torch::kFloat64).mean().item<double>(),
+                ConcreteMean(s, 0.5), 0.004)
+        << "s = " << s;
+  }
+  // A lower temperature pushes draws towards {0, 1}.
+  torch::Tensor zeros = torch::zeros({100000});
+  torch::Tensor cold = SampleConcreteMask(zeros, 0.1, generator);
+  torch::Tensor warm = SampleConcreteMask(zeros, 2.0, generator);
+  EXPECT_GT((cold - 0.5).abs().mean().item<double>(),
+            (warm - 0.5).abs().mean().item<double>() + 0.2);
+}
+
+TEST(ConcreteMaskTest, IsDifferentiableAndSeeded) {
+  torch::Tensor logits = torch::zeros({1000}).requires_grad_(true);
+  at::Generator a = MakeGenerator(11), b = MakeGenerator(11);
+  torch::Tensor m = SampleConcreteMask(logits, 0.5, a);
+  EXPECT_TRUE(torch::equal(m.detach(), SampleConcreteMask(logits, 0.5, b)
+                                           .detach()));
+  m.sum().backward();
+  // dm/ds = m (1 - m) / T > 0.
+  EXPECT_TRUE(torch::allclose(logits.grad(), m.detach() * (1 - m.detach()) / 0.5,
+                              1e-5, 1e-6));
+}
+
+TEST(MaskNormalisationTest, EveryTensorHasMeanOne) {
+  torch::manual_seed(0);
+  for (auto shape : std::vector<std::vector<int64_t>>{{7}, {3, 5}, {2, 3, 4}}) {
+    torch::Tensor mask = torch::rand(shape) * 0.3;
+    torch::Tensor normalised = NormalizeMaskByMean(mask);
+    EXPECT_NEAR(normalised.mean().item<double>(), 1.0, 1e-6);
+    // Proportions are kept.
+    EXPECT_TRUE(torch::allclose(normalised * mask.mean(), mask, 1e-5, 1e-7));
+  }
+  torch::Tensor zeros = NormalizeMaskByMean(torch::zeros({4}));
+  EXPECT_EQ(zeros.abs().sum().item<double>(), 0.0);
+  EXPECT_FALSE(zeros.isnan().any().item<bool>());
+}
+
+TEST(PerturbationTest, ProjectionBoundsDeltaAndInputsStayValid) {
+  torch::manual_seed(0);
+  torch::Tensor delta = torch::randn({1, 28, 28});
+  torch::Tensor projected = ProjectPerturbation(delta, 0.1);
+  EXPECT_LE(projected.abs().max().item<double>(), 0.1 + 1e-7);
+  // Entries inside the ball are untouched.
+  torch::Tensor inside = delta.abs() < 0.1;
+  EXPECT_TRUE(torch::equal(projected.masked_select(inside),
+                           delta.masked_select(inside)));
+  torch::Tensor inputs = torch::rand({5, 1, 28, 28});
+  torch::Tensor perturbed = PerturbInputs(inputs, projected);
+  EXPECT_GE(perturbed.min().item<double>(), 0.0);
+  EXPECT_LE(perturbed.max().item<double>(), 1.0);
+  EXPECT_LE((perturbed - inputs).abs().max().item<double>(), 0.1 + 1e-6);
+}
+
+// ---- the trainer ----------------------------------------------------------
+
+DamOptions FastOptions() {
+  DamOptions options;
+  options.steps = 6;
+  options.adamerging_steps = 5;
+  options.batch_size = 8;
+  options.threads = 1;
+  options.progress_interval = 1;
+  return options;
+}
+
+struct Run {
+  std::unique_ptr<Model> model = DefenseTinyModel();
+  TaskVectorSet set = DefenseTinySet(3);
+  std::vector<torch::Tensor> calibration = DefenseTinyCalibration(3);
+};
+
+TEST(DamTrainerTest, TriggersStayInsideTheEpsilonBall) {
+  Run run;
+  DamOptions options = FastOptions();
+  options.trigger_learning_rate = 0.02;  // large, so the bound binds
+  options.trigger_epsilon = 0.05;
+  auto trainer =
+      DamTrainer::Create(*run.model, run.set, run.calibration, options);
+  ASSERT_TRUE(trainer.ok()) << trainer.status();
+  for (int i = 0; i < 6; ++i) ASSERT_TRUE((*trainer)->Step().ok());
+  torch::Tensor delta = (*trainer)->Perturbations();
+  EXPECT_THAT(delta.sizes(), ElementsAre(3, 1, 28, 28));
+  EXPECT_LE(delta.abs().max().item<double>(), 0.05 + 1e-7);
+  // Six Adam steps of 0.02 reach the bound somewhere.
+  EXPECT_NEAR(delta.abs().max().item<double>(), 0.05, 1e-6);
+  auto result = (*trainer)->Finish();
+  ASSERT_TRUE(result.ok()) << result.status();
+  ASSERT_EQ(result->report.triggers.size(), 3u);
+  EXPECT_LE(result->report.triggers[0].linf, 0.05 + 1e-7);
+  EXPECT_GT(result->report.triggers[0].l2, 0.0);
+}
+
+TEST(DamTrainerTest, TriggerStepIncreasesTheCrossEntropy) {
+  Run run;
+  DamOptions options = FastOptions();
+  options.trigger_learning_rate = 0.01;
+  options.trigger_epsilon = 0.3;
+  options.steps = 30;
+  options.lambda_learning_rate = 1e-9;  // keep the model almost fixed
+  options.mask_learning_rate = 1e-9;
+  auto result = RunDam(*run.model, run.set, run.calibration, options);
+  ASSERT_TRUE(result.ok()) << result.status();
+  const std::vector<double>& ce = result->report.trigger_loss;
+  ASSERT_EQ(ce.size(), 30u);
+  double first = 0, last = 0;
+  for (int i = 0; i < 5; ++i) {
+    first += ce[i];
+    last += ce[25 + i];
+  }
+  EXPECT_GT(last, first);
+}
+
+TEST(DamTrainerTest, LambdaStepDescendsTheHandComputedGradient) {
+  for (LambdaGranularity granularity :
+       {LambdaGranularity::kTaskWise, LambdaGranularity::kLayerWise}) {
+    Run run;
+    DamOptions options = FastOptions();
+    options.granularity = granularity;
+    auto trainer =
+        DamTrainer::Create(*run.model, run.set, run.calibration, options);
+    ASSERT_TRUE(trainer.ok()) << trainer.status();
+    (*trainer)->EnableMetaStepRecordForTesting();
+    for (int step = 0; step < 3; ++step) {
+      ASSERT_TRUE((*trainer)->Step().ok());
+      const DamTrainer::MetaStepRecord& record =
+          (*trainer)->last_meta_step_for_testing();
+      // dL/dtheta at theta(lambda, m) on the recorded batches.
+      std::vector<torch::Tensor> thetas;
+      for (int k = 0; k < run.set.num_tensors(); ++k) {
+        torch::Tensor combined = torch::zeros_like(run.set.base[k]);
+        for (int t = 0; t < 3; ++t) {
+          combined += LambdaColumn(record.lambdas_before, k)[t] *
+                      run.set.task_vectors[t][k];
+        }
+        thetas.push_back((run.set.base[k] + record.mask[k] * combined)
+                             .detach()
+                             .requires_grad_(true));
+        ASSERT_TRUE(
+            run.model->InstallTensor(run.set.keys[k], thetas.back()).ok());
+      }
+      torch::Tensor loss = torch::zeros({});
+      for (int t = 0; t < 3; ++t) {
+        auto features = run.model->Features(record.batches[t]);
+        ASSERT_TRUE(features.ok());
+        loss = loss + MeanEntropy(run.set.heads[t].Logits(*features));
+      }
+      loss.backward();
+      // dL/dlambda_t(,k) = <dL/dtheta_k, m_k * tau_tk>.
+      torch::Tensor by_hand = torch::zeros_like(record.lambdas_before);
+      for (int t = 0; t < 3; ++t) {
+        for (int k = 0; k < run.set.num_tensors(); ++k) {
+          double g = (thetas[k].grad() * record.mask[k] *
+                      run.set.task_vectors[t][k])
+                         .sum()
+                         .item<double>();
+          if (by_hand.dim() == 1) {
+            by_hand[t] += g;
+          } else {
+            by_hand[t][k] += g;
+          }
+        }
+      }
+      EXPECT_TRUE(torch::allclose(record.lambda_gradient, by_hand, 1e-3, 1e-6))
+          << record.lambda_gradient << "\nvs\n"
+          << by_hand;
+      // Adam's update opposes the gradient's sign, entry by entry.
+      torch::Tensor update = record.lambdas_after - record.lambdas_before;
+      torch::Tensor significant = by_hand.abs() > 1e-6;
+      ASSERT_GT(significant.sum().item<int64_t>(), 0);
+      EXPECT_TRUE(torch::equal(
+          torch::sign(update).masked_select(significant),
+          -torch::sign(by_hand).masked_select(significant)));
+    }
+  }
+}
+
+TEST(DamTrainerTest, MasksAlternateOddSharedEvenDetection) {
+  Run run;
+  auto trainer =
+      DamTrainer::Create(*run.model, run.set, run.calibration, FastOptions());
+  ASSERT_TRUE(trainer.ok()) << trainer.status();
+  auto changed = [](const std::vector<torch::Tensor>& logits) {
+    double total = 0;
+    for (const torch::Tensor& s : logits) total += s.abs().sum().item<double>();
+    return total;
+  };
+  ASSERT_TRUE((*trainer)->Step().ok());  // step 1: s1
+  EXPECT_GT(changed((*trainer)->SharedMaskLogits()), 0.0);
+  EXPECT_EQ(changed((*trainer)->DetectionMaskLogits()), 0.0);
+  const double shared_after_one = changed((*trainer)->SharedMaskLogits());
+  ASSERT_TRUE((*trainer)->Step().ok());  // step 2: s2
+  EXPECT_GT(changed((*trainer)->DetectionMaskLogits()), 0.0);
+  EXPECT_EQ(changed((*trainer)->SharedMaskLogits()), shared_after_one);
+}
+
+TEST(DamTrainerTest, FinalMaskModes) {
+  Run run;
+  DamOptions options = FastOptions();
+  options.mask_learning_rate = 0.05;
+  auto trainer =
+      DamTrainer::Create(*run.model, run.set, run.calibration, options);
+  ASSERT_TRUE(trainer.ok()) << trainer.status();
+  for (int i = 0; i < 6; ++i) ASSERT_TRUE((*trainer)->Step().ok());
+  std::vector<torch::Tensor> s1 = (*trainer)->SharedMaskLogits();
+  std::vector<torch::Tensor> s2 = (*trainer)->DetectionMaskLogits();
+  auto expected = (*trainer)->FinalMask(FinalMaskMode::kExpected);
+  auto again = (*trainer)->FinalMask(FinalMaskMode::kExpected);
+  auto sample = (*trainer)->FinalMask(FinalMaskMode::kSample);
+  auto sample2 = (*trainer)->FinalMask(FinalMaskMode::kSample);
+  auto hard = (*trainer)->FinalMask(FinalMaskMode::kHard);
+  for (size_t k = 0; k < s1.size(); ++k) {
+    EXPECT_TRUE(torch::equal(expected[k], again[k]));
+    EXPECT_NEAR(expected[k].mean().item<double>(), 1.0, 1e-5);
+    torch::Tensor product = torch::sigmoid(s1[k]) * torch::sigmoid(s2[k]);
+    EXPECT_TRUE(torch::allclose(expected[k], product / product.mean(), 1e-5,
+                                1e-6));
+    EXPECT_NEAR(sample[k].mean().item<double>(), 1.0, 1e-5);
+    EXPECT_FALSE(torch::equal(sample[k], sample2[k]));
+    torch::Tensor kept = (s1[k] > 0).logical_and(s2[k] > 0);
+    EXPECT_TRUE(torch::equal(hard[k] > 0, kept));
+    if (kept.any().item<bool>()) {
+      EXPECT_NEAR(hard[k].mean().item<double>(), 1.0, 1e-5);
+      // Binary up to the normalisation: one non-zero value.
+      torch::Tensor values = hard[k].masked_select(kept);
+      EXPECT_NEAR(values.max().item<double>(), values.min().item<double>(),
+                  1e-6);
+    }
+  }
+}
+
+TEST(DamTest, SeedMakesCpuRunsDeterministic) {
+  auto run_once = [](uint64_t seed) {
+    Run run;
+    DamOptions options = FastOptions();
+    options.seed = seed;
+    options.final_mask = FinalMaskMode::kSample;
+    auto result = RunDam(*run.model, run.set, run.calibration, options);
+    EXPECT_TRUE(result.ok()) << result.status();
+    return result.ok() ? std::move(*result) : DamResult();
+  };
+  DamResult a = run_once(7), b = run_once(7), c = run_once(8);
+  ASSERT_FALSE(a.backbone.empty());
+  for (size_t k = 0; k < a.backbone.size(); ++k) {
+    EXPECT_TRUE(torch::equal(a.backbone[k], b.backbone[k]));
+  }
+  EXPECT_TRUE(torch::equal(a.report.lambdas, b.report.lambdas));
+  EXPECT_EQ(a.report.mask_loss, b.report.mask_loss);
+  EXPECT_FALSE(torch::equal(a.backbone[1], c.backbone[1]));
+}
+
+TEST(DamTest, CancellationIsHonouredInBothPhases) {
+  for (int cancel_after : {2, 6 + 2}) {
+    Run run;
+    DamOptions options = FastOptions();
+    int polls = 0;
+    options.is_cancelled = [&polls, cancel_after] {
+      return ++polls > cancel_after;
+    };
+    int64_t last_step = 0;
+    std::string last_phase;
+    options.on_progress = [&](const TrainingProgress& progress) {
+      last_step = progress.step;
+      last_phase = progress.phase;
+    };
+    auto result = RunDam(*run.model, run.set, run.calibration, options);
+    EXPECT_EQ(result.status().code(), absl::StatusCode::kCancelled);
+    if (cancel_after == 2) {
+      EXPECT_EQ(last_phase, "dam_meta");
+      EXPECT_EQ(last_step, 2);
+    } else {
+      EXPECT_EQ(last_phase, "dam_adamerging");
+      EXPECT_EQ(last_step, 2);
+    }
+  }
+}
+
+TEST(DamTest, ReportCoversMasksLambdasCurvesAndTriggers) {
+  Run run;
+  DamOptions options = FastOptions();
+  options.mask_learning_rate = 0.05;
+  options.granularity = LambdaGranularity::kLayerWise;
+  std::vector<std::string> phases;
+  options.on_progress = [&phases](const TrainingProgress& progress) {
+    if (phases.empty() || phases.back() != progress.phase) {
+      phases.push_back(progress.phase);
+    }
+    EXPECT_GE(progress.elapsed_seconds, 0.0);
+  };
+  auto result = RunDam(*run.model, run.set, run.calibration, options);
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_THAT(phases, ElementsAre("dam_meta", "dam_adamerging"));
+  const DamReport& report = result->report;
+  EXPECT_EQ(report.outer_steps, 6);
+  EXPECT_EQ(report.inner_loss.size(), 6u);
+  EXPECT_EQ(report.mask_loss.size(), 6u);
+  EXPECT_EQ(report.adamerging_loss.size(), 5u);
+  EXPECT_THAT(report.lambdas.sizes(), ElementsAre(3, 4));
+  ASSERT_EQ(report.tensors.size(), 4u);
+  int64_t elements = 0;
+  for (const MaskTensorStats& stats : report.tensors) {
+    elements += stats.elements;
+    EXPECT_GE(stats.m2_sparsity, 0.0);
+    EXPECT_LE(stats.m2_sparsity, 1.0);
+  }
+  EXPECT_EQ(elements, run.set.NumElements());
+  // Masks moved, in both directions.
+  EXPECT_GT(report.m1_sparsity, 0.0);
+  EXPECT_LT(report.m1_sparsity, 1.0);
+  EXPECT_GT(report.m2_flagged_fraction, 0.0);
+  EXPECT_DOUBLE_EQ(report.m2_flagged_fraction, report.m2_sparsity);
+  EXPECT_GT(report.seconds_per_outer_step, 0.0);
+
+  auto json = nlohmann::json::parse(DamReportToJson(report, options));
+  EXPECT_EQ(json["method"], "dam");
+  EXPECT_EQ(json["tensors"].size(), 4u);
+  EXPECT_EQ(json["lambdas"].size(), 3u);
+  EXPECT_EQ(json["lambdas"][0].size(), 4u);
+  EXPECT_EQ(json["loss_curves"]["mask"].size(), 6u);
+  EXPECT_EQ(json["triggers"].size(), 3u);
+  EXPECT_EQ(json["options"]["final_mask"], "expected");
+  EXPECT_EQ(json["options"]["steps"], 6);
+}
+
+TEST(DamTest, OutputIsTheMaskedMergeTheModelHolds) {
+  Run run;
+  DamOptions options = FastOptions();
+  options.final_mask = FinalMaskMode::kHard;
+  options.mask_learning_rate = 0.05;
+  auto result = RunDam(*run.model, run.set, run.calibration, options);
+  ASSERT_TRUE(result.ok()) << result.status();
+  NamedTensors installed = run.model->Backbone();
+  for (size_t k = 0; k < installed.size(); ++k) {
+    EXPECT_TRUE(torch::allclose(installed[k].second, result->backbone[k]));
+  }
+  // Entries the hard mask drops keep theta0.
+  EXPECT_GT(result->report.final_mask_zeros, 0.0);
+}
+
+TEST(DamTest, RejectsBadOptions) {
+  Run run;
+  DamOptions options = FastOptions();
+  options.temperature = 0;
+  EXPECT_EQ(RunDam(*run.model, run.set, run.calibration, options)
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+  options = FastOptions();
+  options.trigger_epsilon = -1;
+  auto status = RunDam(*run.model, run.set, run.calibration, options).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("trigger_epsilon"));
+  EXPECT_EQ(ParseFinalMaskMode("soft").status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(*ParseBackdoorLoss("consistency"), BackdoorLoss::kConsistency);
+}
+
+TEST(DamTest, ConsistencyVariantRuns) {
+  Run run;
+  DamOptions options = FastOptions();
+  options.backdoor_loss = BackdoorLoss::kConsistency;
+  auto result = RunDam(*run.model, run.set, run.calibration, options);
+  ASSERT_TRUE(result.ok()) << result.status();
+  for (double loss : result->report.mask_loss) EXPECT_TRUE(std::isfinite(loss));
+}
+
+TEST(DamTest, FilesJobWritesHeadsAndProvenance) {
+  TempDir dir;
+  DefenseTinyModule().save(dir.Path("arch.pt"));
+  NamedTensors base = DefenseTinyBase();
+  ASSERT_TRUE(SaveTensors(dir.Path("base.safetensors"), base).ok());
+  TaskVectorSet set = DefenseTinySet(2);
+  std::vector<torch::Tensor> calibration = DefenseTinyCalibration(2);
+  std::vector<DataDependentTask> tasks;
+  for (int t = 0; t < 2; ++t) {
+    NamedTensors tensors;
+    for (int k = 0; k < set.num_tensors(); ++k) {
+      tensors.emplace_back(set.keys[k],
+                           set.base[k] + set.task_vectors[t][k]);
+    }
+    tensors.emplace_back("head.weight", set.heads[t].weight);
+    tensors.emplace_back("head.bias", set.heads[t].bias);
+    const std::string name = set.task_names[t];
+    ASSERT_TRUE(SaveTensors(dir.Path(name + ".safetensors"), tensors).ok());
+    ASSERT_TRUE(SaveTensors(dir.Path(name + "_cal.safetensors"),
+                            {{"inputs", calibration[t]},
+                             {"labels", torch::zeros({24}, torch::kLong)}})
+                    .ok());
+    tasks.push_back({{name, dir.Path(name + ".safetensors"), ""},
+                     dir.Path(name + "_cal.safetensors")});
+  }
+  DamOptions options = FastOptions();
+  options.metadata["mergeguard.job"] = "j1";
+  auto result = DamMergeFiles(dir.Path("arch.pt"), dir.Path("base.safetensors"),
+                              tasks, dir.Path("out.safetensors"), options);
+  ASSERT_TRUE(result.ok()) << result.status();
+  auto checkpoint = Checkpoint::Open(dir.Path("out.safetensors"));
+  ASSERT_TRUE(checkpoint.ok()) << checkpoint.status();
+  EXPECT_NE((*checkpoint)->Find("task1/head.bias"), nullptr);
+  const auto& metadata = (*checkpoint)->Metadata();
+  EXPECT_EQ(metadata.at("mergeguard.method"), "dam");
+  EXPECT_EQ(metadata.at("mergeguard.job"), "j1");
+  auto summary = nlohmann::json::parse(metadata.at("mergeguard.dam_summary"));
+  EXPECT_EQ(summary["outer_steps"], 6);
+  auto options_json = nlohmann::json::parse(metadata.at("mergeguard.options"));
+  EXPECT_EQ(options_json["trigger_epsilon"], 0.1);
+
+  // A task whose calibration file is missing fails before any work.
+  tasks[1].calibration_path = dir.Path("nope.safetensors");
+  EXPECT_EQ(DamMergeFiles(dir.Path("arch.pt"), dir.Path("base.safetensors"),
+                          tasks, dir.Path("out2.safetensors"), options)
+                .status()
+                .code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_FALSE(Checkpoint::Open(dir.Path("out2.safetensors")).ok());
+}
+
+}  // namespace
+}  // namespace mergeguard
