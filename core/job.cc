@@ -385,16 +385,19 @@ absl::StatusOr<JobOutput> RunDataFreeMerge(const JobSpec& spec,
     return context.is_cancelled && context.is_cancelled();
   };
   if (cancelled()) return absl::CancelledError("job cancelled before it ran");
+  // Polled before each chunk, so a cancel stops the merge within one chunk.
+  options.is_cancelled = context.is_cancelled;
   ASSIGN_OR_RETURN(MergeReport report,
                    Merge(base_path, inputs, output.model_path, options));
   if (cancelled()) {
-    // A data-free merge runs to completion; its output is discarded.
+    // Cancelled after the last check: the finished output is discarded.
     ::unlink(output.model_path.c_str());
     return absl::CancelledError("job cancelled while it ran");
   }
   output.metrics = {
       {kMetricSeconds, report.seconds},
       {"merged_tensors", static_cast<double>(report.merged_tensors)},
+      {"copied_tensors", static_cast<double>(report.copied_tensors)},
       {"head_tensors", static_cast<double>(report.head_tensors)},
       {"bytes_read", static_cast<double>(report.bytes_read)},
       {"bytes_written", static_cast<double>(report.bytes_written)},

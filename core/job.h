@@ -149,8 +149,9 @@ struct JobContext {
   // Called with progress; may be empty. Called from worker threads,
   // serialized.
   std::function<void(const JobProgress&)> on_progress;
-  // Polled between steps (tensors for merges, optimizer steps for DAM and
-  // LFPM); true stops the job with CANCELLED. May be empty.
+  // Polled between steps (chunks for merges, optimizer steps for DAM and
+  // LFPM), possibly from several threads at once; true stops the job with
+  // CANCELLED. May be empty.
   std::function<bool()> is_cancelled;
   // Compute threads for the job; 0 = all cores.
   int threads = 0;
