@@ -1,0 +1,341 @@
+#include "bench/lfpm_rows.h"
+
+#include <torch/torch.h>
+
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <sstream>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "core/evaluation.h"
+#include "core/model.h"
+#include "core/status_macros.h"
+#include "core/tensor_views.h"
+#include "core/torch_status.h"
+#include "nlohmann/json.hpp"
+
+namespace mergeguard::bench {
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+// ResetPeakRss asks the kernel to restart VmHWM from the current RSS.
+bool ResetPeakRss() {
+  std::ofstream clear_refs("/proc/self/clear_refs");
+  clear_refs << "5";
+  clear_refs.flush();
+  return clear_refs.good();
+}
+
+int64_t PeakRssBytes() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind("VmHWM:", 0) == 0) {
+      std::istringstream fields(line.substr(6));
+      int64_t kib = 0;
+      fields >> kib;
+      return kib * 1024;
+    }
+  }
+  return 0;
+}
+
+std::vector<MergeInput> ScenarioInputs(const Scenario& scenario,
+                                       bool backdoored) {
+  std::vector<MergeInput> inputs;
+  for (const ScenarioTask& task : scenario.tasks) {
+    inputs.push_back({task.name,
+                      scenario.Path(backdoored ? task.checkpoint
+                                               : task.clean_checkpoint),
+                      1.0});
+  }
+  return inputs;
+}
+
+absl::Status TaMerge(const Scenario& scenario,
+                     const std::vector<MergeInput>& inputs,
+                     const std::string& output_path) {
+  MergeOptions options;
+  options.method = MergeMethod::kTaskArithmetic;
+  options.metadata["mergeguard.scenario"] = scenario.name;
+  return Merge(scenario.Path(scenario.base), inputs, output_path, options)
+      .status();
+}
+
+// AdaptiveAttacks re-optimizes the scenario's patch against the model at
+// `model_path` on each compromised task's calibration set (the attacker's
+// data) and measures both patches' ASR on the test split. Empty for blend
+// triggers, which have no patch to re-optimize.
+absl::StatusOr<std::vector<AdaptiveAttack>> AdaptiveAttacks(
+    const Scenario& scenario, const std::string& model_path,
+    const LfpmRowOptions& options) {
+  std::vector<AdaptiveAttack> attacks;
+  if (!scenario.attack.has_value()) return attacks;
+  ASSIGN_OR_RETURN(Trigger trigger, LoadScenarioTrigger(scenario));
+  if (trigger.kind != TriggerKind::kPatch) return attacks;
+  ASSIGN_OR_RETURN(std::unique_ptr<Model> model,
+                   Model::Load(scenario.Path(scenario.architecture.file)));
+  ASSIGN_OR_RETURN(NamedTensors tensors, LoadTensorsFromPath(model_path));
+  RETURN_IF_ERROR(model->LoadBackbone(tensors));
+  EvalOptions eval;
+  eval.batch_size = options.eval.batch_size;
+  for (const std::string& name : scenario.attack->tasks) {
+    const ScenarioTask* task = scenario.FindTask(name);
+    if (task == nullptr) {
+      return absl::NotFoundError(absl::StrCat("no task ", name));
+    }
+    ASSIGN_OR_RETURN(Head head,
+                     HeadFromTensors(tensors, absl::StrCat(name, "/head.")));
+    ASSIGN_OR_RETURN(LabeledImages calibration,
+                     LoadLabeledImages(scenario.Path(task->calibration)));
+    ASSIGN_OR_RETURN(LabeledImages test,
+                     LoadLabeledImages(scenario.Path(task->test)));
+    ASSIGN_OR_RETURN(
+        ImageSet attacker_data,
+        CallTorch("AdaptiveAttacks", [&]() -> absl::StatusOr<ImageSet> {
+          return ImageSet{calibration.inputs.mul(255.0)
+                              .round()
+                              .clamp(0, 255)
+                              .to(torch::kUInt8)
+                              .squeeze(1),
+                          calibration.labels};
+        }));
+    const int64_t target = scenario.attack->target_class;
+    ASSIGN_OR_RETURN(Trigger adapted,
+                     OptimizeUniversalPatch(*model, head, attacker_data,
+                                            trigger, target,
+                                            options.adaptive_patch,
+                                            options.adaptive_seed));
+    AdaptiveAttack attack;
+    attack.task = name;
+    attack.target = target;
+    ASSIGN_OR_RETURN(AttackResult original,
+                     EvaluateAttack(*model, head, test, trigger, target, eval));
+    ASSIGN_OR_RETURN(AttackResult adaptive,
+                     EvaluateAttack(*model, head, test, adapted, target, eval));
+    attack.original_asr = original.asr;
+    attack.adaptive_asr = adaptive.asr;
+    attacks.push_back(attack);
+  }
+  return attacks;
+}
+
+json AdaptiveJson(const std::vector<AdaptiveAttack>& attacks) {
+  json out = json::array();
+  for (const AdaptiveAttack& a : attacks) {
+    out.push_back({{"task", a.task},
+                   {"target", a.target},
+                   {"original_asr", a.original_asr},
+                   {"adaptive_asr", a.adaptive_asr}});
+  }
+  return out;
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<LfpmCalibrationFile>> ScenarioLfpmCalibration(
+    const Scenario& scenario, const std::vector<MergeInput>& inputs) {
+  std::vector<LfpmCalibrationFile> files;
+  for (const MergeInput& input : inputs) {
+    const ScenarioTask* task = scenario.FindTask(input.name);
+    if (task == nullptr) {
+      return absl::NotFoundError(absl::StrCat(
+          "input \"", input.name, "\" is not a task of scenario ",
+          scenario.name));
+    }
+    files.push_back({input.name, scenario.Path(task->calibration)});
+  }
+  return files;
+}
+
+RowProducer LfpmProducer(const LfpmOptions& options, const std::string& name) {
+  return {name, [options](const Scenario& scenario,
+                          const std::vector<MergeInput>& inputs,
+                          const std::string& output_path) -> absl::Status {
+            LfpmJob job;
+            job.architecture_path = scenario.Path(scenario.architecture.file);
+            job.base_path = scenario.Path(scenario.base);
+            job.task_models = inputs;
+            ASSIGN_OR_RETURN(job.calibration,
+                             ScenarioLfpmCalibration(scenario, inputs));
+            job.output_path = output_path;
+            LfpmOptions with_scenario = options;
+            with_scenario.metadata["mergeguard.scenario"] = scenario.name;
+            return RunLfpmJob(job, with_scenario).status();
+          }};
+}
+
+double MeanAsr(const ModelEvaluation& evaluation) {
+  if (evaluation.asr.empty()) return 0.0;
+  double sum = 0.0;
+  for (const TaskAttack& attack : evaluation.asr) sum += attack.asr;
+  return sum / static_cast<double>(evaluation.asr.size());
+}
+
+absl::StatusOr<LfpmRows> RunLfpmRows(const Scenario& scenario,
+                                     const LfpmRowOptions& options) {
+  fs::path work_dir = options.work_dir;
+  const bool temporary = work_dir.empty();
+  if (temporary) {
+    std::random_device random;
+    work_dir = fs::temp_directory_path() /
+               absl::StrCat("mergeguard-lfpm-", random(), random());
+  }
+  std::error_code error;
+  fs::create_directories(work_dir, error);
+  if (error) {
+    return absl::InternalError(absl::StrCat(
+        "cannot create ", work_dir.string(), ": ", error.message()));
+  }
+  auto path = [&](const std::string& method, bool backdoored) {
+    return (work_dir / absl::StrCat(method, backdoored ? ".backdoored"
+                                                       : ".clean",
+                                    ".safetensors"))
+        .string();
+  };
+
+  auto run = [&]() -> absl::StatusOr<LfpmRows> {
+    LfpmRows rows;
+    rows.ta.method = "TA";
+    for (bool backdoored : {false, true}) {
+      const std::string ta_path = path("TA", backdoored);
+      RETURN_IF_ERROR(
+          TaMerge(scenario, ScenarioInputs(scenario, backdoored), ta_path));
+      ASSIGN_OR_RETURN(ModelEvaluation evaluation,
+                       EvaluateModelFile(scenario, ta_path, options.eval));
+      (backdoored ? rows.ta.backdoored : rows.ta.clean) = std::move(evaluation);
+    }
+    if (options.adaptive_check) {
+      ASSIGN_OR_RETURN(rows.ta_adaptive,
+                       AdaptiveAttacks(scenario, path("TA", true), options));
+    }
+    for (LfpmMode mode : options.modes) {
+      LfpmRow row;
+      row.mode = mode;
+      row.row.method = absl::StrCat("LFPM-", LfpmModeName(mode));
+      for (bool backdoored : {false, true}) {
+        const std::string out = path(row.row.method, backdoored);
+        if (!backdoored && !options.repair_clean_merge) {
+          row.row.clean = rows.ta.clean;
+          continue;
+        }
+        LfpmJob job;
+        job.architecture_path = scenario.Path(scenario.architecture.file);
+        job.merged_model_path = path("TA", backdoored);
+        ASSIGN_OR_RETURN(
+            job.calibration,
+            ScenarioLfpmCalibration(scenario,
+                                    ScenarioInputs(scenario, backdoored)));
+        job.output_path = out;
+        LfpmOptions lfpm = options.lfpm;
+        lfpm.mode = mode;
+        lfpm.metadata["mergeguard.scenario"] = scenario.name;
+        if (backdoored) row.peak_rss_is_process_peak = !ResetPeakRss();
+        ASSIGN_OR_RETURN(LfpmReport report, RunLfpmJob(job, lfpm));
+        if (backdoored) {
+          row.peak_rss_bytes = PeakRssBytes();
+          row.seconds = report.seconds;
+          row.seconds_per_step = report.seconds_per_step;
+          row.report = std::move(report);
+        }
+        ASSIGN_OR_RETURN(ModelEvaluation evaluation,
+                         EvaluateModelFile(scenario, out, options.eval));
+        (backdoored ? row.row.backdoored : row.row.clean) =
+            std::move(evaluation);
+      }
+      if (options.adaptive_check) {
+        ASSIGN_OR_RETURN(row.adaptive, AdaptiveAttacks(
+                                           scenario, path(row.row.method, true),
+                                           options));
+      }
+      rows.rows.push_back(std::move(row));
+    }
+    return rows;
+  };
+  absl::StatusOr<LfpmRows> rows = run();
+  if (temporary) fs::remove_all(work_dir, error);
+  return rows;
+}
+
+std::string LfpmRowsToText(const Scenario& scenario, const LfpmRows& rows) {
+  std::vector<TableRow> table = {rows.ta};
+  for (const LfpmRow& row : rows.rows) table.push_back(row.row);
+  std::string out = TableToText(scenario, table);
+  absl::StrAppendFormat(&out, "%-10s %8s %10s %10s %12s %10s %10s\n", "method",
+                        "steps", "s/step", "total s", "peak RSS MiB",
+                        "|tau|", "|tau|/|m|");
+  for (const LfpmRow& row : rows.rows) {
+    absl::StrAppendFormat(
+        &out, "%-10s %8d %10.4f %10.1f %11.1f%s %10.4f %10.4f\n",
+        row.row.method, row.report.steps, row.seconds_per_step, row.seconds,
+        static_cast<double>(row.peak_rss_bytes) / (1024.0 * 1024.0),
+        row.peak_rss_is_process_peak ? "*" : " ", row.report.tau_norm,
+        row.report.merged_norm > 0 ? row.report.tau_norm / row.report.merged_norm
+                                   : 0.0);
+  }
+  out += "path curve (backdoored run; mined-trigger ASR, loss) at alpha = "
+         "0, .25, .5, .75, 1\n";
+  for (const LfpmRow& row : rows.rows) {
+    absl::StrAppendFormat(&out, "%-10s", row.row.method);
+    for (const LfpmPathPoint& p : row.report.path) {
+      absl::StrAppendFormat(&out, "  %5.1f%% %.3f", 100.0 * p.asr, p.loss);
+    }
+    out += "\n";
+  }
+  out += "anomaly index (Neural Cleanse, MAD; > 2 is suspicious): merged -> "
+         "repaired\n";
+  for (const LfpmRow& row : rows.rows) {
+    absl::StrAppendFormat(&out, "%-10s", row.row.method);
+    for (size_t i = 0; i < row.report.anomaly_merged.size(); ++i) {
+      const LfpmAnomaly& before = row.report.anomaly_merged[i];
+      absl::StrAppendFormat(&out, "  %s %.2f (class %d)", before.task,
+                            before.anomaly_index, before.smallest_class);
+      if (i < row.report.anomaly_repaired.size()) {
+        absl::StrAppendFormat(&out, " -> %.2f",
+                              row.report.anomaly_repaired[i].anomaly_index);
+      }
+    }
+    out += "\n";
+  }
+  if (!rows.ta_adaptive.empty()) {
+    out += "adaptive check (patch re-optimized against each model): "
+           "original -> adaptive ASR\n";
+    auto print = [&](const std::string& method,
+                     const std::vector<AdaptiveAttack>& attacks) {
+      absl::StrAppendFormat(&out, "%-10s", method);
+      for (const AdaptiveAttack& a : attacks) {
+        absl::StrAppendFormat(&out, "  %s %.2f%% -> %.2f%%", a.task,
+                              100.0 * a.original_asr, 100.0 * a.adaptive_asr);
+      }
+      out += "\n";
+    };
+    print("TA", rows.ta_adaptive);
+    for (const LfpmRow& row : rows.rows) print(row.row.method, row.adaptive);
+  }
+  return out;
+}
+
+std::string LfpmRowsToJson(const Scenario& scenario, const LfpmRows& rows) {
+  std::vector<TableRow> table = {rows.ta};
+  for (const LfpmRow& row : rows.rows) table.push_back(row.row);
+  json lfpm = json::array();
+  for (const LfpmRow& row : rows.rows) {
+    lfpm.push_back({{"method", row.row.method},
+                    {"seconds", row.seconds},
+                    {"seconds_per_step", row.seconds_per_step},
+                    {"peak_rss_bytes", row.peak_rss_bytes},
+                    {"peak_rss_is_process_peak", row.peak_rss_is_process_peak},
+                    {"adaptive", AdaptiveJson(row.adaptive)},
+                    {"report", json::parse(LfpmReportToJson(row.report))}});
+  }
+  json root = {{"table", json::parse(TableToJson(scenario, table))},
+               {"ta_adaptive", AdaptiveJson(rows.ta_adaptive)},
+               {"lfpm", lfpm}};
+  return root.dump(2) + "\n";
+}
+
+}  // namespace mergeguard::bench

@@ -1,0 +1,530 @@
+#include "core/lfpm.h"
+
+#include <torch/script.h>
+#include <torch/torch.h>
+
+#include <atomic>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "core/checkpoint.h"
+#include "core/evaluation.h"
+#include "core/merge.h"
+#include "core/safetensors.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+
+#ifdef MERGEGUARD_LFPM_TEST_WITH_BENCH
+#include "bench/lfpm_rows.h"
+#include "bench/scenario_builder.h"
+#include "core/scenario.h"
+#endif
+
+namespace mergeguard {
+namespace {
+
+namespace fs = std::filesystem;
+using lfpm_internal::LfpmProblemForTesting;
+using ::testing::HasSubstr;
+
+// A small conv + linear TorchScript architecture, so PEFT mode reshapes a
+// 4-D conv weight: [B, 1, 28, 28] -> conv 3x3/2 (4 ch) -> relu -> fc 676->16.
+torch::jit::Module TinyModule() {
+  auto unit = std::make_shared<torch::jit::CompilationUnit>();
+  auto layer = [&](const std::string& kind, torch::Tensor weight,
+                   torch::Tensor bias) {
+    torch::jit::Module m(
+        c10::QualifiedName(absl::StrCat("__torch__.lfpm_test.", kind)), unit,
+        true);
+    m.register_parameter("weight", weight, false);
+    m.register_parameter("bias", bias, false);
+    return m;
+  };
+  torch::manual_seed(3);
+  torch::jit::Module root(c10::QualifiedName("__torch__.lfpm_test.Tiny"), unit,
+                          true);
+  root.register_module(
+      "conv", layer("Conv", torch::randn({4, 1, 3, 3}) * 0.3, torch::zeros({4})));
+  root.register_module("fc", layer("Fc", torch::randn({16, 676}) * 0.05,
+                                   torch::zeros({16})));
+  root.define(R"(
+def forward(self, x):
+    h = torch.relu(torch.conv2d(x, self.conv.weight, self.conv.bias, [2, 2]))
+    return torch.relu(torch.linear(torch.flatten(h, 1), self.fc.weight, self.fc.bias))
+)");
+  return root;
+}
+
+std::unique_ptr<Model> TinyModel() {
+  auto model = Model::FromModule(TinyModule());
+  EXPECT_TRUE(model.ok()) << model.status();
+  return model.ok() ? std::move(*model) : nullptr;
+}
+
+// A merged model: a random backbone plus heads for tasks "a" (3 classes)
+// and "b" (5 classes).
+NamedTensors MergedTensors() {
+  torch::manual_seed(11);
+  return {{"conv.weight", torch::randn({4, 1, 3, 3}) * 0.3},
+          {"conv.bias", torch::randn({4}) * 0.1},
+          {"fc.weight", torch::randn({16, 676}) * 0.05},
+          {"fc.bias", torch::randn({16}) * 0.1},
+          {"a/head.weight", torch::randn({3, 16})},
+          {"a/head.bias", torch::randn({3}) * 0.1},
+          {"b/head.weight", torch::randn({5, 16})},
+          {"b/head.bias", torch::randn({5}) * 0.1}};
+}
+
+// Task "a" is labeled, task "b" unlabeled.
+std::vector<LfpmTask> Tasks() {
+  torch::manual_seed(12);
+  LfpmTask a{"a", torch::rand({24, 1, 28, 28}),
+             torch::randint(0, 3, {24}, torch::kInt64)};
+  LfpmTask b{"b", torch::rand({20, 1, 28, 28}), torch::Tensor()};
+  return {a, b};
+}
+
+// Small settings so each run takes well under a second.
+LfpmOptions FastOptions(LfpmMode mode) {
+  LfpmOptions options;
+  options.mode = mode;
+  options.steps = 4;
+  options.batch_size = 8;
+  options.report_examples = 8;
+  options.triggers.scan_steps = 3;
+  options.triggers.scan_batch_size = 4;
+  options.triggers.update_every = 2;
+  options.triggers.steps_per_update = 1;
+  options.threads = 1;
+  return options;
+}
+
+std::string TempPath(const std::string& name) {
+  std::random_device random;
+  return (fs::temp_directory_path() /
+          absl::StrCat("lfpm_test_", random(), random(), "_", name))
+      .string();
+}
+
+const torch::Tensor& Find(const NamedTensors& tensors,
+                          const std::string& name) {
+  for (const auto& [key, tensor] : tensors) {
+    if (key == name) return tensor;
+  }
+  ADD_FAILURE() << "no tensor " << name;
+  static const torch::Tensor* const kEmpty = new torch::Tensor();
+  return *kEmpty;
+}
+
+// Randomizes τab's leaves, so gradients differ from node to node.
+void PerturbTrainable(LfpmProblemForTesting& problem, double scale) {
+  torch::NoGradGuard no_grad;
+  torch::manual_seed(21);
+  for (torch::Tensor& leaf : problem.Trainable()) {
+    leaf.copy_(torch::randn(leaf.sizes()) * scale);
+  }
+}
+
+class LfpmModeTest : public ::testing::TestWithParam<LfpmMode> {};
+
+INSTANTIATE_TEST_SUITE_P(Modes, LfpmModeTest,
+                         ::testing::Values(LfpmMode::kFull, LfpmMode::kPeft),
+                         [](const auto& info) {
+                           return std::string(LfpmModeName(info.param));
+                         });
+
+TEST_P(LfpmModeTest, TauStartsAtZeroSoTheOutputIsTheMergedModel) {
+  auto model = TinyModel();
+  NamedTensors merged = MergedTensors();
+  auto problem = LfpmProblemForTesting::Create(*model, merged, Tasks(),
+                                               FastOptions(GetParam()));
+  ASSERT_TRUE(problem.ok()) << problem.status();
+  auto tau = (*problem)->Tau();
+  ASSERT_TRUE(tau.ok()) << tau.status();
+  ASSERT_FALSE(tau->empty());
+  for (const auto& [name, t] : *tau) {
+    EXPECT_EQ(t.abs().max().item<float>(), 0.0f) << name;
+  }
+  ASSERT_TRUE(model->LoadBackbone(merged).ok());
+  torch::Tensor x = torch::rand({6, 1, 28, 28});
+  auto reference = model->Features(x);
+  ASSERT_TRUE(reference.ok());
+  for (double alpha : {0.0, 0.5, 1.0}) {
+    auto features = (*problem)->Features(alpha, x);
+    ASSERT_TRUE(features.ok()) << features.status();
+    EXPECT_TRUE(torch::equal(*features, reference->detach())) << alpha;
+  }
+
+  // A run without outer steps returns θm itself and a zero τab.
+  LfpmOptions options = FastOptions(GetParam());
+  options.steps = 0;
+  auto result = RunLfpm(*model, merged, Tasks(), options);
+  ASSERT_TRUE(result.ok()) << result.status();
+  ASSERT_EQ(result->repaired.size(), merged.size());
+  for (size_t i = 0; i < merged.size(); ++i) {
+    EXPECT_EQ(result->repaired[i].first, merged[i].first);
+    EXPECT_TRUE(torch::equal(result->repaired[i].second, merged[i].second))
+        << merged[i].first;
+  }
+  EXPECT_EQ(result->report.tau_norm, 0.0);
+}
+
+TEST(LfpmTest, QuadratureNodesFallInTheirStrata) {
+  for (int64_t k : {1, 2, 4, 7}) {
+    for (uint64_t seed = 0; seed < 50; ++seed) {
+      std::vector<double> nodes =
+          lfpm_internal::StratifiedNodesForTesting(k, seed);
+      ASSERT_EQ(nodes.size(), static_cast<size_t>(k));
+      for (int64_t i = 0; i < k; ++i) {
+        EXPECT_GT(nodes[i], static_cast<double>(i) / k) << k << " " << seed;
+        EXPECT_LE(nodes[i], static_cast<double>(i + 1) / k) << k << " " << seed;
+      }
+    }
+  }
+  // Stratified, not fixed: the nodes move with the seed.
+  EXPECT_NE(lfpm_internal::StratifiedNodesForTesting(4, 1),
+            lfpm_internal::StratifiedNodesForTesting(4, 2));
+}
+
+TEST_P(LfpmModeTest, AccumulatedGradientIsTheMeanOfPerNodeGradients) {
+  auto model = TinyModel();
+  auto problem = LfpmProblemForTesting::Create(*model, MergedTensors(), Tasks(),
+                                               FastOptions(GetParam()));
+  ASSERT_TRUE(problem.ok()) << problem.status();
+  PerturbTrainable(**problem, GetParam() == LfpmMode::kFull ? 0.01 : 0.1);
+  std::vector<torch::Tensor> leaves = (*problem)->Trainable();
+  const std::vector<double> alphas = {0.1, 0.4, 0.6, 0.95};
+
+  std::vector<std::vector<torch::Tensor>> per_node;
+  for (double alpha : alphas) {
+    auto loss = (*problem)->LossAt(alpha);
+    ASSERT_TRUE(loss.ok()) << loss.status();
+    per_node.push_back(torch::autograd::grad({*loss}, leaves));
+  }
+  ASSERT_TRUE((*problem)->AccumulateGradients(alphas).ok());
+  for (size_t i = 0; i < leaves.size(); ++i) {
+    torch::Tensor mean = torch::zeros_like(leaves[i]);
+    for (const auto& grads : per_node) mean += grads[i] / 4.0;
+    ASSERT_TRUE(leaves[i].grad().defined()) << i;
+    EXPECT_TRUE(torch::allclose(leaves[i].grad(), mean, 1e-4, 1e-7))
+        << "leaf " << i << " max diff "
+        << (leaves[i].grad() - mean).abs().max().item<float>();
+  }
+  // The check has teeth: the nodes' gradients differ, and a gradient of the
+  // last node alone does not match the mean.
+  const torch::Tensor& first = per_node.front().back();
+  const torch::Tensor& last = per_node.back().back();
+  EXPECT_GT((first - last).abs().max().item<float>(), 1e-6);
+  EXPECT_FALSE(torch::allclose(leaves.back().grad(), last, 1e-4, 1e-7));
+
+  // Accumulating again starts from zero (no stale gradients).
+  ASSERT_TRUE((*problem)->AccumulateGradients(alphas).ok());
+  torch::Tensor mean = torch::zeros_like(leaves.back());
+  for (const auto& grads : per_node) mean += grads.back() / 4.0;
+  EXPECT_TRUE(torch::allclose(leaves.back().grad(), mean, 1e-4, 1e-7));
+}
+
+TEST(LfpmTest, LoraDeltaIsBTimesAScaled) {
+  auto model = TinyModel();
+  LfpmOptions options = FastOptions(LfpmMode::kPeft);
+  options.lora_rank = 2;
+  options.lora_alpha = 6.0;  // scale 3
+  auto problem =
+      LfpmProblemForTesting::Create(*model, MergedTensors(), Tasks(), options);
+  ASSERT_TRUE(problem.ok()) << problem.status();
+  std::vector<torch::Tensor> leaves = (*problem)->Trainable();
+  // conv.weight and fc.weight only: biases have no matrix to factor.
+  ASSERT_EQ(leaves.size(), 4u);
+  // B starts at 0, A does not (PEFT's init).
+  EXPECT_EQ(leaves[1].abs().max().item<float>(), 0.0f);
+  EXPECT_GT(leaves[0].abs().max().item<float>(), 0.0f);
+  EXPECT_EQ(leaves[0].sizes().vec(), (std::vector<int64_t>{2, 9}));
+  EXPECT_EQ(leaves[1].sizes().vec(), (std::vector<int64_t>{4, 2}));
+  EXPECT_EQ(leaves[2].sizes().vec(), (std::vector<int64_t>{2, 676}));
+  EXPECT_EQ(leaves[3].sizes().vec(), (std::vector<int64_t>{16, 2}));
+  PerturbTrainable(**problem, 0.5);
+  auto tau = (*problem)->Tau();
+  ASSERT_TRUE(tau.ok());
+  ASSERT_EQ(tau->size(), 2u);
+  EXPECT_EQ((*tau)[0].first, "conv.weight");
+  EXPECT_TRUE(torch::allclose(
+      (*tau)[0].second,
+      (torch::matmul(leaves[1], leaves[0]) * 3.0).view({4, 1, 3, 3})));
+  EXPECT_EQ((*tau)[1].first, "fc.weight");
+  EXPECT_TRUE(torch::allclose((*tau)[1].second,
+                              torch::matmul(leaves[3], leaves[2]) * 3.0));
+  // And the model runs θm + α·B·A·scale.
+  NamedTensors shifted = MergedTensors();
+  for (auto& [name, tensor] : shifted) {
+    if (name == "conv.weight") tensor = tensor + 0.5 * (*tau)[0].second;
+    if (name == "fc.weight") tensor = tensor + 0.5 * (*tau)[1].second;
+  }
+  ASSERT_TRUE(model->LoadBackbone(shifted).ok());
+  torch::Tensor x = torch::rand({3, 1, 28, 28});
+  auto expected = model->Features(x);
+  auto actual = (*problem)->Features(0.5, x);
+  ASSERT_TRUE(expected.ok() && actual.ok());
+  EXPECT_TRUE(torch::allclose(*actual, expected->detach(), 1e-4, 1e-5));
+}
+
+TEST(LfpmTest, LayerPrefixesRestrictTau) {
+  auto model = TinyModel();
+  LfpmOptions options = FastOptions(LfpmMode::kFull);
+  options.layer_prefixes = {"fc."};
+  auto problem =
+      LfpmProblemForTesting::Create(*model, MergedTensors(), Tasks(), options);
+  ASSERT_TRUE(problem.ok());
+  auto tau = (*problem)->Tau();
+  ASSERT_TRUE(tau.ok());
+  ASSERT_EQ(tau->size(), 2u);
+  EXPECT_EQ((*tau)[0].first, "fc.weight");
+  EXPECT_EQ((*tau)[1].first, "fc.bias");
+  options.layer_prefixes = {"nothing."};
+  EXPECT_EQ(LfpmProblemForTesting::Create(*model, MergedTensors(), Tasks(),
+                                          options)
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST_P(LfpmModeTest, SeededRunsAreDeterministic) {
+  auto model = TinyModel();
+  LfpmOptions options = FastOptions(GetParam());
+  options.seed = 7;
+  auto first = RunLfpm(*model, MergedTensors(), Tasks(), options);
+  auto second = RunLfpm(*model, MergedTensors(), Tasks(), options);
+  options.seed = 8;
+  auto other = RunLfpm(*model, MergedTensors(), Tasks(), options);
+  ASSERT_TRUE(first.ok()) << first.status();
+  ASSERT_TRUE(second.ok() && other.ok());
+  ASSERT_EQ(first->tau.size(), second->tau.size());
+  bool differs = false;
+  for (size_t i = 0; i < first->tau.size(); ++i) {
+    EXPECT_TRUE(torch::equal(first->tau[i].second, second->tau[i].second))
+        << first->tau[i].first;
+    differs = differs ||
+              !torch::equal(first->tau[i].second, other->tau[i].second);
+  }
+  EXPECT_TRUE(differs);
+  EXPECT_EQ(first->report.loss_curve, second->report.loss_curve);
+  EXPECT_GT(first->report.tau_norm, 0.0);
+}
+
+TEST(LfpmTest, ReportsProgressAndHonoursCancellation) {
+  auto model = TinyModel();
+  LfpmOptions options = FastOptions(LfpmMode::kFull);
+  std::vector<LfpmProgress> progress;
+  options.on_progress = [&](const LfpmProgress& p) { progress.push_back(p); };
+  auto result = RunLfpm(*model, MergedTensors(), Tasks(), options);
+  ASSERT_TRUE(result.ok()) << result.status();
+  ASSERT_EQ(progress.size(), 4u);
+  EXPECT_EQ(progress.back().step, 4);
+  EXPECT_EQ(progress.back().steps, 4);
+  EXPECT_GT(progress.back().loss, 0.0);
+  EXPECT_GE(progress.back().elapsed_seconds, progress.front().elapsed_seconds);
+
+  // Cancel once the first outer step has reported.
+  progress.clear();
+  std::atomic<bool> cancel{false};
+  options.on_progress = [&](const LfpmProgress& p) {
+    progress.push_back(p);
+    cancel = true;
+  };
+  options.is_cancelled = [&] { return cancel.load(); };
+  auto cancelled = RunLfpm(*model, MergedTensors(), Tasks(), options);
+  EXPECT_EQ(cancelled.status().code(), absl::StatusCode::kCancelled);
+  EXPECT_EQ(progress.size(), 1u);
+
+  // Cancelled before anything ran.
+  options.is_cancelled = [] { return true; };
+  EXPECT_EQ(RunLfpm(*model, MergedTensors(), Tasks(), options).status().code(),
+            absl::StatusCode::kCancelled);
+}
+
+TEST(LfpmTest, RejectsBadInputs) {
+  auto model = TinyModel();
+  LfpmOptions options = FastOptions(LfpmMode::kFull);
+  options.path_nodes = 0;
+  EXPECT_EQ(RunLfpm(*model, MergedTensors(), Tasks(), options).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  options = FastOptions(LfpmMode::kFull);
+  options.device = "tpu";
+  EXPECT_FALSE(RunLfpm(*model, MergedTensors(), Tasks(), options).ok());
+  options = FastOptions(LfpmMode::kFull);
+  std::vector<LfpmTask> tasks = Tasks();
+  tasks[0].name = "missing";
+  EXPECT_EQ(RunLfpm(*model, MergedTensors(), tasks, options).status().code(),
+            absl::StatusCode::kNotFound);
+  tasks = Tasks();
+  tasks[0].labels[0] = 3;  // head "a" has 3 classes
+  auto status = RunLfpm(*model, MergedTensors(), tasks, options).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("labels"));
+  tasks = Tasks();
+  tasks[1].inputs = torch::rand({4, 1, 14, 14});
+  EXPECT_EQ(RunLfpm(*model, MergedTensors(), tasks, options).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST(LfpmTest, AnomalyIndexIsMadBased) {
+  // median 10, |dev| = {8, 1, 0, 1, 2} -> MAD 1; (10 - 2) / 1.4826.
+  EXPECT_NEAR(LfpmAnomalyIndex({2, 9, 10, 11, 12}), 8.0 / 1.4826, 1e-9);
+  // No outlier below the median.
+  EXPECT_NEAR(LfpmAnomalyIndex({10, 10, 11, 30}), 0.0, 1e-9);
+  EXPECT_EQ(LfpmAnomalyIndex({1, 5}), 0.0);
+  // Identical norms: no division by zero, no anomaly.
+  EXPECT_EQ(LfpmAnomalyIndex({4, 4, 4}), 0.0);
+}
+
+TEST(LfpmTest, ReportHasPathCurveTriggersAndAnomalies) {
+  auto model = TinyModel();
+  LfpmOptions options = FastOptions(LfpmMode::kPeft);
+  auto result = RunLfpm(*model, MergedTensors(), Tasks(), options);
+  ASSERT_TRUE(result.ok()) << result.status();
+  const LfpmReport& report = result->report;
+  ASSERT_EQ(report.path.size(), 5u);
+  EXPECT_EQ(report.path[0].alpha, 0.0);
+  EXPECT_EQ(report.path[4].alpha, 1.0);
+  EXPECT_EQ(report.path[0].task_asr.size(), 2u);
+  ASSERT_EQ(report.triggers.size(), 2u);
+  EXPECT_EQ(report.triggers[0].targets.size(), 1u);
+  EXPECT_GT(report.triggers[0].mask_l1[0], 0.0);
+  ASSERT_EQ(report.anomaly_merged.size(), 2u);
+  EXPECT_EQ(report.anomaly_merged[1].class_norms.size(), 5u);
+  EXPECT_EQ(report.anomaly_repaired.size(), 2u);
+  EXPECT_EQ(report.loss_curve.size(), 4u);
+  auto parsed = nlohmann::json::parse(LfpmReportToJson(report));
+  EXPECT_EQ(parsed["mode"], "peft");
+  EXPECT_EQ(parsed["path"].size(), 5u);
+  EXPECT_EQ(parsed["anomaly_threshold"], 2.0);
+  EXPECT_TRUE(parsed["anomaly_merged"][0].contains("anomaly_index"));
+
+  options.triggers.targeting = TriggerTargeting::kUntargeted;
+  auto untargeted = RunLfpm(*model, MergedTensors(), Tasks(), options);
+  ASSERT_TRUE(untargeted.ok()) << untargeted.status();
+  EXPECT_EQ(untargeted->report.triggers[0].targets,
+            (std::vector<int64_t>{-1}));
+}
+
+TEST(LfpmTest, JobWritesRepairedModelTauAndReport) {
+  auto model = TinyModel();
+  const std::string dir = TempPath("job");
+  fs::create_directories(dir);
+  const std::string arch = dir + "/arch.pt";
+  ASSERT_TRUE(model->Save(arch).ok());
+  // From base + task checkpoints: TA first.
+  NamedTensors merged = MergedTensors();
+  NamedTensors base, task_a, task_b;
+  for (const auto& [name, t] : merged) {
+    if (IsHeadKey(name)) continue;
+    base.emplace_back(name, t);
+    task_a.emplace_back(name, t + 0.01);
+    task_b.emplace_back(name, t - 0.02);
+  }
+  task_a.emplace_back("head.weight", Find(merged, "a/head.weight"));
+  task_a.emplace_back("head.bias", Find(merged, "a/head.bias"));
+  task_b.emplace_back("head.weight", Find(merged, "b/head.weight"));
+  task_b.emplace_back("head.bias", Find(merged, "b/head.bias"));
+  ASSERT_TRUE(SaveTensors(dir + "/base.safetensors", base).ok());
+  ASSERT_TRUE(SaveTensors(dir + "/a.safetensors", task_a).ok());
+  ASSERT_TRUE(SaveTensors(dir + "/b.safetensors", task_b).ok());
+  std::vector<LfpmTask> tasks = Tasks();
+  ASSERT_TRUE(SaveTensors(dir + "/cal_a.safetensors",
+                          {{"inputs", tasks[0].inputs},
+                           {"labels", tasks[0].labels}})
+                  .ok());
+  ASSERT_TRUE(
+      SaveTensors(dir + "/cal_b.safetensors", {{"inputs", tasks[1].inputs}})
+          .ok());
+
+  LfpmJob job;
+  job.architecture_path = arch;
+  job.base_path = dir + "/base.safetensors";
+  job.task_models = {{"a", dir + "/a.safetensors"},
+                     {"b", dir + "/b.safetensors"}};
+  job.calibration = {{"a", dir + "/cal_a.safetensors"},
+                     {"b", dir + "/cal_b.safetensors"}};
+  job.output_path = dir + "/repaired.safetensors";
+  job.tau_output_path = dir + "/tau.safetensors";
+  job.report_path = dir + "/report.json";
+  auto report = RunLfpmJob(job, FastOptions(LfpmMode::kFull));
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_FALSE(fs::exists(job.output_path + ".ta.safetensors"));
+  auto repaired = SafetensorsFile::Open(job.output_path);
+  ASSERT_TRUE(repaired.ok()) << repaired.status();
+  EXPECT_EQ((*repaired)->metadata().at("mergeguard.method"), "lfpm");
+  EXPECT_THAT((*repaired)->metadata().at("mergeguard.inputs"),
+              HasSubstr("calibration:b"));
+  auto repaired_tensors = LoadTensorsFromPath(job.output_path);
+  auto tau = LoadTensorsFromPath(job.tau_output_path);
+  ASSERT_TRUE(repaired_tensors.ok() && tau.ok());
+  EXPECT_EQ(tau->size(), 4u);
+  // repaired = TA(base, a, b) + τab, heads carried.
+  const torch::Tensor ta_fc = Find(base, "fc.weight") + 0.3 * (0.01 - 0.02);
+  EXPECT_TRUE(torch::allclose(Find(*repaired_tensors, "fc.weight"),
+                              ta_fc + Find(*tau, "fc.weight"), 1e-5, 1e-6));
+  EXPECT_TRUE(torch::equal(Find(*repaired_tensors, "b/head.weight"),
+                           Find(merged, "b/head.weight")));
+  std::ifstream in(job.report_path);
+  auto parsed = nlohmann::json::parse(in);
+  EXPECT_EQ(parsed["steps"], 4);
+
+  // Neither or both input kinds: INVALID_ARGUMENT, nothing written.
+  job.merged_model_path = job.output_path;
+  job.output_path = dir + "/again.safetensors";
+  EXPECT_EQ(RunLfpmJob(job, FastOptions(LfpmMode::kFull)).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_FALSE(fs::exists(job.output_path));
+  // A missing calibration file fails and leaves no output behind.
+  job.base_path.clear();
+  job.task_models.clear();
+  job.calibration[1].path = dir + "/none.safetensors";
+  EXPECT_FALSE(RunLfpmJob(job, FastOptions(LfpmMode::kFull)).ok());
+  EXPECT_FALSE(fs::exists(job.output_path));
+  fs::remove_all(dir);
+}
+
+#ifdef MERGEGUARD_LFPM_TEST_WITH_BENCH
+// The tiny benchmark scenario (BadMerging on-task): LFPM's repair of the TA
+// merge must bring the real trigger's ASR below TA's.
+TEST(LfpmScenarioTest, TinyScenarioAsrBelowTaskArithmetic) {
+  const std::string root = TempPath("scenario");
+  bench::BuildOptions build;
+  build.preset = bench::Preset::kTiny;
+  build.architecture = bench::Architecture::kCnn;
+  build.attack.kind = bench::AttackKind::kBadMerging;
+  build.seed = 0;
+  build.threads = 2;
+  build.out_dir = root + "/tiny";
+  build.cache_dir = root + "/cache";
+  auto built = bench::BuildScenario(build);
+  ASSERT_TRUE(built.ok()) << built.status();
+
+  bench::LfpmRowOptions options;
+  options.lfpm.steps = 40;
+  options.lfpm.threads = 2;
+  options.lfpm.triggers.scan_steps = 60;
+  options.lfpm.triggers.rescan_after = false;
+  options.modes = {LfpmMode::kFull};
+  options.adaptive_check = false;
+  options.repair_clean_merge = false;
+  auto rows = bench::RunLfpmRows(built->scenario, options);
+  ASSERT_TRUE(rows.ok()) << rows.status();
+  ASSERT_EQ(rows->rows.size(), 1u);
+  const double ta_asr = bench::MeanAsr(rows->ta.backdoored);
+  const double lfpm_asr = bench::MeanAsr(rows->rows[0].row.backdoored);
+  // The scenario must plant a backdoor that survives TA, or the comparison
+  // says nothing.
+  EXPECT_GT(ta_asr, 0.2);
+  EXPECT_LT(lfpm_asr, ta_asr);
+  EXPECT_LT(lfpm_asr, 0.5 * ta_asr);
+  fs::remove_all(root);
+}
+#endif
+
+}  // namespace
+}  // namespace mergeguard
