@@ -26,12 +26,17 @@ class Sha256 {
 
  private:
   void Compress(const uint8_t* block);
+  // CompressBlocks uses the CPU's SHA extensions when present.
+  void CompressBlocks(const uint8_t* data, size_t blocks);
 
   std::array<uint32_t, 8> state_;
   uint8_t buffer_[64];
   size_t buffered_ = 0;
   uint64_t total_bytes_ = 0;
 };
+
+// Test-only: when true, Sha256 never uses the CPU's SHA extensions.
+extern bool sha256_force_portable_for_testing;
 
 // Sha256Hex returns the hex digest of `data`.
 std::string Sha256Hex(absl::string_view data);
