@@ -35,6 +35,11 @@ absl::Status MakeDirectories(const std::string& path) {
 
 absl::StatusOr<LocalMergeResult> RunLocalMerge(const MergeConfig& config,
                                                const std::string& out_dir) {
+  if (!IsDataFreeMerge(config.method)) {
+    return absl::UnimplementedError(
+        absl::StrCat("method ", JobMethodName(config.method),
+                     " cannot run locally in this build yet"));
+  }
   RETURN_IF_ERROR(MakeDirectories(out_dir));
   LocalMergeResult result;
   const bool sharded = config.options.writer.max_shard_bytes > 0;
@@ -44,7 +49,7 @@ absl::StatusOr<LocalMergeResult> RunLocalMerge(const MergeConfig& config,
   ASSIGN_OR_RETURN(result.report, Merge(config.base, config.models,
                                         result.model_path, config.options));
   nlohmann::json report = {
-      {"method", std::string(MergeMethodName(config.options.method))},
+      {"method", std::string(JobMethodName(config.method))},
       {"model", result.model_path},
       {"merged_tensors", result.report.merged_tensors},
       {"head_tensors", result.report.head_tensors},

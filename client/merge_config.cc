@@ -7,6 +7,7 @@
 #include <set>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -263,6 +264,7 @@ absl::Status ParseModels(const YAML::Node& node, const std::string& base_dir,
     const YAML::Node& entry = node[i];
     std::string field = absl::StrCat("models[", i, "]");
     MergeInput input;
+    std::string calibration;
     if (entry.IsScalar()) {
       input.path = ResolvePath(entry.Scalar(), base_dir);
     } else if (entry.IsMap()) {
@@ -276,9 +278,20 @@ absl::Status ParseModels(const YAML::Node& node, const std::string& base_dir,
           ASSIGN_OR_RETURN(input.name, ReadString(kv.second, sub));
         } else if (key == "weight") {
           ASSIGN_OR_RETURN(input.weight, ReadNumber(kv.second, sub));
+        } else if (key == "calibration") {
+          if (IsDataFreeMerge(config.method)) {
+            return FieldError(kv.first, sub,
+                              absl::StrCat("does not apply to method ",
+                                           JobMethodName(config.method),
+                                           " (data-free merges need no "
+                                           "calibration data)"));
+          }
+          ASSIGN_OR_RETURN(calibration, ReadString(kv.second, sub));
+          calibration = ResolvePath(calibration, base_dir);
         } else {
-          return FieldError(kv.first, sub,
-                            "unknown field (expected path, name or weight)");
+          return FieldError(
+              kv.first, sub,
+              "unknown field (expected path, name, weight or calibration)");
         }
       }
       if (input.path.empty()) {
@@ -299,6 +312,7 @@ absl::Status ParseModels(const YAML::Node& node, const std::string& base_dir,
                         absl::StrCat("duplicate task name \"", input.name,
                                      "\"; give each model a distinct name"));
     }
+    if (!calibration.empty()) config.calibration[input.name] = calibration;
     config.models.push_back(std::move(input));
   }
   return absl::OkStatus();
@@ -308,6 +322,12 @@ absl::Status ParseParameters(const YAML::Node& node, MergeConfig& config) {
   if (!node.IsMap()) {
     return FieldError(node, "parameters",
                       absl::StrCat("expected a mapping, got ", Describe(node)));
+  }
+  if (!IsDataFreeMerge(config.method)) {
+    return FieldError(
+        node, "parameters",
+        absl::StrCat("parameters of ", JobMethodName(config.method),
+                     " are not supported by this client yet"));
   }
   const MergeMethod method = config.options.method;
   for (const auto& kv : node) {
@@ -351,11 +371,14 @@ absl::Status ParseRoot(const YAML::Node& root, const std::string& base_dir,
   }
   {
     ASSIGN_OR_RETURN(std::string name, ReadString(method, "method"));
-    absl::StatusOr<MergeMethod> parsed = ParseMergeMethod(name);
+    absl::StatusOr<JobMethod> parsed = ParseJobMethod(name);
     if (!parsed.ok()) {
       return FieldError(method, "method", parsed.status().message());
     }
-    config.options.method = *parsed;
+    config.method = *parsed;
+    if (IsDataFreeMerge(config.method)) {
+      config.options.method = ToMergeMethod(config.method);
+    }
   }
   static const std::set<std::string> kTopLevel = {
       "method", "base",          "models",  "parameters", "head_prefix",
@@ -394,6 +417,19 @@ absl::Status ParseRoot(const YAML::Node& root, const std::string& base_dir,
         return FieldError(value, key, "must be in [0, 1024] (0 = all cores)");
       }
       config.options.threads = static_cast<int>(threads);
+    } else if (key == "architecture") {
+      if (IsDataFreeMerge(config.method)) {
+        return FieldError(kv.first, key,
+                          absl::StrCat("does not apply to method ",
+                                       JobMethodName(config.method)));
+      }
+      ASSIGN_OR_RETURN(std::string architecture, ReadString(value, key));
+      // A path for local runs, a registered name for the server: resolve
+      // only what looks like a file.
+      config.architecture = architecture.find('/') != std::string::npos ||
+                                    absl::EndsWith(architecture, ".pt")
+                                ? ResolvePath(architecture, base_dir)
+                                : architecture;
     } else if (key == "shard_size") {
       ASSIGN_OR_RETURN(config.options.writer.max_shard_bytes,
                        ReadByteSize(value, key));
@@ -402,11 +438,25 @@ absl::Status ParseRoot(const YAML::Node& root, const std::string& base_dir,
   if (!root["models"].IsDefined()) {
     return absl::InvalidArgumentError("models: is required (a list of models)");
   }
-  if (config.base.empty() &&
-      config.options.method != MergeMethod::kWeightedAverage) {
+  if (config.base.empty() && config.method != JobMethod::kWeightedAverage) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "base: is required for method ", MergeMethodName(config.options.method),
+        "base: is required for method ", JobMethodName(config.method),
         " (only weighted_average works without a base model)"));
+  }
+  if (!IsDataFreeMerge(config.method)) {
+    if (config.architecture.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "architecture: is required for method ", JobMethodName(config.method),
+          " (a TorchScript .pt path, or a name registered on the server)"));
+    }
+    for (const MergeInput& input : config.models) {
+      if (!config.calibration.count(input.name)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "models: task \"", input.name, "\" needs a calibration set for ",
+            JobMethodName(config.method),
+            " (add `calibration: FILE.safetensors` to its entry)"));
+      }
+    }
   }
   if (const YAML::Node params = root["parameters"]; params.IsDefined()) {
     RETURN_IF_ERROR(ParseParameters(params, config));

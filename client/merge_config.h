@@ -12,22 +12,32 @@
 //
 // Relative paths are resolved against the file's directory.
 
+#include <map>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "core/job.h"
 #include "core/merge.h"
 
 namespace mergeguard {
 
 // MergeConfig is a parsed, validated job file.
 struct MergeConfig {
+  // What the job runs: a data-free merge, DAM or LFPM.
+  JobMethod method = JobMethod::kTaskArithmetic;
   // Path of the base model; empty only for weighted_average.
   std::string base;
   std::vector<MergeInput> models;
-  // Method and hyperparameters, defaults resolved.
+  // Data-free merge method and hyperparameters, defaults resolved
+  // (options.method mirrors `method` for data-free merges).
   MergeOptions options;
+  // DAM and LFPM: the TorchScript architecture (a `.pt` path locally; the
+  // registered name on a server).
+  std::string architecture;
+  // DAM and LFPM: per-task calibration set paths, keyed by task name.
+  std::map<std::string, std::string> calibration;
 };
 
 // ParseMergeConfig parses YAML `text`; relative paths resolve against

@@ -1,6 +1,8 @@
 // The `mergeguard` command-line tool. Flags are parsed here and nowhere else.
 
-#include <cstdio>
+#include <unistd.h>
+
+#include <cstdlib>
 #include <cstring>
 #include <iostream>
 #include <map>
@@ -8,11 +10,13 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "client/exit_codes.h"
 #include "client/local_merge.h"
 #include "client/merge_config.h"
+#include "client/remote_commands.h"
 
 namespace {
 
@@ -20,24 +24,40 @@ using mergeguard::ExitCodeFor;
 
 constexpr char kUsage[] = R"(mergeguard: sanitize model merges against backdoors
 
-Usage: mergeguard <command> [flags]
+Usage: mergeguard <command> [flags]     (mergeguard <command> --help)
 
 Commands:
-  merge     Run a merge job in-process (no server) from a YAML config.
-  help      Show this help, or `mergeguard help <command>`.
+  merge     Run a job in-process (no server) from a YAML job file.
+  run       Upload, submit, watch and download in one (or --local).
+  upload    Upload files to the server's store.
+  submit    Upload a job file's inputs and submit the job.
+  watch     Follow a job's progress until it ends.
+  download  Fetch a finished job's model and report (resumable).
+  jobs      List your jobs.
+  cancel    Cancel a job.
+  health    Check the server's health.
+
+Server flags (all server commands):
+  --server HOST:PORT  default $MERGEGUARD_SERVER or localhost:50051
+  --token TOKEN       bearer token; default $MERGEGUARD_TOKEN
+  --tls-ca FILE       verify the server with this CA (turns TLS on)
+  --timeout SECONDS   deadline of each call (default 30; transfers 7200)
 
 Exit codes: 0 ok, 1 failure, 2 usage, 3 invalid input, 4 resource exhausted,
 5 authentication, 6 server unavailable or deadline, 7 cancelled.
 )";
 
-constexpr char kMergeUsage[] = R"(mergeguard merge: run a merge in-process
+struct CommandHelp {
+  const char* usage;
+  const char* text;
+};
 
-Usage: mergeguard merge --config FILE --out DIR [--local]
-
-Flags:
-  --config FILE   YAML job file (method, base, models, parameters).
-  --out DIR       Output directory; gets model.safetensors and report.json.
-  --local         Run in this process (the default for `merge`).
+const std::map<std::string, CommandHelp>& Helps() {
+  static const auto* helps = new std::map<std::string, CommandHelp>{
+      {"merge",
+       {"mergeguard merge --config FILE --out DIR [--local]",
+        R"(Runs the job in this process with no server. Writes DIR/model.safetensors
+and DIR/report.json; nothing under those names on failure.
 
 Example merge.yaml:
   method: ties
@@ -49,24 +69,85 @@ Example merge.yaml:
 
 Example:
   mergeguard merge --config merge.yaml --out merged/
-)";
+)"}},
+      {"run",
+       {"mergeguard run --config FILE --out DIR [--local] [server flags]",
+        R"(Uploads the job file's inputs, submits the job, follows it and downloads
+the result into DIR. With --local, runs it in-process like `merge`.
 
-// ParsedFlags holds --name value pairs and bare --switches of one command.
+Example:
+  mergeguard run --config merge.yaml --out merged/ --server mg:50051
+)"}},
+      {"upload",
+       {"mergeguard upload [--kind KIND] FILE... [server flags]",
+        R"(Uploads files and prints their sha256 digests. KIND is model (default),
+calibration, lora_weights, lora_config or architecture.
+
+Example:
+  mergeguard upload --kind calibration mnist_calib.safetensors
+)"}},
+      {"submit",
+       {"mergeguard submit --config FILE [server flags]",
+        R"(Uploads the job file's inputs (skipping bytes already stored) and
+submits the job; prints its id.
+
+Example:
+  mergeguard submit --config merge.yaml
+)"}},
+      {"watch",
+       {"mergeguard watch JOB [server flags]",
+        R"(Follows JOB until it ends: a live progress bar (step, losses, ETA) on
+a terminal, plain lines otherwise. Exits non-zero if the job fails.
+
+Example:
+  mergeguard watch 3f2a...
+)"}},
+      {"download",
+       {"mergeguard download JOB|SHA256 --out DIR [server flags]",
+        R"(Writes a finished job's model.safetensors and report.json into DIR, or
+one artifact by digest. Interrupted downloads resume from DIR/*.part; the
+digest is verified before the file appears.
+
+Example:
+  mergeguard download 3f2a... --out merged/
+)"}},
+      {"jobs", {"mergeguard jobs [server flags]", "Lists your jobs.\n"}},
+      {"cancel",
+       {"mergeguard cancel JOB [server flags]",
+        "Cancels JOB; a running job stops within one step.\n"}},
+      {"health",
+       {"mergeguard health [server flags]",
+        "Prints the server's grpc.health.v1 status; exit 6 unless SERVING.\n"}},
+  };
+  return *helps;
+}
+
+std::string HelpFor(const std::string& command) {
+  const CommandHelp& help = Helps().at(command);
+  return absl::StrCat("Usage: ", help.usage, "\n\n", help.text);
+}
+
+// ParsedFlags holds --name value pairs and positional arguments.
 struct ParsedFlags {
   std::map<std::string, std::string> values;
   std::vector<std::string> positional;
 };
 
-// ParseFlags accepts `--name value`, `--name=value` and the switches listed
-// in `switches`. Unknown flags are usage errors.
-std::optional<ParsedFlags> ParseFlags(int argc, char** argv, int first,
-                                      const std::vector<std::string>& valued,
+const std::vector<std::string> kServerFlags = {"server", "token", "tls-ca",
+                                               "timeout"};
+
+// ParseFlags accepts `--name value`, `--name=value` and the listed switches.
+std::optional<ParsedFlags> ParseFlags(int argc, char** argv,
+                                      std::vector<std::string> valued,
                                       const std::vector<std::string>& switches,
-                                      std::string* error) {
+                                      bool server, std::string* error) {
+  if (server)
+    valued.insert(valued.end(), kServerFlags.begin(), kServerFlags.end());
   ParsedFlags flags;
-  for (int i = first; i < argc; ++i) {
+  for (int i = 2; i < argc; ++i) {
     std::string arg = argv[i];
-    if (arg.rfind("--", 0) != 0) {
+    if (arg == "-h") arg = "--help";
+    if (arg.rfind("--", 0) != 0 || arg == "--") {
       flags.positional.push_back(arg);
       continue;
     }
@@ -76,15 +157,12 @@ std::optional<ParsedFlags> ParseFlags(int argc, char** argv, int first,
       value = name.substr(eq + 1);
       name = name.substr(0, eq);
     }
-    auto is = [&](const std::vector<std::string>& list) {
-      for (const std::string& s : list) {
-        if (s == name) return true;
-      }
-      return false;
+    auto listed = [&](const std::vector<std::string>& list) {
+      return std::find(list.begin(), list.end(), name) != list.end();
     };
-    if (is(switches)) {
+    if (name == "help" || listed(switches)) {
       flags.values[name] = value.value_or("true");
-    } else if (is(valued)) {
+    } else if (listed(valued)) {
       if (!value) {
         if (i + 1 >= argc) {
           *error = absl::StrCat("flag --", name, " needs a value");
@@ -101,7 +179,7 @@ std::optional<ParsedFlags> ParseFlags(int argc, char** argv, int first,
   return flags;
 }
 
-int UsageError(const std::string& message, const char* usage) {
+int UsageError(const std::string& message, const std::string& usage) {
   std::cerr << "mergeguard: " << message << "\n\n" << usage;
   return mergeguard::kExitUsage;
 }
@@ -112,38 +190,152 @@ int Fail(const absl::Status& status) {
   return ExitCodeFor(status);
 }
 
-int RunMerge(int argc, char** argv) {
+std::string FlagOrEnv(const ParsedFlags& flags, const std::string& name,
+                      const char* env, const std::string& fallback) {
+  auto it = flags.values.find(name);
+  if (it != flags.values.end()) return it->second;
+  const char* value = std::getenv(env);
+  return value != nullptr && *value != '\0' ? value : fallback;
+}
+
+// Connect builds a client from the server flags.
+absl::StatusOr<std::unique_ptr<mergeguard::SanitizerClient>> Connect(
+    const ParsedFlags& flags) {
+  mergeguard::SanitizerClientOptions options;
+  options.target =
+      FlagOrEnv(flags, "server", "MERGEGUARD_SERVER", "localhost:50051");
+  options.token = FlagOrEnv(flags, "token", "MERGEGUARD_TOKEN", "");
+  if (auto it = flags.values.find("tls-ca"); it != flags.values.end()) {
+    options.use_tls = true;
+    options.tls_ca_file = it->second;
+  }
+  if (auto it = flags.values.find("timeout"); it != flags.values.end()) {
+    double seconds;
+    if (!absl::SimpleAtod(it->second, &seconds) || !(seconds > 0)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--timeout: expected a positive number of seconds, got \"",
+          it->second, "\""));
+    }
+    options.rpc_timeout = absl::Seconds(seconds);
+  }
+  return mergeguard::SanitizerClient::Create(options);
+}
+
+int RunCommand(const std::string& command, int argc, char** argv) {
+  const std::string help = HelpFor(command);
+  const bool server_command = command != "merge";
+  std::vector<std::string> valued;
+  std::vector<std::string> switches;
+  size_t max_positional = 0;
+  if (command == "merge" || command == "run") {
+    valued = {"config", "out"};
+    switches = {"local"};
+  } else if (command == "submit") {
+    valued = {"config"};
+  } else if (command == "upload") {
+    valued = {"kind"};
+    max_positional = 1000;
+  } else if (command == "download") {
+    valued = {"out"};
+    max_positional = 1;
+  } else if (command == "watch" || command == "cancel") {
+    max_positional = 1;
+  }
   std::string error;
   std::optional<ParsedFlags> flags =
-      ParseFlags(argc, argv, 2, {"config", "out"}, {"local", "help"}, &error);
-  if (!flags) return UsageError(error, kMergeUsage);
+      ParseFlags(argc, argv, valued, switches, server_command, &error);
+  if (!flags) return UsageError(error, help);
   if (flags->values.count("help")) {
-    std::cout << kMergeUsage;
+    std::cout << help;
     return mergeguard::kExitOk;
   }
-  if (!flags->positional.empty()) {
-    return UsageError(
-        absl::StrCat("unexpected argument \"", flags->positional[0], "\""),
-        kMergeUsage);
+  if (flags->positional.size() > max_positional) {
+    return UsageError(absl::StrCat("unexpected argument \"",
+                                   flags->positional[max_positional], "\""),
+                      help);
   }
-  if (!flags->values.count("config")) {
-    return UsageError("merge needs --config FILE", kMergeUsage);
+  for (const std::string& name : valued) {
+    bool required = name == "config" || name == "out";
+    if (required && !flags->values.count(name)) {
+      return UsageError(absl::StrCat(command, " needs --", name,
+                                     name == "out" ? " DIR" : " FILE"),
+                        help);
+    }
   }
-  if (!flags->values.count("out")) {
-    return UsageError("merge needs --out DIR", kMergeUsage);
+  if ((command == "watch" || command == "cancel" || command == "download") &&
+      flags->positional.empty()) {
+    return UsageError(absl::StrCat(command, " needs a JOB id"), help);
   }
-  absl::StatusOr<mergeguard::MergeConfig> config =
-      mergeguard::LoadMergeConfig(flags->values["config"]);
-  if (!config.ok()) return Fail(config.status());
-  absl::StatusOr<mergeguard::LocalMergeResult> result =
-      mergeguard::RunLocalMerge(*config, flags->values["out"]);
-  if (!result.ok()) return Fail(result.status());
-  std::cout << absl::StrFormat(
-      "merged %d tensors (+%d head tensors) with %s in %.2fs\nmodel:  %s\n"
-      "report: %s\n",
-      result->report.merged_tensors, result->report.head_tensors,
-      mergeguard::MergeMethodName(config->options.method),
-      result->report.seconds, result->model_path, result->report_path);
+
+  std::optional<mergeguard::MergeConfig> config;
+  if (flags->values.count("config")) {
+    absl::StatusOr<mergeguard::MergeConfig> loaded =
+        mergeguard::LoadMergeConfig(flags->values["config"]);
+    if (!loaded.ok()) return Fail(loaded.status());
+    config = std::move(*loaded);
+  }
+  if (command == "merge" ||
+      (command == "run" && flags->values.count("local"))) {
+    absl::StatusOr<mergeguard::LocalMergeResult> result =
+        mergeguard::RunLocalMerge(*config, flags->values["out"]);
+    if (!result.ok()) return Fail(result.status());
+    std::cout << absl::StrFormat(
+        "merged %d tensors (+%d head tensors) with %s in %.2fs\nmodel:  %s\n"
+        "report: %s\n",
+        result->report.merged_tensors, result->report.head_tensors,
+        mergeguard::JobMethodName(config->method), result->report.seconds,
+        result->model_path, result->report_path);
+    return mergeguard::kExitOk;
+  }
+
+  absl::StatusOr<std::unique_ptr<mergeguard::SanitizerClient>> client =
+      Connect(*flags);
+  if (!client.ok()) return Fail(client.status());
+  mergeguard::SanitizerClient& c = **client;
+  absl::Status status;
+  if (command == "health") {
+    status = mergeguard::HealthCommand(c, std::cout);
+  } else if (command == "jobs") {
+    status = mergeguard::JobsCommand(c, std::cout);
+  } else if (command == "cancel") {
+    status = mergeguard::CancelCommand(c, flags->positional[0], std::cout);
+  } else if (command == "upload") {
+    std::string kind_name = flags->values.count("kind") ? flags->values["kind"]
+                                                        : std::string("model");
+    mergeguard::v1::ArtifactKind kind;
+    std::string upper;
+    for (char ch : kind_name) upper.push_back(std::toupper(ch));
+    if (!mergeguard::v1::ArtifactKind_Parse("ARTIFACT_KIND_" + upper, &kind) ||
+        kind == mergeguard::v1::ARTIFACT_KIND_UNSPECIFIED ||
+        kind == mergeguard::v1::ARTIFACT_KIND_RESULT ||
+        kind == mergeguard::v1::ARTIFACT_KIND_REPORT) {
+      return UsageError(
+          absl::StrCat("--kind: unknown kind \"", kind_name, "\""), help);
+    }
+    status = mergeguard::UploadCommand(c, flags->positional, kind, std::cout);
+  } else if (command == "submit") {
+    status = mergeguard::SubmitCommand(c, *config, std::cout).status();
+  } else if (command == "watch") {
+    mergeguard::WatchOptions watch;
+    watch.progress_bar = ::isatty(STDOUT_FILENO);
+    status = mergeguard::WatchCommand(c, flags->positional[0], watch, std::cout)
+                 .status();
+  } else if (command == "download") {
+    status = mergeguard::DownloadCommand(c, flags->positional[0],
+                                         flags->values["out"], std::cout);
+  } else if (command == "run") {
+    absl::StatusOr<mergeguard::v1::Job> job =
+        mergeguard::SubmitCommand(c, *config, std::cout);
+    if (job.ok()) {
+      mergeguard::WatchOptions watch;
+      watch.progress_bar = ::isatty(STDOUT_FILENO);
+      job = mergeguard::WatchCommand(c, job->id(), watch, std::cout);
+    }
+    status = job.ok() ? mergeguard::DownloadCommand(
+                            c, job->id(), flags->values["out"], std::cout)
+                      : job.status();
+  }
+  if (!status.ok()) return Fail(status);
   return mergeguard::kExitOk;
 }
 
@@ -153,13 +345,16 @@ int main(int argc, char** argv) {
   if (argc < 2) return UsageError("no command given", kUsage);
   std::string command = argv[1];
   if (command == "help" || command == "--help" || command == "-h") {
-    if (argc > 2 && std::strcmp(argv[2], "merge") == 0) {
-      std::cout << kMergeUsage;
+    if (argc > 2 && Helps().count(argv[2])) {
+      std::cout << HelpFor(argv[2]);
     } else {
       std::cout << kUsage;
     }
     return mergeguard::kExitOk;
   }
-  if (command == "merge") return RunMerge(argc, argv);
-  return UsageError(absl::StrCat("unknown command \"", command, "\""), kUsage);
+  if (!Helps().count(command)) {
+    return UsageError(absl::StrCat("unknown command \"", command, "\""),
+                      kUsage);
+  }
+  return RunCommand(command, argc, argv);
 }

@@ -6,18 +6,14 @@
 #include "absl/status/statusor.h"
 #include "core/job.h"
 #include "mergeguard/v1/sanitizer.pb.h"
+#include "proto/job_spec_convert.h"
 #include "server/architecture_registry.h"
 #include "server/artifact_store.h"
 #include "server/job_manager.h"
 
 namespace mergeguard {
 
-// JobSpecFromProto converts and checks the wire spec: INVALID_ARGUMENT names
-// the field for an unset method, an unknown enum value, or parameters that do
-// not apply to the method (as the YAML job file does).
-absl::StatusOr<JobSpec> JobSpecFromProto(const v1::JobSpec& proto);
-// JobSpecToProto is the inverse.
-void JobSpecToProto(const JobSpec& spec, v1::JobSpec* proto);
+// JobSpecFromProto / JobSpecToProto live in proto/job_spec_convert.h.
 
 // ArtifactKindFromProto maps an uploadable kind; INVALID_ARGUMENT otherwise.
 absl::StatusOr<ArtifactKind> ArtifactKindFromProto(v1::ArtifactKind kind);

@@ -116,14 +116,14 @@ DamOptions FastOptions() {
   return options;
 }
 
-struct Run {
+struct TinyWorld {
   std::unique_ptr<Model> model = DefenseTinyModel();
   TaskVectorSet set = DefenseTinySet(3);
   std::vector<torch::Tensor> calibration = DefenseTinyCalibration(3);
 };
 
 TEST(DamTrainerTest, TriggersStayInsideTheEpsilonBall) {
-  Run run;
+  TinyWorld run;
   DamOptions options = FastOptions();
   options.trigger_learning_rate = 0.02;  // large, so the bound binds
   options.trigger_epsilon = 0.05;
@@ -144,7 +144,7 @@ TEST(DamTrainerTest, TriggersStayInsideTheEpsilonBall) {
 }
 
 TEST(DamTrainerTest, TriggerStepIncreasesTheCrossEntropy) {
-  Run run;
+  TinyWorld run;
   DamOptions options = FastOptions();
   options.trigger_learning_rate = 0.01;
   options.trigger_epsilon = 0.3;
@@ -166,7 +166,7 @@ TEST(DamTrainerTest, TriggerStepIncreasesTheCrossEntropy) {
 TEST(DamTrainerTest, LambdaStepDescendsTheHandComputedGradient) {
   for (LambdaGranularity granularity :
        {LambdaGranularity::kTaskWise, LambdaGranularity::kLayerWise}) {
-    Run run;
+    TinyWorld run;
     DamOptions options = FastOptions();
     options.granularity = granularity;
     auto trainer =
@@ -228,7 +228,7 @@ TEST(DamTrainerTest, LambdaStepDescendsTheHandComputedGradient) {
 }
 
 TEST(DamTrainerTest, MasksAlternateOddSharedEvenDetection) {
-  Run run;
+  TinyWorld run;
   auto trainer =
       DamTrainer::Create(*run.model, run.set, run.calibration, FastOptions());
   ASSERT_TRUE(trainer.ok()) << trainer.status();
@@ -247,7 +247,7 @@ TEST(DamTrainerTest, MasksAlternateOddSharedEvenDetection) {
 }
 
 TEST(DamTrainerTest, FinalMaskModes) {
-  Run run;
+  TinyWorld run;
   DamOptions options = FastOptions();
   options.mask_learning_rate = 0.05;
   auto trainer =
@@ -283,7 +283,7 @@ TEST(DamTrainerTest, FinalMaskModes) {
 
 TEST(DamTest, SeedMakesCpuRunsDeterministic) {
   auto run_once = [](uint64_t seed) {
-    Run run;
+    TinyWorld run;
     DamOptions options = FastOptions();
     options.seed = seed;
     options.final_mask = FinalMaskMode::kSample;
@@ -303,7 +303,7 @@ TEST(DamTest, SeedMakesCpuRunsDeterministic) {
 
 TEST(DamTest, CancellationIsHonouredInBothPhases) {
   for (int cancel_after : {2, 6 + 2}) {
-    Run run;
+    TinyWorld run;
     DamOptions options = FastOptions();
     int polls = 0;
     options.is_cancelled = [&polls, cancel_after] {
@@ -328,7 +328,7 @@ TEST(DamTest, CancellationIsHonouredInBothPhases) {
 }
 
 TEST(DamTest, ReportCoversMasksLambdasCurvesAndTriggers) {
-  Run run;
+  TinyWorld run;
   DamOptions options = FastOptions();
   options.mask_learning_rate = 0.05;
   options.granularity = LambdaGranularity::kLayerWise;
@@ -375,7 +375,7 @@ TEST(DamTest, ReportCoversMasksLambdasCurvesAndTriggers) {
 }
 
 TEST(DamTest, OutputIsTheMaskedMergeTheModelHolds) {
-  Run run;
+  TinyWorld run;
   DamOptions options = FastOptions();
   options.final_mask = FinalMaskMode::kHard;
   options.mask_learning_rate = 0.05;
@@ -390,7 +390,7 @@ TEST(DamTest, OutputIsTheMaskedMergeTheModelHolds) {
 }
 
 TEST(DamTest, RejectsBadOptions) {
-  Run run;
+  TinyWorld run;
   DamOptions options = FastOptions();
   options.temperature = 0;
   EXPECT_EQ(RunDam(*run.model, run.set, run.calibration, options)
@@ -408,7 +408,7 @@ TEST(DamTest, RejectsBadOptions) {
 }
 
 TEST(DamTest, ConsistencyVariantRuns) {
-  Run run;
+  TinyWorld run;
   DamOptions options = FastOptions();
   options.backdoor_loss = BackdoorLoss::kConsistency;
   auto result = RunDam(*run.model, run.set, run.calibration, options);

@@ -373,8 +373,8 @@ TEST(LfpmTest, RejectsBadInputs) {
 TEST(LfpmTest, AnomalyIndexIsMadBased) {
   // median 10, |dev| = {8, 1, 0, 1, 2} -> MAD 1; (10 - 2) / 1.4826.
   EXPECT_NEAR(LfpmAnomalyIndex({2, 9, 10, 11, 12}), 8.0 / 1.4826, 1e-9);
-  // No outlier below the median.
-  EXPECT_NEAR(LfpmAnomalyIndex({10, 10, 11, 30}), 0.0, 1e-9);
+  // Only the smallest norm counts: median 12, MAD 2, (12 - 10) / (1.4826 * 2).
+  EXPECT_NEAR(LfpmAnomalyIndex({10, 11, 12, 30, 31}), 1.0 / 1.4826, 1e-9);
   EXPECT_EQ(LfpmAnomalyIndex({1, 5}), 0.0);
   // Identical norms: no division by zero, no anomaly.
   EXPECT_EQ(LfpmAnomalyIndex({4, 4, 4}), 0.0);
@@ -456,8 +456,8 @@ TEST(LfpmTest, JobWritesRepairedModelTauAndReport) {
   EXPECT_FALSE(fs::exists(job.output_path + ".ta.safetensors"));
   auto repaired = SafetensorsFile::Open(job.output_path);
   ASSERT_TRUE(repaired.ok()) << repaired.status();
-  EXPECT_EQ((*repaired)->metadata().at("mergeguard.method"), "lfpm");
-  EXPECT_THAT((*repaired)->metadata().at("mergeguard.inputs"),
+  EXPECT_EQ((*repaired)->layout().metadata.at("mergeguard.method"), "lfpm");
+  EXPECT_THAT((*repaired)->layout().metadata.at("mergeguard.inputs"),
               HasSubstr("calibration:b"));
   auto repaired_tensors = LoadTensorsFromPath(job.output_path);
   auto tau = LoadTensorsFromPath(job.tau_output_path);
