@@ -52,17 +52,23 @@ json DataJson(const DataOptions& data) {
           {"seed", data.seed}};
 }
 
-// StageJson covers what shapes the base and the clean fine-tunes.
-json StageJson(const BuildOptions& options, const PresetConfig& config) {
+// BaseJson covers what shapes the pretrained base; TaskStageJson adds what
+// shapes the probes and clean fine-tunes. Each keys its own cache level.
+json BaseJson(const BuildOptions& options, const PresetConfig& config) {
   return {{"build_version", kBuildVersion},
           {"preset", std::string(PresetName(options.preset))},
           {"architecture", std::string(ArchitectureName(options.architecture))},
           {"seed", options.seed},
           {"data", DataJson(config.data)},
-          {"pretrain", OptimizerJson(config.pretrain)},
-          {"probe", OptimizerJson(config.probe)},
-          {"finetune", OptimizerJson(config.finetune)},
-          {"train_head", config.train_head}};
+          {"pretrain", OptimizerJson(config.pretrain)}};
+}
+
+json TaskStageJson(const BuildOptions& options, const PresetConfig& config) {
+  json stage = BaseJson(options, config);
+  stage["probe"] = OptimizerJson(config.probe);
+  stage["finetune"] = OptimizerJson(config.finetune);
+  stage["train_head"] = config.train_head;
+  return stage;
 }
 
 std::string ResolvedPattern(const AttackOptions& attack) {
@@ -77,7 +83,7 @@ std::vector<std::string> Compromised(const AttackOptions& attack,
 }
 
 json ConfigJson(const BuildOptions& options, const PresetConfig& config) {
-  json stage = StageJson(options, config);
+  json stage = TaskStageJson(options, config);
   const AttackOptions& attack = options.attack;
   stage["attack"] = {
       {"kind", std::string(AttackKindName(attack.kind))},
@@ -263,8 +269,10 @@ PresetConfig GetPresetConfig(Preset preset, Architecture architecture) {
     config.patch.steps = 20;
     return config;
   }
+  config.data.glyph_train_renders = 24;
+  config.data.glyph_pretrain_renders = 12;
   config.pretrain = {1500, 128, vit ? 1e-3 : 2e-3, 0.0, 0.05};
-  config.finetune = {500, 64, vit ? 1e-4 : 2e-4, 0.0, 0.05};
+  config.finetune = {vit ? 600 : 800, 64, vit ? 2e-4 : 3e-4, 0.0, 0.05};
   return config;
 }
 
@@ -323,11 +331,14 @@ absl::StatusOr<BuildResult> BuildScenario(const BuildOptions& options) {
     return absl::InternalError(absl::StrCat("cannot create ", work_dir.string(),
                                             ": ", error.message()));
   }
-  const std::string stage_key =
-      Sha256Hex(StageJson(options, config).dump()).substr(0, 24);
-  const fs::path stage_dir = options.cache_dir.empty()
-                                 ? work_dir / "stage"
-                                 : fs::path(options.cache_dir) / stage_key;
+  const std::string base_key =
+      Sha256Hex(BaseJson(options, config).dump()).substr(0, 24);
+  const std::string task_key =
+      Sha256Hex(TaskStageJson(options, config).dump()).substr(0, 24);
+  const fs::path base_dir = options.cache_dir.empty()
+                                ? work_dir / "stage"
+                                : fs::path(options.cache_dir) / base_key;
+  const fs::path stage_dir = base_dir / task_key;
   fs::create_directories(stage_dir, error);
   if (error) {
     return absl::InternalError(absl::StrCat(
@@ -341,11 +352,10 @@ absl::StatusOr<BuildResult> BuildScenario(const BuildOptions& options) {
   // Base: build the architecture and pretrain it (or take it from the cache).
   ASSIGN_OR_RETURN(std::unique_ptr<Model> base,
                    BuildArchitecture(options.architecture, options.seed));
-  const std::string base_path = (stage_dir / "base.safetensors").string();
-  const std::string architecture_path =
-      (stage_dir / "architecture.pt").string();
+  const std::string base_path = (base_dir / "base.safetensors").string();
+  const std::string architecture_path = (base_dir / "architecture.pt").string();
   if (fs::exists(base_path) && fs::exists(architecture_path)) {
-    Log(options, absl::StrCat("base: cached in ", stage_dir.string()));
+    Log(options, absl::StrCat("base: cached in ", base_dir.string()));
     RETURN_IF_ERROR(base->LoadBackboneFromPath(base_path));
   } else {
     Log(options,
@@ -625,9 +635,8 @@ absl::StatusOr<BuildResult> BuildScenario(const BuildOptions& options) {
                                             error.message()));
   }
   scenario.dir = out_dir.string();
-  Log(options,
-      absl::StrFormat("scenario written to %s in %.1f s (%.1f CPU s)",
-                      out_dir.string(), elapsed(), CpuSeconds()));
+  Log(options, absl::StrFormat("scenario written to %s in %.1f s (%.1f CPU s)",
+                               out_dir.string(), elapsed(), CpuSeconds()));
   return BuildResult{std::move(scenario), false, elapsed()};
 }
 
