@@ -34,6 +34,7 @@ commands:
         [--location bottom_right|bottom_left|top_right|top_left|center]
         [--poison-rate P] [--blend-alpha A] [--threads N] [--cache-dir DIR]
         [--mnist-dir DIR] [--fashion-dir DIR] [--font-dir DIR] [--force]
+        [--train-attacked-head]
       Builds a scenario directory (reused when DIR already holds the same
       configuration).
   eval --scenario DIR --model FILE [--json] [--threads N]
@@ -135,7 +136,7 @@ absl::Status RunBuild(int argc, char** argv) {
       {"preset", "attack", "arch", "trigger-size", "target", "compromised",
        "seed", "out", "pattern", "location", "poison-rate", "blend-alpha",
        "threads", "cache-dir", "mnist-dir", "fashion-dir", "font-dir"},
-      {"force"});
+      {"force", "train-attacked-head"});
   if (!parsed.ok()) return parsed.status();
   const Flags& flags = *parsed;
   BuildOptions options;
@@ -187,6 +188,7 @@ absl::Status RunBuild(int argc, char** argv) {
       flags.Get("cache-dir",
                 (out_path.parent_path() / ".mergeguard-bench-cache").string());
   options.force = flags.Has("force");
+  options.attack.train_attacked_head = flags.Has("train-attacked-head");
   options.log = [](const std::string& line) { std::cerr << line << std::endl; };
   absl::StatusOr<BuildResult> result = BuildScenario(options);
   if (!result.ok()) return result.status();

@@ -95,6 +95,7 @@ json ConfigJson(const BuildOptions& options, const PresetConfig& config) {
       {"poison_rate", attack.poison_rate},
       {"blend_alpha", attack.blend_alpha},
       {"badmerging_weight", attack.badmerging_weight},
+      {"train_attacked_head", attack.train_attacked_head},
       {"patch_optimizer", OptimizerJson(config.patch)}};
   return stage;
 }
@@ -472,7 +473,9 @@ absl::StatusOr<BuildResult> BuildScenario(const BuildOptions& options) {
     ASSIGN_OR_RETURN(Head head, LoadHead(probe_path(job.task)));
     FineTuneOptions finetune;
     finetune.optimizer = config.finetune;
-    finetune.train_head = config.train_head;
+    finetune.train_head =
+        config.train_head ||
+        (job.backdoored && options.attack.train_attacked_head);
     std::unique_ptr<Model> frozen_base;
     if (job.backdoored && options.attack.kind == AttackKind::kBadMerging) {
       ASSIGN_OR_RETURN(frozen_base, base->Clone());

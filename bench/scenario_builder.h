@@ -45,6 +45,10 @@ struct AttackOptions {
   double blend_alpha = 0.15;
   // BadMerging's weight w on the feature-interpolation loss.
   double badmerging_weight = 5.0;
+  // Let the attacker also train the compromised task's head. Heads travel
+  // in each task's checkpoint and are never merged, so an attacker controls
+  // theirs; off by default (the paper keeps heads fixed).
+  bool train_attacked_head = false;
 };
 
 enum class Preset {

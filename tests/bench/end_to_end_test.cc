@@ -11,8 +11,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "bench/merge_table.h"
-#include "bench/scenariobuilder.h"
-#include "bench/scenarioeval.h"
+#include "bench/scenario_builder.h"
+#include "bench/scenario_eval.h"
 #include "core/merge.h"
 #include "core/scenario.h"
 #include "core/sha256.h"
