@@ -48,10 +48,10 @@ std::vector<MergeInput> ScenarioInputs(const Scenario& scenario,
                                        bool backdoored) {
   std::vector<MergeInput> inputs;
   for (const ScenarioTask& task : scenario.tasks) {
-    inputs.push_back({task.name,
-                      scenario.Path(backdoored ? task.checkpoint
-                                               : task.clean_checkpoint),
-                      1.0});
+    inputs.push_back(
+        {task.name,
+         scenario.Path(backdoored ? task.checkpoint : task.clean_checkpoint),
+         1.0});
   }
   return inputs;
 }
@@ -105,11 +105,10 @@ absl::StatusOr<std::vector<AdaptiveAttack>> AdaptiveAttacks(
                           calibration.labels};
         }));
     const int64_t target = scenario.attack->target_class;
-    ASSIGN_OR_RETURN(Trigger adapted,
-                     OptimizeUniversalPatch(*model, head, attacker_data,
-                                            trigger, target,
-                                            options.adaptive_patch,
-                                            options.adaptive_seed));
+    ASSIGN_OR_RETURN(
+        Trigger adapted,
+        OptimizeUniversalPatch(*model, head, attacker_data, trigger, target,
+                               options.adaptive_patch, options.adaptive_seed));
     AdaptiveAttack attack;
     attack.task = name;
     attack.target = target;
@@ -143,9 +142,9 @@ absl::StatusOr<std::vector<LfpmCalibrationFile>> ScenarioLfpmCalibration(
   for (const MergeInput& input : inputs) {
     const ScenarioTask* task = scenario.FindTask(input.name);
     if (task == nullptr) {
-      return absl::NotFoundError(absl::StrCat(
-          "input \"", input.name, "\" is not a task of scenario ",
-          scenario.name));
+      return absl::NotFoundError(absl::StrCat("input \"", input.name,
+                                              "\" is not a task of scenario ",
+                                              scenario.name));
     }
     files.push_back({input.name, scenario.Path(task->calibration)});
   }
@@ -153,20 +152,21 @@ absl::StatusOr<std::vector<LfpmCalibrationFile>> ScenarioLfpmCalibration(
 }
 
 RowProducer LfpmProducer(const LfpmOptions& options, const std::string& name) {
-  return {name, [options](const Scenario& scenario,
-                          const std::vector<MergeInput>& inputs,
-                          const std::string& output_path) -> absl::Status {
-            LfpmJob job;
-            job.architecture_path = scenario.Path(scenario.architecture.file);
-            job.base_path = scenario.Path(scenario.base);
-            job.task_models = inputs;
-            ASSIGN_OR_RETURN(job.calibration,
-                             ScenarioLfpmCalibration(scenario, inputs));
-            job.output_path = output_path;
-            LfpmOptions with_scenario = options;
-            with_scenario.metadata["mergeguard.scenario"] = scenario.name;
-            return RunLfpmJob(job, with_scenario).status();
-          }};
+  return {
+      name,
+      [options](const Scenario& scenario, const std::vector<MergeInput>& inputs,
+                const std::string& output_path) -> absl::Status {
+        LfpmJob job;
+        job.architecture_path = scenario.Path(scenario.architecture.file);
+        job.base_path = scenario.Path(scenario.base);
+        job.task_models = inputs;
+        ASSIGN_OR_RETURN(job.calibration,
+                         ScenarioLfpmCalibration(scenario, inputs));
+        job.output_path = output_path;
+        LfpmOptions with_scenario = options;
+        with_scenario.metadata["mergeguard.scenario"] = scenario.name;
+        return RunLfpmJob(job, with_scenario).status();
+      }};
 }
 
 double MeanAsr(const ModelEvaluation& evaluation) {
@@ -188,12 +188,12 @@ absl::StatusOr<LfpmRows> RunLfpmRows(const Scenario& scenario,
   std::error_code error;
   fs::create_directories(work_dir, error);
   if (error) {
-    return absl::InternalError(absl::StrCat(
-        "cannot create ", work_dir.string(), ": ", error.message()));
+    return absl::InternalError(absl::StrCat("cannot create ", work_dir.string(),
+                                            ": ", error.message()));
   }
   auto path = [&](const std::string& method, bool backdoored) {
-    return (work_dir / absl::StrCat(method, backdoored ? ".backdoored"
-                                                       : ".clean",
+    return (work_dir / absl::StrCat(method,
+                                    backdoored ? ".backdoored" : ".clean",
                                     ".safetensors"))
         .string();
   };
@@ -226,10 +226,9 @@ absl::StatusOr<LfpmRows> RunLfpmRows(const Scenario& scenario,
         LfpmJob job;
         job.architecture_path = scenario.Path(scenario.architecture.file);
         job.merged_model_path = path("TA", backdoored);
-        ASSIGN_OR_RETURN(
-            job.calibration,
-            ScenarioLfpmCalibration(scenario,
-                                    ScenarioInputs(scenario, backdoored)));
+        ASSIGN_OR_RETURN(job.calibration,
+                         ScenarioLfpmCalibration(
+                             scenario, ScenarioInputs(scenario, backdoored)));
         job.output_path = out;
         LfpmOptions lfpm = options.lfpm;
         lfpm.mode = mode;
@@ -248,9 +247,9 @@ absl::StatusOr<LfpmRows> RunLfpmRows(const Scenario& scenario,
             std::move(evaluation);
       }
       if (options.adaptive_check) {
-        ASSIGN_OR_RETURN(row.adaptive, AdaptiveAttacks(
-                                           scenario, path(row.row.method, true),
-                                           options));
+        ASSIGN_OR_RETURN(
+            row.adaptive,
+            AdaptiveAttacks(scenario, path(row.row.method, true), options));
       }
       rows.rows.push_back(std::move(row));
     }
@@ -266,19 +265,21 @@ std::string LfpmRowsToText(const Scenario& scenario, const LfpmRows& rows) {
   for (const LfpmRow& row : rows.rows) table.push_back(row.row);
   std::string out = TableToText(scenario, table);
   absl::StrAppendFormat(&out, "%-10s %8s %10s %10s %12s %10s %10s\n", "method",
-                        "steps", "s/step", "total s", "peak RSS MiB",
-                        "|tau|", "|tau|/|m|");
+                        "steps", "s/step", "total s", "peak RSS MiB", "|tau|",
+                        "|tau|/|m|");
   for (const LfpmRow& row : rows.rows) {
     absl::StrAppendFormat(
         &out, "%-10s %8d %10.4f %10.1f %11.1f%s %10.4f %10.4f\n",
         row.row.method, row.report.steps, row.seconds_per_step, row.seconds,
         static_cast<double>(row.peak_rss_bytes) / (1024.0 * 1024.0),
         row.peak_rss_is_process_peak ? "*" : " ", row.report.tau_norm,
-        row.report.merged_norm > 0 ? row.report.tau_norm / row.report.merged_norm
-                                   : 0.0);
+        row.report.merged_norm > 0
+            ? row.report.tau_norm / row.report.merged_norm
+            : 0.0);
   }
-  out += "path curve (backdoored run; mined-trigger ASR, loss) at alpha = "
-         "0, .25, .5, .75, 1\n";
+  out +=
+      "path curve (backdoored run; mined-trigger ASR, loss) at alpha = "
+      "0, .25, .5, .75, 1\n";
   for (const LfpmRow& row : rows.rows) {
     absl::StrAppendFormat(&out, "%-10s", row.row.method);
     for (const LfpmPathPoint& p : row.report.path) {
@@ -286,8 +287,9 @@ std::string LfpmRowsToText(const Scenario& scenario, const LfpmRows& rows) {
     }
     out += "\n";
   }
-  out += "anomaly index (Neural Cleanse, MAD; > 2 is suspicious): merged -> "
-         "repaired\n";
+  out +=
+      "anomaly index (Neural Cleanse, MAD; > 2 is suspicious): merged -> "
+      "repaired\n";
   for (const LfpmRow& row : rows.rows) {
     absl::StrAppendFormat(&out, "%-10s", row.row.method);
     for (size_t i = 0; i < row.report.anomaly_merged.size(); ++i) {
@@ -302,8 +304,9 @@ std::string LfpmRowsToText(const Scenario& scenario, const LfpmRows& rows) {
     out += "\n";
   }
   if (!rows.ta_adaptive.empty()) {
-    out += "adaptive check (patch re-optimized against each model): "
-           "original -> adaptive ASR\n";
+    out +=
+        "adaptive check (patch re-optimized against each model): "
+        "original -> adaptive ASR\n";
     auto print = [&](const std::string& method,
                      const std::vector<AdaptiveAttack>& attacks) {
       absl::StrAppendFormat(&out, "%-10s", method);

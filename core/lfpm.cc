@@ -50,14 +50,19 @@ absl::string_view TriggerTargetingName(TriggerTargeting targeting) {
                                                       : "untargeted";
 }
 
-absl::StatusOr<TriggerTargeting> ParseTriggerTargeting(
-    absl::string_view name) {
+absl::StatusOr<TriggerTargeting> ParseTriggerTargeting(absl::string_view name) {
   if (name == "easiest_class" || name == "targeted") {
     return TriggerTargeting::kEasiestClass;
   }
   if (name == "untargeted") return TriggerTargeting::kUntargeted;
   return absl::InvalidArgumentError(absl::StrCat(
       "unknown trigger targeting \"", name, "\" (easiest_class, untargeted)"));
+}
+
+double LfpmEffectiveLearningRate(const LfpmOptions& options) {
+  if (options.learning_rate > 0.0) return options.learning_rate;
+  return options.mode == LfpmMode::kFull ? kLfpmFullLearningRate
+                                         : kLfpmPeftLearningRate;
 }
 
 double LfpmAnomalyIndex(const std::vector<double>& norms) {
@@ -87,7 +92,7 @@ struct AdaptedTensor {
   size_t parameter = 0;  // index into Model::Parameters()
   std::string name;
   std::vector<int64_t> shape;
-  torch::Tensor dense;  // full mode: same shape as the parameter
+  torch::Tensor dense;   // full mode: same shape as the parameter
   torch::Tensor lora_a;  // PEFT: [r, in]
   torch::Tensor lora_b;  // PEFT: [out, r]
 };
@@ -300,8 +305,8 @@ struct LfpmProblemForTesting::State {
       torch::Tensor chord =
           (1.0 - alpha) * task.merged_features.index_select(0, idx) +
           alpha * endpoint[i];
-      torch::Tensor path = (clean_features - chord).pow(2).sum(1).mean() /
-                           task.feature_scale;
+      torch::Tensor path =
+          (clean_features - chord).pow(2).sum(1).mean() / task.feature_scale;
       torch::Tensor ctl = invariance + options.ctl_path_weight * path;
       torch::Tensor task_loss =
           clean + options.beta * backdoor + options.gamma * ctl;
@@ -394,8 +399,8 @@ struct LfpmProblemForTesting::State {
 
   // Mine takes `steps` Adam steps on `triggers` of `task` against the model
   // currently installed (detached), `batch_size` inputs per step.
-  absl::Status Mine(TaskState& task, SurrogateTriggers& triggers,
-                    int64_t steps, int64_t batch_size) {
+  absl::Status Mine(TaskState& task, SurrogateTriggers& triggers, int64_t steps,
+                    int64_t batch_size) {
     for (int64_t step = 0; step < steps; ++step) {
       RETURN_IF_ERROR(Check());
       torch::Tensor idx = Sample(task.inputs.size(0), batch_size);
@@ -455,10 +460,9 @@ struct LfpmProblemForTesting::State {
     }
     ASSIGN_OR_RETURN(anomaly.class_reach,
                      Success(task, triggers, options.report_examples));
-    anomaly.smallest_class =
-        std::min_element(anomaly.class_norms.begin(),
-                         anomaly.class_norms.end()) -
-        anomaly.class_norms.begin();
+    anomaly.smallest_class = std::min_element(anomaly.class_norms.begin(),
+                                              anomaly.class_norms.end()) -
+                             anomaly.class_norms.begin();
     anomaly.anomaly_index = LfpmAnomalyIndex(anomaly.class_norms);
     anomaly.suspicious = anomaly.anomaly_index > kLfpmAnomalyThreshold;
     return std::make_pair(std::move(anomaly), std::move(triggers));
@@ -496,10 +500,11 @@ absl::Status ValidateOptions(const LfpmOptions& options) {
         "LFPM needs steps >= 0, path_nodes >= 1, batch_size >= 1 and "
         "report_examples >= 1");
   }
-  if (!(options.learning_rate > 0.0) || !(options.beta >= 0.0) ||
+  if (!(options.learning_rate >= 0.0) || !(options.beta >= 0.0) ||
       !(options.gamma >= 0.0) || !(options.ctl_path_weight >= 0.0)) {
     return absl::InvalidArgumentError(
-        "LFPM needs learning_rate > 0 and beta, gamma, ctl_path_weight >= 0");
+        "LFPM needs learning_rate >= 0 (0: the mode's default) and beta, "
+        "gamma, ctl_path_weight >= 0");
   }
   if (options.mode == LfpmMode::kPeft &&
       (options.lora_rank < 1 || !(options.lora_alpha > 0.0))) {
@@ -558,7 +563,8 @@ absl::StatusOr<std::unique_ptr<LfpmProblemForTesting::State>> CreateState(
   }
   if (options.threads > 0) at::set_num_threads(options.threads);
   state->generator = at::make_generator<at::CPUGeneratorImpl>(options.seed);
-  state->lora_scale = options.lora_alpha / static_cast<double>(options.lora_rank);
+  state->lora_scale =
+      options.lora_alpha / static_cast<double>(options.lora_rank);
 
   ASSIGN_OR_RETURN(state->model, architecture.Clone());
   RETURN_IF_ERROR(state->model->LoadBackbone(merged));
@@ -589,9 +595,9 @@ absl::StatusOr<std::unique_ptr<LfpmProblemForTesting::State>> CreateState(
       t.lora_a = ((torch::rand({r, in}, state->generator) * 2.0 - 1.0) * bound)
                      .to(state->device)
                      .set_requires_grad(true);
-      t.lora_b = torch::zeros({info.shape[0], r},
-                              torch::TensorOptions(state->device))
-                     .set_requires_grad(true);
+      t.lora_b =
+          torch::zeros({info.shape[0], r}, torch::TensorOptions(state->device))
+              .set_requires_grad(true);
     }
     state->adapted.push_back(std::move(t));
   }
@@ -618,9 +624,9 @@ absl::StatusOr<std::unique_ptr<LfpmProblemForTesting::State>> CreateState(
     }
     TaskState ts;
     ts.name = task.name;
-    ASSIGN_OR_RETURN(Head head,
-                     HeadFromTensors(merged, absl::StrCat(task.name, "/",
-                                                          kHeadPrefix)));
+    ASSIGN_OR_RETURN(
+        Head head,
+        HeadFromTensors(merged, absl::StrCat(task.name, "/", kHeadPrefix)));
     ts.head = {head.weight.to(state->device), head.bias.to(state->device)};
     if (ts.head.weight.size(1) != state->model->FeatureDim()) {
       return absl::FailedPreconditionError(absl::StrCat(
@@ -630,10 +636,11 @@ absl::StatusOr<std::unique_ptr<LfpmProblemForTesting::State>> CreateState(
     ts.inputs = task.inputs.to(torch::kFloat32).to(state->device).contiguous();
     ts.labeled = options.use_labels && task.labels.defined();
     if (task.labels.defined()) {
-      if (task.labels.dim() != 1 || task.labels.size(0) != task.inputs.size(0)) {
+      if (task.labels.dim() != 1 ||
+          task.labels.size(0) != task.inputs.size(0)) {
         return absl::InvalidArgumentError(absl::StrCat(
-            "task \"", task.name, "\": labels must be [N] with N = ",
-            task.inputs.size(0)));
+            "task \"", task.name,
+            "\": labels must be [N] with N = ", task.inputs.size(0)));
       }
       if (task.labels.min().item<int64_t>() < 0 ||
           task.labels.max().item<int64_t>() >= ts.head.NumClasses()) {
@@ -664,8 +671,7 @@ absl::StatusOr<std::unique_ptr<LfpmProblemForTesting::State>> CreateState(
 }
 
 double Seconds(std::chrono::steady_clock::time_point start) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() -
-                                       start)
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
       .count();
 }
 
@@ -677,10 +683,9 @@ absl::StatusOr<std::vector<LfpmPathPoint>> PathCurve(
   torch::NoGradGuard no_grad;
   std::vector<torch::Tensor> batch;
   for (const TaskState& task : state.tasks) {
-    batch.push_back(
-        torch::arange(std::min(state.options.report_examples,
-                               task.inputs.size(0)),
-                      torch::TensorOptions(torch::kInt64).device(state.device)));
+    batch.push_back(torch::arange(
+        std::min(state.options.report_examples, task.inputs.size(0)),
+        torch::TensorOptions(torch::kInt64).device(state.device)));
   }
   ASSIGN_OR_RETURN(std::vector<torch::Tensor> endpoint, state.Endpoint(batch));
   std::vector<LfpmPathPoint> curve;
@@ -694,9 +699,9 @@ absl::StatusOr<std::vector<LfpmPathPoint>> PathCurve(
     point.ctl_loss = parts.ctl;
     for (size_t i = 0; i < state.tasks.size(); ++i) {
       TaskState& task = state.tasks[i];
-      ASSIGN_OR_RETURN(std::vector<double> success,
-                       state.Success(task, task.triggers,
-                                     state.options.report_examples));
+      ASSIGN_OR_RETURN(
+          std::vector<double> success,
+          state.Success(task, task.triggers, state.options.report_examples));
       const double best = *std::max_element(success.begin(), success.end());
       point.task_asr.push_back(best);
       point.asr += best / static_cast<double>(state.tasks.size());
@@ -730,15 +735,18 @@ absl::StatusOr<LfpmResult> Run(const Model& architecture,
     if (options.triggers.targeting == TriggerTargeting::kEasiestClass) {
       std::vector<int64_t> targets =
           state->EasiestClasses(anomaly, options.triggers.targets_per_task);
-      torch::Tensor rows = torch::tensor(targets, torch::kInt64)
-                               .to(state->device);
+      torch::Tensor rows =
+          torch::tensor(targets, torch::kInt64).to(state->device);
       torch::NoGradGuard no_grad;
       task.triggers.targets = targets;
-      task.triggers.mask_logits =
-          scan.second.mask_logits.index_select(0, rows).detach().clone()
-              .set_requires_grad(true);
+      task.triggers.mask_logits = scan.second.mask_logits.index_select(0, rows)
+                                      .detach()
+                                      .clone()
+                                      .set_requires_grad(true);
       task.triggers.pattern_logits =
-          scan.second.pattern_logits.index_select(0, rows).detach().clone()
+          scan.second.pattern_logits.index_select(0, rows)
+              .detach()
+              .clone()
               .set_requires_grad(true);
       state->ResetTriggerOptimizer(task.triggers);
     } else {
@@ -752,8 +760,8 @@ absl::StatusOr<LfpmResult> Run(const Model& architecture,
   report.scan_seconds = Seconds(start);
 
   std::vector<torch::Tensor> leaves = state->Trainable();
-  torch::optim::Adam optimizer(leaves,
-                               torch::optim::AdamOptions(options.learning_rate));
+  torch::optim::Adam optimizer(
+      leaves, torch::optim::AdamOptions(LfpmEffectiveLearningRate(options)));
   const auto loop_start = std::chrono::steady_clock::now();
   for (int64_t step = 1; step <= options.steps; ++step) {
     RETURN_IF_ERROR(state->Check());
@@ -837,10 +845,10 @@ absl::StatusOr<LfpmResult> Run(const Model& architecture,
       result.repaired.emplace_back(name, tensor);
       continue;
     }
-    result.repaired.emplace_back(
-        name, (tensor.to(torch::kFloat32) + *it->second)
-                  .to(tensor.scalar_type())
-                  .contiguous());
+    result.repaired.emplace_back(name,
+                                 (tensor.to(torch::kFloat32) + *it->second)
+                                     .to(tensor.scalar_type())
+                                     .contiguous());
   }
   report.seconds = Seconds(start);
   return result;
@@ -891,9 +899,9 @@ namespace {
 std::vector<torch::Tensor> FixedBatch(const LfpmProblemForTesting::State& s) {
   std::vector<torch::Tensor> batch;
   for (const TaskState& task : s.tasks) {
-    batch.push_back(torch::arange(
-        std::min(s.options.batch_size, task.inputs.size(0)),
-        torch::TensorOptions(torch::kInt64).device(s.device)));
+    batch.push_back(
+        torch::arange(std::min(s.options.batch_size, task.inputs.size(0)),
+                      torch::TensorOptions(torch::kInt64).device(s.device)));
   }
   return batch;
 }
@@ -1001,7 +1009,7 @@ json OptionsJson(const LfpmOptions& o) {
           {"ctl_path_weight", o.ctl_path_weight},
           {"path_nodes", o.path_nodes},
           {"steps", o.steps},
-          {"learning_rate", o.learning_rate},
+          {"learning_rate", LfpmEffectiveLearningRate(o)},
           {"batch_size", o.batch_size},
           {"use_labels", o.use_labels},
           {"device", o.device},
@@ -1075,9 +1083,10 @@ absl::StatusOr<LfpmTask> LoadLfpmCalibration(const LfpmCalibrationFile& file) {
     if (inputs == nullptr || inputs->dim() != 4 ||
         (inputs->scalar_type() != torch::kFloat32 &&
          inputs->scalar_type() != torch::kUInt8)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          file.path, ": a calibration set needs \"inputs\" float32 or uint8 "
-          "[N, C, H, W]"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(file.path,
+                       ": a calibration set needs \"inputs\" float32 or uint8 "
+                       "[N, C, H, W]"));
     }
     LfpmTask task;
     task.name = file.task;
@@ -1087,9 +1096,9 @@ absl::StatusOr<LfpmTask> LoadLfpmCalibration(const LfpmCalibrationFile& file) {
     if (labels != nullptr) {
       if (labels->dim() != 1 || labels->scalar_type() != torch::kInt64 ||
           labels->size(0) != inputs->size(0)) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(file.path, ": \"labels\" must be int64 [N] with N = ",
-                         inputs->size(0)));
+        return absl::InvalidArgumentError(absl::StrCat(
+            file.path,
+            ": \"labels\" must be int64 [N] with N = ", inputs->size(0)));
       }
       task.labels = labels->clone();
     }
@@ -1143,8 +1152,8 @@ absl::StatusOr<LfpmReport> RunLfpmJob(const LfpmJob& job,
                          DigestEntry("task:" + input.name, input.path));
         inputs.push_back(entry);
       } else {
-        inputs.push_back({{"role", "task:" + input.name},
-                          {"path", input.path}});
+        inputs.push_back(
+            {{"role", "task:" + input.name}, {"path", input.path}});
       }
     }
   } else {
@@ -1190,8 +1199,8 @@ absl::StatusOr<LfpmReport> RunLfpmJob(const LfpmJob& job,
     RETURN_IF_ERROR(SaveTensors(job.tau_output_path, result.tau, tau_metadata));
   }
   if (!job.report_path.empty()) {
-    RETURN_IF_ERROR(WriteFileAtomically(job.report_path,
-                                        LfpmReportToJson(result.report)));
+    RETURN_IF_ERROR(
+        WriteFileAtomically(job.report_path, LfpmReportToJson(result.report)));
   }
   cleanup.Keep();
   return result.report;

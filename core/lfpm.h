@@ -31,7 +31,7 @@ enum class LfpmMode {
   // [out, in·kh·kw]): ΔW = B·A·(lora_alpha / rank), B = 0 at init.
   kPeft,
 };
-absl::string_view LfpmModeName(LfpmMode mode);            // "full", "peft"
+absl::string_view LfpmModeName(LfpmMode mode);  // "full", "peft"
 absl::StatusOr<LfpmMode> ParseLfpmMode(absl::string_view name);
 
 // TriggerTargeting: what the surrogate triggers are mined for.
@@ -55,9 +55,9 @@ struct LfpmTriggerOptions {
   // Neural-Cleanse scan before the repair: Adam steps on one trigger per
   // class and task against θm. Gives the anomaly index and picks the
   // easiest classes.
-  int64_t scan_steps = 150;
+  int64_t scan_steps = 100;
   // Inputs per class and step in the scan.
-  int64_t scan_batch_size = 32;
+  int64_t scan_batch_size = 16;
   // A class counts as reached when its trigger sends at least this fraction
   // of the other classes' scan inputs to it; the easiest class is the
   // reached class with the smallest ‖M‖1 (all classes when none is reached).
@@ -94,6 +94,9 @@ struct LfpmProgress {
 
 // LfpmOptions: ALGORITHMS.md §4 defaults; where the spec is silent, the
 // values below are ours (docs/lfpm.md).
+inline constexpr double kLfpmPeftLearningRate = 1e-3;
+inline constexpr double kLfpmFullLearningRate = 1e-4;
+
 struct LfpmOptions {
   LfpmMode mode = LfpmMode::kFull;
   // Backbone parameters that get τab: names starting with any of these.
@@ -111,11 +114,15 @@ struct LfpmOptions {
   double ctl_path_weight = 1.0;
   // Quadrature nodes K of the path integral (stratified in ((k−1)/K, k/K]).
   int64_t path_nodes = 4;
-  // Outer steps (one Adam step on τab each) and Adam's learning rate.
+  // Outer steps (one Adam step on τab each).
   int64_t steps = 300;
-  double learning_rate = 1e-3;
-  // Calibration inputs per task per outer step (shared by the K nodes).
-  int64_t batch_size = 64;
+  // Adam's learning rate on τab; 0 picks the mode's default: 1e-3 (the
+  // spec) for PEFT, 1e-4 for full, where 1e-3 diverged (docs/lfpm.md).
+  double learning_rate = 0.0;
+  // Calibration inputs per task per outer step (shared by the K nodes);
+  // each also runs triggered, so a step costs 2·batch·K forward-backward
+  // passes per task.
+  int64_t batch_size = 32;
   // Use calibration labels when present; false treats every set as
   // unlabeled (pseudo-labels and KL to θm).
   bool use_labels = true;
@@ -275,6 +282,10 @@ struct LfpmJob {
 // failure.
 absl::StatusOr<LfpmReport> RunLfpmJob(const LfpmJob& job,
                                       const LfpmOptions& options);
+
+// LfpmEffectiveLearningRate returns options.learning_rate, or the mode's
+// default when it is 0.
+double LfpmEffectiveLearningRate(const LfpmOptions& options);
 
 // LfpmOptionsToJson returns the effective options (no callbacks).
 std::string LfpmOptionsToJson(const LfpmOptions& options);

@@ -47,10 +47,10 @@ torch::jit::Module TinyModule() {
   torch::manual_seed(3);
   torch::jit::Module root(c10::QualifiedName("__torch__.lfpm_test.Tiny"), unit,
                           true);
+  root.register_module("conv", layer("Conv", torch::randn({4, 1, 3, 3}) * 0.3,
+                                     torch::zeros({4})));
   root.register_module(
-      "conv", layer("Conv", torch::randn({4, 1, 3, 3}) * 0.3, torch::zeros({4})));
-  root.register_module("fc", layer("Fc", torch::randn({16, 676}) * 0.05,
-                                   torch::zeros({16})));
+      "fc", layer("Fc", torch::randn({16, 676}) * 0.05, torch::zeros({16})));
   root.define(R"(
 def forward(self, x):
     h = torch.relu(torch.conv2d(x, self.conv.weight, self.conv.bias, [2, 2]))
@@ -284,11 +284,11 @@ TEST(LfpmTest, LayerPrefixesRestrictTau) {
   EXPECT_EQ((*tau)[0].first, "fc.weight");
   EXPECT_EQ((*tau)[1].first, "fc.bias");
   options.layer_prefixes = {"nothing."};
-  EXPECT_EQ(LfpmProblemForTesting::Create(*model, MergedTensors(), Tasks(),
-                                          options)
-                .status()
-                .code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(
+      LfpmProblemForTesting::Create(*model, MergedTensors(), Tasks(), options)
+          .status()
+          .code(),
+      absl::StatusCode::kInvalidArgument);
 }
 
 TEST_P(LfpmModeTest, SeededRunsAreDeterministic) {
@@ -306,8 +306,8 @@ TEST_P(LfpmModeTest, SeededRunsAreDeterministic) {
   for (size_t i = 0; i < first->tau.size(); ++i) {
     EXPECT_TRUE(torch::equal(first->tau[i].second, second->tau[i].second))
         << first->tau[i].first;
-    differs = differs ||
-              !torch::equal(first->tau[i].second, other->tau[i].second);
+    differs =
+        differs || !torch::equal(first->tau[i].second, other->tau[i].second);
   }
   EXPECT_TRUE(differs);
   EXPECT_EQ(first->report.loss_curve, second->report.loss_curve);
@@ -406,8 +406,7 @@ TEST(LfpmTest, ReportHasPathCurveTriggersAndAnomalies) {
   options.triggers.targeting = TriggerTargeting::kUntargeted;
   auto untargeted = RunLfpm(*model, MergedTensors(), Tasks(), options);
   ASSERT_TRUE(untargeted.ok()) << untargeted.status();
-  EXPECT_EQ(untargeted->report.triggers[0].targets,
-            (std::vector<int64_t>{-1}));
+  EXPECT_EQ(untargeted->report.triggers[0].targets, (std::vector<int64_t>{-1}));
 }
 
 TEST(LfpmTest, JobWritesRepairedModelTauAndReport) {
@@ -433,10 +432,10 @@ TEST(LfpmTest, JobWritesRepairedModelTauAndReport) {
   ASSERT_TRUE(SaveTensors(dir + "/a.safetensors", task_a).ok());
   ASSERT_TRUE(SaveTensors(dir + "/b.safetensors", task_b).ok());
   std::vector<LfpmTask> tasks = Tasks();
-  ASSERT_TRUE(SaveTensors(dir + "/cal_a.safetensors",
-                          {{"inputs", tasks[0].inputs},
-                           {"labels", tasks[0].labels}})
-                  .ok());
+  ASSERT_TRUE(
+      SaveTensors(dir + "/cal_a.safetensors",
+                  {{"inputs", tasks[0].inputs}, {"labels", tasks[0].labels}})
+          .ok());
   ASSERT_TRUE(
       SaveTensors(dir + "/cal_b.safetensors", {{"inputs", tasks[1].inputs}})
           .ok());
@@ -505,9 +504,11 @@ TEST(LfpmScenarioTest, TinyScenarioAsrBelowTaskArithmetic) {
   ASSERT_TRUE(built.ok()) << built.status();
 
   bench::LfpmRowOptions options;
-  options.lfpm.steps = 40;
+  options.lfpm.steps = 25;
+  options.lfpm.batch_size = 16;
   options.lfpm.threads = 2;
-  options.lfpm.triggers.scan_steps = 60;
+  options.lfpm.triggers.scan_steps = 30;
+  options.lfpm.triggers.scan_batch_size = 8;
   options.lfpm.triggers.rescan_after = false;
   options.modes = {LfpmMode::kFull};
   options.adaptive_check = false;
