@@ -24,6 +24,7 @@ json OptionsJson(const DamOptions& options) {
       {"initial_lambda", options.initial_lambda},
       {"steps", options.steps},
       {"lambda_learning_rate", options.lambda_learning_rate},
+      {"reset_lambda_each_step", options.reset_lambda_each_step},
       {"mask_learning_rate", options.mask_learning_rate},
       {"initial_mask_logit", options.initial_mask_logit},
       {"temperature", options.temperature},
@@ -227,6 +228,10 @@ absl::Status DamTrainer::StepImpl() {
   }
 
   // 2. First-order meta step: one Adam step on lambda with the mask fixed.
+  if (options_.reset_lambda_each_step) {
+    torch::NoGradGuard no_grad;
+    s.lambdas.fill_(options_.initial_lambda);
+  }
   torch::Tensor lambdas_before;
   if (record_meta_step_) {
     lambdas_before = s.lambdas.detach().clone();

@@ -63,6 +63,11 @@ struct DamOptions {
   int64_t steps = 1000;
   // Adam learning rate of the first-order meta step on lambda. Default 1e-3.
   double lambda_learning_rate = 1e-3;
+  // When true, lambda is reset to `initial_lambda` before every meta step,
+  // as the public code does, so the masks always see lambda' one Adam step
+  // from the start; by default lambda <- lambda' carries over (ALGORITHMS.md
+  // §3). Default false.
+  bool reset_lambda_each_step = false;
   // Adam learning rate of the mask logits s1 and s2. Default 1e-3.
   double mask_learning_rate = 1e-3;
   // Initial mask logits (0: each entry kept with probability 1/2).
