@@ -246,6 +246,22 @@ TEST(DamTrainerTest, LambdaStepDescendsTheHandComputedGradient) {
   }
 }
 
+TEST(DamTrainerTest, ReferenceStyleLambdaResetStartsEveryMetaStepAtInit) {
+  TinyWorld run;
+  DamOptions options = FastOptions();
+  options.reset_lambda_each_step = true;
+  auto trainer =
+      DamTrainer::Create(*run.model, run.set, run.calibration, options);
+  ASSERT_TRUE(trainer.ok()) << trainer.status();
+  (*trainer)->EnableMetaStepRecordForTesting();
+  for (int step = 0; step < 3; ++step) {
+    ASSERT_TRUE((*trainer)->Step().ok());
+    const auto& record = (*trainer)->last_meta_step_for_testing();
+    EXPECT_TRUE(torch::equal(record.lambdas_before, torch::full({3}, 0.3f)));
+    EXPECT_FALSE(torch::equal(record.lambdas_after, record.lambdas_before));
+  }
+}
+
 TEST(DamTrainerTest, MasksAlternateOddSharedEvenDetection) {
   TinyWorld run;
   auto trainer =
