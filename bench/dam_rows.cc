@@ -40,10 +40,10 @@ std::vector<MergeInput> ScenarioInputs(const Scenario& scenario,
                                        bool backdoored) {
   std::vector<MergeInput> inputs;
   for (const ScenarioTask& task : scenario.tasks) {
-    inputs.push_back({task.name,
-                      scenario.Path(backdoored ? task.checkpoint
-                                               : task.clean_checkpoint),
-                      1.0});
+    inputs.push_back(
+        {task.name,
+         scenario.Path(backdoored ? task.checkpoint : task.clean_checkpoint),
+         1.0});
   }
   return inputs;
 }
@@ -56,45 +56,47 @@ absl::StatusOr<std::vector<DataDependentTask>> ScenarioDataDependentTasks(
   for (const MergeInput& input : inputs) {
     const ScenarioTask* task = scenario.FindTask(input.name);
     if (task == nullptr) {
-      return absl::NotFoundError(absl::StrCat(
-          "input \"", input.name, "\" is not a task of scenario ",
-          scenario.name));
+      return absl::NotFoundError(absl::StrCat("input \"", input.name,
+                                              "\" is not a task of scenario ",
+                                              scenario.name));
     }
-    tasks.push_back({{input.name, input.path, ""},
-                     scenario.Path(task->calibration)});
+    tasks.push_back(
+        {{input.name, input.path, ""}, scenario.Path(task->calibration)});
   }
   return tasks;
 }
 
 RowProducer AdaMergingProducer(const AdaMergingOptions& options,
                                const std::string& name) {
-  return {name, [options](const Scenario& scenario,
-                          const std::vector<MergeInput>& inputs,
-                          const std::string& output_path) -> absl::Status {
-            ASSIGN_OR_RETURN(std::vector<DataDependentTask> tasks,
-                             ScenarioDataDependentTasks(scenario, inputs));
-            AdaMergingOptions with_scenario = options;
-            with_scenario.metadata["mergeguard.scenario"] = scenario.name;
-            return AdaMergeFiles(scenario.Path(scenario.architecture.file),
-                                 scenario.Path(scenario.base), tasks,
-                                 output_path, with_scenario)
-                .status();
-          }};
+  return {
+      name,
+      [options](const Scenario& scenario, const std::vector<MergeInput>& inputs,
+                const std::string& output_path) -> absl::Status {
+        ASSIGN_OR_RETURN(std::vector<DataDependentTask> tasks,
+                         ScenarioDataDependentTasks(scenario, inputs));
+        AdaMergingOptions with_scenario = options;
+        with_scenario.metadata["mergeguard.scenario"] = scenario.name;
+        return AdaMergeFiles(scenario.Path(scenario.architecture.file),
+                             scenario.Path(scenario.base), tasks, output_path,
+                             with_scenario)
+            .status();
+      }};
 }
 
 RowProducer DamProducer(const DamOptions& options, const std::string& name) {
-  return {name, [options](const Scenario& scenario,
-                          const std::vector<MergeInput>& inputs,
-                          const std::string& output_path) -> absl::Status {
-            ASSIGN_OR_RETURN(std::vector<DataDependentTask> tasks,
-                             ScenarioDataDependentTasks(scenario, inputs));
-            DamOptions with_scenario = options;
-            with_scenario.metadata["mergeguard.scenario"] = scenario.name;
-            return DamMergeFiles(scenario.Path(scenario.architecture.file),
-                                 scenario.Path(scenario.base), tasks,
-                                 output_path, with_scenario)
-                .status();
-          }};
+  return {
+      name,
+      [options](const Scenario& scenario, const std::vector<MergeInput>& inputs,
+                const std::string& output_path) -> absl::Status {
+        ASSIGN_OR_RETURN(std::vector<DataDependentTask> tasks,
+                         ScenarioDataDependentTasks(scenario, inputs));
+        DamOptions with_scenario = options;
+        with_scenario.metadata["mergeguard.scenario"] = scenario.name;
+        return DamMergeFiles(scenario.Path(scenario.architecture.file),
+                             scenario.Path(scenario.base), tasks, output_path,
+                             with_scenario)
+            .status();
+      }};
 }
 
 absl::StatusOr<std::vector<DefenseRow>> RunDefenseRows(
@@ -109,8 +111,8 @@ absl::StatusOr<std::vector<DefenseRow>> RunDefenseRows(
   std::error_code error;
   fs::create_directories(work_dir, error);
   if (error) {
-    return absl::InternalError(absl::StrCat(
-        "cannot create ", work_dir.string(), ": ", error.message()));
+    return absl::InternalError(absl::StrCat("cannot create ", work_dir.string(),
+                                            ": ", error.message()));
   }
   const std::string architecture = scenario.Path(scenario.architecture.file);
   const std::string base = scenario.Path(scenario.base);
@@ -120,19 +122,19 @@ absl::StatusOr<std::vector<DefenseRow>> RunDefenseRows(
     row->row.method = method;
     for (bool backdoored : {false, true}) {
       const std::string path =
-          (work_dir / absl::StrCat(method, backdoored ? ".backdoored" : ".clean",
+          (work_dir / absl::StrCat(method,
+                                   backdoored ? ".backdoored" : ".clean",
                                    ".safetensors"))
               .string();
-      ASSIGN_OR_RETURN(
-          std::vector<DataDependentTask> tasks,
-          ScenarioDataDependentTasks(scenario,
-                                     ScenarioInputs(scenario, backdoored)));
+      ASSIGN_OR_RETURN(std::vector<DataDependentTask> tasks,
+                       ScenarioDataDependentTasks(
+                           scenario, ScenarioInputs(scenario, backdoored)));
       if (backdoored) row->peak_rss_is_process_peak = !ResetPeakRss();
       if (method == "DAM") {
         DamOptions dam = options.dam;
         dam.metadata["mergeguard.scenario"] = scenario.name;
-        ASSIGN_OR_RETURN(DamResult result, DamMergeFiles(architecture, base,
-                                                         tasks, path, dam));
+        ASSIGN_OR_RETURN(DamResult result,
+                         DamMergeFiles(architecture, base, tasks, path, dam));
         if (backdoored) {
           row->steps = result.report.outer_steps;
           row->seconds_per_step = result.report.seconds_per_outer_step;

@@ -7,10 +7,10 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "core/defense_json.h"
 #include "core/lora.h"
 #include "core/status_macros.h"
 #include "core/torch_status.h"
-#include "core/defense_json.h"
 #include "core/version.h"
 
 namespace mergeguard {
@@ -52,19 +52,19 @@ absl::Status ValidateCalibration(
     const TaskVectorSet& set, const Model& model,
     const std::vector<torch::Tensor>& calibration) {
   if (static_cast<int>(calibration.size()) != set.num_tasks()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(calibration.size(), " calibration sets for ",
-                     set.num_tasks(), " tasks"));
+    return absl::InvalidArgumentError(absl::StrCat(calibration.size(),
+                                                   " calibration sets for ",
+                                                   set.num_tasks(), " tasks"));
   }
   for (int t = 0; t < set.num_tasks(); ++t) {
     const torch::Tensor& inputs = calibration[t];
     if (!inputs.defined() || inputs.dim() != 4 || inputs.size(0) == 0 ||
         std::vector<int64_t>(inputs.sizes().begin() + 1,
                              inputs.sizes().end()) != model.InputShape()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "task \"", set.task_names[t],
-          "\": calibration inputs must be a non-empty [N, ",
-          absl::StrJoin(model.InputShape(), ", "), "] tensor"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("task \"", set.task_names[t],
+                       "\": calibration inputs must be a non-empty [N, ",
+                       absl::StrJoin(model.InputShape(), ", "), "] tensor"));
     }
   }
   return absl::OkStatus();
@@ -86,8 +86,8 @@ absl::StatusOr<AdaMergingResult> AdaMerge(
   AdaMergingResult result;
   torch::Tensor lambdas;
   RETURN_IF_ERROR(CallTorch("AdaMerge", [&]() -> absl::Status {
-    lambdas = merger.InitialLambdas(options.granularity,
-                                    options.initial_lambda);
+    lambdas =
+        merger.InitialLambdas(options.granularity, options.initial_lambda);
     return absl::OkStatus();
   }));
   EntropyOptimization optimization;
@@ -99,8 +99,8 @@ absl::StatusOr<AdaMergingResult> AdaMerge(
   optimization.is_cancelled = options.is_cancelled;
   optimization.start_seconds = start;
   ASSIGN_OR_RETURN(result.loss_curve,
-                   OptimizeLambdasByEntropy(model, merger, sampler, lambdas,
-                                            {}, optimization));
+                   OptimizeLambdasByEntropy(model, merger, sampler, lambdas, {},
+                                            optimization));
   RETURN_IF_ERROR(CallTorch("AdaMerge", [&]() -> absl::Status {
     result.backbone = merger.MergedBackbone(lambdas, {});
     for (torch::Tensor& tensor : result.backbone) tensor = tensor.cpu();
@@ -167,9 +167,9 @@ absl::StatusOr<DataDependentJob> LoadDataDependentJob(
       return absl::InvalidArgumentError(absl::StrCat(
           "task \"", task.model.name, "\" has no calibration file"));
     }
-    ASSIGN_OR_RETURN(torch::Tensor inputs,
-                     LoadCalibrationInputs(task.calibration_path,
-                                           job.model->InputShape()));
+    ASSIGN_OR_RETURN(
+        torch::Tensor inputs,
+        LoadCalibrationInputs(task.calibration_path, job.model->InputShape()));
     job.calibration.push_back(std::move(inputs));
   }
   return job;
@@ -177,8 +177,8 @@ absl::StatusOr<DataDependentJob> LoadDataDependentJob(
 
 absl::StatusOr<AdaMergingResult> AdaMergeFiles(
     const std::string& architecture_path, const std::string& base_path,
-    const std::vector<DataDependentTask>& tasks,
-    const std::string& output_path, const AdaMergingOptions& options) {
+    const std::vector<DataDependentTask>& tasks, const std::string& output_path,
+    const AdaMergingOptions& options) {
   RETURN_IF_ERROR(ValidateAdaMergingOptions(options));
   ASSIGN_OR_RETURN(DataDependentJob job,
                    LoadDataDependentJob(architecture_path, base_path, tasks));

@@ -113,8 +113,8 @@ absl::StatusOr<DataDependentJob> LoadDataDependentJob(
 // written on failure.
 absl::StatusOr<AdaMergingResult> AdaMergeFiles(
     const std::string& architecture_path, const std::string& base_path,
-    const std::vector<DataDependentTask>& tasks,
-    const std::string& output_path, const AdaMergingOptions& options);
+    const std::vector<DataDependentTask>& tasks, const std::string& output_path,
+    const AdaMergingOptions& options);
 
 }  // namespace mergeguard
 

@@ -127,10 +127,10 @@ struct DamTrainer::State {
   TaskVectorMerger merger;
   CalibrationSampler sampler;
   at::Generator generator;
-  torch::Tensor lambdas;              // [N] or [N, K], leaf
-  std::vector<torch::Tensor> s1;      // task-shared mask logits, leaves
-  std::vector<torch::Tensor> s2;      // backdoor-detection mask logits
-  torch::Tensor delta;                // [N, C, H, W], leaf
+  torch::Tensor lambdas;          // [N] or [N, K], leaf
+  std::vector<torch::Tensor> s1;  // task-shared mask logits, leaves
+  std::vector<torch::Tensor> s2;  // backdoor-detection mask logits
+  torch::Tensor delta;            // [N, C, H, W], leaf
   std::unique_ptr<torch::optim::Adam> lambda_optimizer;
   std::unique_ptr<torch::optim::Adam> s1_optimizer;
   std::unique_ptr<torch::optim::Adam> s2_optimizer;
@@ -150,8 +150,7 @@ DamTrainer::~DamTrainer() = default;
 
 absl::StatusOr<std::unique_ptr<DamTrainer>> DamTrainer::Create(
     Model& model, const TaskVectorSet& set,
-    const std::vector<torch::Tensor>& calibration,
-    const DamOptions& options) {
+    const std::vector<torch::Tensor>& calibration, const DamOptions& options) {
   RETURN_IF_ERROR(ValidateDamOptions(options));
   RETURN_IF_ERROR(ValidateCalibration(set, model, calibration));
   std::unique_ptr<DamTrainer> trainer(new DamTrainer(model, options));
@@ -176,8 +175,8 @@ absl::Status DamTrainer::Init(const TaskVectorSet& set,
                            options_.seed * 2 + 1, device),
         options_.seed * 2);
     State& s = *state_;
-    s.lambdas = s.merger.InitialLambdas(options_.granularity,
-                                        options_.initial_lambda);
+    s.lambdas =
+        s.merger.InitialLambdas(options_.granularity, options_.initial_lambda);
     for (const torch::Tensor& base : s.merger.base()) {
       s.s1.push_back(torch::full_like(base, options_.initial_mask_logit)
                          .requires_grad_(true));
@@ -186,9 +185,9 @@ absl::Status DamTrainer::Init(const TaskVectorSet& set,
     }
     std::vector<int64_t> delta_shape = {set.num_tasks()};
     for (int64_t d : model_.InputShape()) delta_shape.push_back(d);
-    s.delta = torch::zeros(delta_shape, torch::TensorOptions()
-                                            .dtype(torch::kFloat32)
-                                            .device(device))
+    s.delta = torch::zeros(
+                  delta_shape,
+                  torch::TensorOptions().dtype(torch::kFloat32).device(device))
                   .requires_grad_(true);
     s.lambda_optimizer = std::make_unique<torch::optim::Adam>(
         std::vector<torch::Tensor>{s.lambdas},
@@ -243,8 +242,7 @@ absl::Status DamTrainer::StepImpl() {
   for (int t = 0; t < num_tasks; ++t) {
     torch::Tensor batch = s.sampler.Next(t);
     if (record_meta_step_) meta_record_.batches.push_back(batch);
-    ASSIGN_OR_RETURN(torch::Tensor logits,
-                     s.merger.Logits(model_, t, batch));
+    ASSIGN_OR_RETURN(torch::Tensor logits, s.merger.Logits(model_, t, batch));
     inner_loss = inner_loss + MeanEntropy(logits);
   }
   inner_loss.backward();
@@ -283,9 +281,9 @@ absl::Status DamTrainer::StepImpl() {
       ASSIGN_OR_RETURN(
           torch::Tensor logits,
           s.merger.Logits(model_, t, PerturbInputs(batch, s.delta[t])));
-      trigger_loss = trigger_loss +
-                     torch::nll_loss(torch::log_softmax(logits, 1),
-                                     pseudo_labels);
+      trigger_loss =
+          trigger_loss +
+          torch::nll_loss(torch::log_softmax(logits, 1), pseudo_labels);
     }
     // Adam minimizes, so descend on -CE.
     (-trigger_loss).backward();
@@ -311,8 +309,7 @@ absl::Status DamTrainer::StepImpl() {
   for (int t = 0; t < num_tasks; ++t) {
     torch::Tensor batch = s.sampler.Next(t);
     if (update_shared) {
-      ASSIGN_OR_RETURN(torch::Tensor logits,
-                       s.merger.Logits(model_, t, batch));
+      ASSIGN_OR_RETURN(torch::Tensor logits, s.merger.Logits(model_, t, batch));
       mask_loss = mask_loss + MeanEntropy(logits);
       continue;
     }
@@ -473,8 +470,7 @@ absl::StatusOr<DamResult> DamTrainer::Finish() {
   optimization.start_seconds = start_seconds_;
   ASSIGN_OR_RETURN(curves_.adamerging_loss,
                    OptimizeLambdasByEntropy(model_, s.merger, s.sampler,
-                                            lambdas, final_mask,
-                                            optimization));
+                                            lambdas, final_mask, optimization));
   DamResult result;
   RETURN_IF_ERROR(CallTorch("DAM result", [&]() -> absl::Status {
     result.backbone = s.merger.MergedBackbone(lambdas, final_mask);
@@ -556,8 +552,8 @@ std::string DamReportToJson(const DamReport& report,
 
 absl::StatusOr<DamResult> DamMergeFiles(
     const std::string& architecture_path, const std::string& base_path,
-    const std::vector<DataDependentTask>& tasks,
-    const std::string& output_path, const DamOptions& options) {
+    const std::vector<DataDependentTask>& tasks, const std::string& output_path,
+    const DamOptions& options) {
   RETURN_IF_ERROR(ValidateDamOptions(options));
   ASSIGN_OR_RETURN(DataDependentJob job,
                    LoadDataDependentJob(architecture_path, base_path, tasks));

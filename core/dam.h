@@ -8,13 +8,13 @@
 // AdaMerging with the mask fixed. docs/dam.md records every choice the spec
 // left open and every departure from the public code.
 
+#include <ATen/core/Generator.h>
+
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <string>
 #include <vector>
-
-#include <ATen/core/Generator.h>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -175,8 +175,7 @@ struct DamReport {
 
 // DamReportToJson returns the report as a JSON object (docs/dam.md), with
 // the effective options under "options".
-std::string DamReportToJson(const DamReport& report,
-                            const DamOptions& options);
+std::string DamReportToJson(const DamReport& report, const DamOptions& options);
 
 struct DamResult {
   // theta0 + sum_t lambda_t m* tau_t, parallel to the set's keys, on the CPU.
@@ -190,8 +189,7 @@ class DamTrainer {
  public:
   static absl::StatusOr<std::unique_ptr<DamTrainer>> Create(
       Model& model, const TaskVectorSet& set,
-      const std::vector<torch::Tensor>& calibration,
-      const DamOptions& options);
+      const std::vector<torch::Tensor>& calibration, const DamOptions& options);
   ~DamTrainer();
 
   // Step runs one outer step of phase 1 (ALGORITHMS.md §3, steps 1-5).
@@ -264,8 +262,8 @@ absl::StatusOr<DamResult> RunDam(Model& model, const TaskVectorSet& set,
 // `__metadata__`) to `output_path`. Nothing is written on failure.
 absl::StatusOr<DamResult> DamMergeFiles(
     const std::string& architecture_path, const std::string& base_path,
-    const std::vector<DataDependentTask>& tasks,
-    const std::string& output_path, const DamOptions& options);
+    const std::vector<DataDependentTask>& tasks, const std::string& output_path,
+    const DamOptions& options);
 
 }  // namespace mergeguard
 

@@ -26,7 +26,7 @@ absl::StatusOr<LambdaGranularity> ParseLambdaGranularity(
 
 absl::string_view LambdaGranularityName(LambdaGranularity granularity) {
   return granularity == LambdaGranularity::kTaskWise ? "task_wise"
-                                                      : "layer_wise";
+                                                     : "layer_wise";
 }
 
 absl::StatusOr<c10::Device> ParseDevice(const std::string& name) {
@@ -50,8 +50,8 @@ absl::StatusOr<c10::Device> ParseDevice(const std::string& name) {
         absl::StrCat("device \"", name, "\": only ",
                      torch::cuda::device_count(), " CUDA devices"));
   }
-  return c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(
-                                     index < 0 ? 0 : index));
+  return c10::Device(c10::kCUDA,
+                     static_cast<c10::DeviceIndex>(index < 0 ? 0 : index));
 }
 
 void SetTorchThreads(int threads) {
@@ -67,8 +67,7 @@ at::Generator MakeGenerator(uint64_t seed) {
 }
 
 torch::Tensor SampleConcreteMask(const torch::Tensor& logits,
-                                 double temperature,
-                                 at::Generator& generator) {
+                                 double temperature, at::Generator& generator) {
   // Keep log u and log(1 - u) finite.
   constexpr double kEps = 1e-6;
   torch::Tensor u = torch::rand(logits.sizes(), generator,
@@ -90,8 +89,7 @@ torch::Tensor MeanEntropy(const torch::Tensor& logits) {
   return -(log_p.exp() * log_p).sum(1).mean();
 }
 
-torch::Tensor ProjectPerturbation(const torch::Tensor& delta,
-                                  double epsilon) {
+torch::Tensor ProjectPerturbation(const torch::Tensor& delta, double epsilon) {
   return delta.clamp(-epsilon, epsilon);
 }
 
@@ -150,9 +148,8 @@ absl::StatusOr<TaskVectorMerger> TaskVectorMerger::Create(
               torch::stack(per_task).to(device, torch::kFloat32));
         }
         for (const Head& head : set.heads) {
-          merger.heads_.push_back(
-              {head.weight.to(device, torch::kFloat32),
-               head.bias.to(device, torch::kFloat32)});
+          merger.heads_.push_back({head.weight.to(device, torch::kFloat32),
+                                   head.bias.to(device, torch::kFloat32)});
         }
         return merger;
       });
@@ -168,9 +165,9 @@ torch::Tensor TaskVectorMerger::InitialLambdas(LambdaGranularity granularity,
   if (granularity == LambdaGranularity::kLayerWise) {
     shape.push_back(num_tensors());
   }
-  return torch::full(shape, value,
-                     torch::TensorOptions().dtype(torch::kFloat32).device(
-                         device_))
+  return torch::full(
+             shape, value,
+             torch::TensorOptions().dtype(torch::kFloat32).device(device_))
       .requires_grad_(true);
 }
 
@@ -235,38 +232,39 @@ absl::StatusOr<std::vector<double>> OptimizeLambdasByEntropy(
     Model& model, const TaskVectorMerger& merger, CalibrationSampler& sampler,
     torch::Tensor& lambdas, const std::vector<torch::Tensor>& masks,
     const EntropyOptimization& options) {
-  return CallTorch(
-      "AdaMerging", [&]() -> absl::StatusOr<std::vector<double>> {
-        torch::optim::Adam optimizer(
-            {lambdas}, torch::optim::AdamOptions(options.learning_rate));
-        std::vector<double> curve;
-        curve.reserve(options.steps);
-        for (int64_t step = 1; step <= options.steps; ++step) {
-          if (options.is_cancelled && options.is_cancelled()) {
-            return absl::CancelledError(
-                absl::StrCat(options.phase, " cancelled before step ", step));
-          }
-          optimizer.zero_grad();
-          RETURN_IF_ERROR(merger.Install(model, lambdas, masks));
-          torch::Tensor loss = torch::zeros({}, lambdas.options());
-          for (int t = 0; t < merger.num_tasks(); ++t) {
-            ASSIGN_OR_RETURN(torch::Tensor logits,
-                             merger.Logits(model, t, sampler.Next(t)));
-            loss = loss + MeanEntropy(logits);
-          }
-          loss.backward();
-          optimizer.step();
-          curve.push_back(loss.item<double>());
-          if (options.on_progress &&
-              (step % std::max<int64_t>(1, options.progress_interval) == 0 ||
-               step == options.steps)) {
-            options.on_progress({options.phase, step, options.steps,
-                                 {{"entropy", curve.back()}},
-                                 SteadySeconds() - options.start_seconds});
-          }
-        }
-        return curve;
-      });
+  return CallTorch("AdaMerging", [&]() -> absl::StatusOr<std::vector<double>> {
+    torch::optim::Adam optimizer(
+        {lambdas}, torch::optim::AdamOptions(options.learning_rate));
+    std::vector<double> curve;
+    curve.reserve(options.steps);
+    for (int64_t step = 1; step <= options.steps; ++step) {
+      if (options.is_cancelled && options.is_cancelled()) {
+        return absl::CancelledError(
+            absl::StrCat(options.phase, " cancelled before step ", step));
+      }
+      optimizer.zero_grad();
+      RETURN_IF_ERROR(merger.Install(model, lambdas, masks));
+      torch::Tensor loss = torch::zeros({}, lambdas.options());
+      for (int t = 0; t < merger.num_tasks(); ++t) {
+        ASSIGN_OR_RETURN(torch::Tensor logits,
+                         merger.Logits(model, t, sampler.Next(t)));
+        loss = loss + MeanEntropy(logits);
+      }
+      loss.backward();
+      optimizer.step();
+      curve.push_back(loss.item<double>());
+      if (options.on_progress &&
+          (step % std::max<int64_t>(1, options.progress_interval) == 0 ||
+           step == options.steps)) {
+        options.on_progress({options.phase,
+                             step,
+                             options.steps,
+                             {{"entropy", curve.back()}},
+                             SteadySeconds() - options.start_seconds});
+      }
+    }
+    return curve;
+  });
 }
 
 absl::StatusOr<torch::Tensor> LoadCalibrationInputs(
@@ -294,8 +292,7 @@ absl::StatusOr<torch::Tensor> LoadCalibrationInputs(
                            inputs->sizes().end()) != input_shape) {
     return absl::InvalidArgumentError(absl::StrCat(
         path, ": inputs are [N, ",
-        absl::StrJoin(inputs->sizes().begin() + 1, inputs->sizes().end(),
-                      ", "),
+        absl::StrJoin(inputs->sizes().begin() + 1, inputs->sizes().end(), ", "),
         "], the architecture takes [N, ", absl::StrJoin(input_shape, ", "),
         "]"));
   }

@@ -7,13 +7,13 @@
 // loss, bounded input perturbations, seeded calibration batches, and the
 // entropy-driven lambda optimization both methods run.
 
+#include <ATen/core/Generator.h>
+
 #include <cstdint>
 #include <functional>
 #include <map>
 #include <string>
 #include <vector>
-
-#include <ATen/core/Generator.h>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"

@@ -62,10 +62,10 @@ absl::StatusOr<std::vector<torch::Tensor>> TaskVectorsFromCheckpoint(
     }
     const torch::Tensor& base = set.base[it->second];
     if (tensor.sizes() != base.sizes()) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "task \"", task.name, "\": tensor \"", key, "\" has shape ",
-          ShapeString(tensor.sizes().vec()), ", the base has ",
-          ShapeString(base.sizes().vec())));
+      return absl::FailedPreconditionError(
+          absl::StrCat("task \"", task.name, "\": tensor \"", key,
+                       "\" has shape ", ShapeString(tensor.sizes().vec()),
+                       ", the base has ", ShapeString(base.sizes().vec())));
     }
     if (!torch::isFloatingType(tensor.scalar_type())) {
       return absl::FailedPreconditionError(
@@ -129,8 +129,8 @@ absl::StatusOr<Head> LoadHead(const TaskVectorInput& task, bool is_lora,
   absl::StatusOr<Head> head = HeadFromTensors(*source, options.head_prefix);
   if (!head.ok()) {
     return absl::FailedPreconditionError(
-        absl::StrCat("task \"", task.name, "\": head from ", source_path,
-                     ": ", head.status().message()));
+        absl::StrCat("task \"", task.name, "\": head from ", source_path, ": ",
+                     head.status().message()));
   }
   return head;
 }
@@ -148,51 +148,49 @@ absl::StatusOr<TaskVectorSet> LoadTaskVectors(
     const TaskVectorOptions& options) {
   RETURN_IF_ERROR(ValidateNames(tasks));
   ASSIGN_OR_RETURN(NamedTensors base_tensors, LoadTensorsFromPath(base_path));
-  return CallTorch(
-      "LoadTaskVectors", [&]() -> absl::StatusOr<TaskVectorSet> {
-        TaskVectorSet set;
-        std::map<std::string, size_t> index;
-        for (auto& [key, tensor] : base_tensors) {
-          if (IsHead(key, options)) continue;
-          if (!torch::isFloatingType(tensor.scalar_type())) {
-            set.constants.emplace_back(key, tensor);
-            continue;
-          }
-          index[key] = set.keys.size();
-          set.keys.push_back(key);
-          set.base.push_back(tensor.to(torch::kFloat32).contiguous());
-        }
-        if (set.keys.empty()) {
-          return absl::FailedPreconditionError(absl::StrCat(
-              "base ", base_path, " has no floating-point backbone tensors"));
-        }
-        for (const TaskVectorInput& task : tasks) {
-          const bool is_lora = IsLoraAdapterDir(task.path);
-          std::vector<torch::Tensor> vectors;
-          Head head;
-          if (is_lora) {
-            ASSIGN_OR_RETURN(vectors, TaskVectorsFromLora(set, index, task));
-            ASSIGN_OR_RETURN(head, LoadHead(task, true, nullptr, options));
-          } else {
-            ASSIGN_OR_RETURN(NamedTensors tensors,
-                             LoadTensorsFromPath(task.path));
-            ASSIGN_OR_RETURN(vectors, TaskVectorsFromCheckpoint(
-                                          set, index, task, tensors, options));
-            ASSIGN_OR_RETURN(head, LoadHead(task, false, &tensors, options));
-          }
-          if (!set.heads.empty() &&
-              head.weight.size(1) != set.heads.front().weight.size(1)) {
-            return absl::FailedPreconditionError(absl::StrCat(
-                "task \"", task.name, "\": head takes ", head.weight.size(1),
-                " features, task \"", set.task_names.front(), "\"'s takes ",
-                set.heads.front().weight.size(1)));
-          }
-          set.task_names.push_back(task.name);
-          set.task_vectors.push_back(std::move(vectors));
-          set.heads.push_back(std::move(head));
-        }
-        return set;
-      });
+  return CallTorch("LoadTaskVectors", [&]() -> absl::StatusOr<TaskVectorSet> {
+    TaskVectorSet set;
+    std::map<std::string, size_t> index;
+    for (auto& [key, tensor] : base_tensors) {
+      if (IsHead(key, options)) continue;
+      if (!torch::isFloatingType(tensor.scalar_type())) {
+        set.constants.emplace_back(key, tensor);
+        continue;
+      }
+      index[key] = set.keys.size();
+      set.keys.push_back(key);
+      set.base.push_back(tensor.to(torch::kFloat32).contiguous());
+    }
+    if (set.keys.empty()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "base ", base_path, " has no floating-point backbone tensors"));
+    }
+    for (const TaskVectorInput& task : tasks) {
+      const bool is_lora = IsLoraAdapterDir(task.path);
+      std::vector<torch::Tensor> vectors;
+      Head head;
+      if (is_lora) {
+        ASSIGN_OR_RETURN(vectors, TaskVectorsFromLora(set, index, task));
+        ASSIGN_OR_RETURN(head, LoadHead(task, true, nullptr, options));
+      } else {
+        ASSIGN_OR_RETURN(NamedTensors tensors, LoadTensorsFromPath(task.path));
+        ASSIGN_OR_RETURN(vectors, TaskVectorsFromCheckpoint(set, index, task,
+                                                            tensors, options));
+        ASSIGN_OR_RETURN(head, LoadHead(task, false, &tensors, options));
+      }
+      if (!set.heads.empty() &&
+          head.weight.size(1) != set.heads.front().weight.size(1)) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "task \"", task.name, "\": head takes ", head.weight.size(1),
+            " features, task \"", set.task_names.front(), "\"'s takes ",
+            set.heads.front().weight.size(1)));
+      }
+      set.task_names.push_back(task.name);
+      set.task_vectors.push_back(std::move(vectors));
+      set.heads.push_back(std::move(head));
+    }
+    return set;
+  });
 }
 
 absl::Status CheckFitsModel(const TaskVectorSet& set, const Model& model) {
@@ -205,10 +203,10 @@ absl::Status CheckFitsModel(const TaskVectorSet& set, const Model& model) {
           "the base lacks the architecture's parameter \"", info.name, "\""));
     }
     if (set.base[it->second].sizes().vec() != info.shape) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "tensor \"", info.name, "\" has shape ",
-          ShapeString(set.base[it->second].sizes().vec()),
-          ", the architecture expects ", ShapeString(info.shape)));
+      return absl::FailedPreconditionError(
+          absl::StrCat("tensor \"", info.name, "\" has shape ",
+                       ShapeString(set.base[it->second].sizes().vec()),
+                       ", the architecture expects ", ShapeString(info.shape)));
     }
     index.erase(it);
   }

@@ -84,9 +84,10 @@ NamedTensors MergedModelTensors(const TaskVectorSet& set,
 
 // SaveMergedModel writes MergedModelTensors to `path` (safetensors,
 // atomically) with `metadata` as its `__metadata__`.
-absl::Status SaveMergedModel(const std::string& path, const TaskVectorSet& set,
-                             const std::vector<torch::Tensor>& backbone,
-                             const std::map<std::string, std::string>& metadata);
+absl::Status SaveMergedModel(
+    const std::string& path, const TaskVectorSet& set,
+    const std::vector<torch::Tensor>& backbone,
+    const std::map<std::string, std::string>& metadata);
 
 }  // namespace mergeguard
 

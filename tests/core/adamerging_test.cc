@@ -51,12 +51,12 @@ TEST(TaskVectorsTest, FullCheckpointsGiveDifferencesAndHeads) {
   TempDir dir;
   NamedTensors base = DefenseTinyBase();
   ASSERT_TRUE(SaveTensors(dir.Path("base.safetensors"), base).ok());
-  ASSERT_TRUE(SaveTensors(dir.Path("a.safetensors"),
-                          WithHead(Shifted(base, 0.25), 1))
-                  .ok());
-  ASSERT_TRUE(SaveTensors(dir.Path("b.safetensors"),
-                          WithHead(Shifted(base, -0.5), 2))
-                  .ok());
+  ASSERT_TRUE(
+      SaveTensors(dir.Path("a.safetensors"), WithHead(Shifted(base, 0.25), 1))
+          .ok());
+  ASSERT_TRUE(
+      SaveTensors(dir.Path("b.safetensors"), WithHead(Shifted(base, -0.5), 2))
+          .ok());
   auto set = LoadTaskVectors(dir.Path("base.safetensors"),
                              {{"a", dir.Path("a.safetensors"), ""},
                               {"b", dir.Path("b.safetensors"), ""}});
@@ -66,8 +66,8 @@ TEST(TaskVectorsTest, FullCheckpointsGiveDifferencesAndHeads) {
   ASSERT_EQ(set->num_tasks(), 2);
   for (int k = 0; k < set->num_tensors(); ++k) {
     EXPECT_TRUE(torch::allclose(set->task_vectors[0][k],
-                                torch::full_like(set->base[k], 0.25),
-                                1e-5, 1e-6));
+                                torch::full_like(set->base[k], 0.25), 1e-5,
+                                1e-6));
     EXPECT_TRUE(torch::allclose(set->task_vectors[1][k],
                                 torch::full_like(set->base[k], -0.5), 1e-5,
                                 1e-6));
@@ -126,19 +126,18 @@ TEST(TaskVectorsTest, LoraAdaptersAreTaskVectorsWithAGivenHead) {
   TempDir dir;
   NamedTensors base = DefenseTinyBase();
   ASSERT_TRUE(SaveTensors(dir.Path("base.safetensors"), base).ok());
-  ASSERT_TRUE(SaveTensors(dir.Path("head.safetensors"),
-                          WithHead(Shifted(base, 1.0), 3))
-                  .ok());
+  ASSERT_TRUE(
+      SaveTensors(dir.Path("head.safetensors"), WithHead(Shifted(base, 1.0), 3))
+          .ok());
   std::string adapter = dir.Path("adapter");
   ASSERT_EQ(::mkdir(adapter.c_str(), 0755), 0);
   std::ofstream(absl::StrCat(adapter, "/", kAdapterConfigFileName))
       << R"({"peft_type": "LORA", "r": 2, "lora_alpha": 4})";
   torch::Tensor a = torch::randn({2, 16}), b = torch::randn({8, 2});
-  ASSERT_TRUE(
-      SaveTensors(absl::StrCat(adapter, "/", kAdapterWeightsFileName),
-                  {{"base_model.model.fc2.lora_A.weight", a},
-                   {"base_model.model.fc2.lora_B.weight", b}})
-          .ok());
+  ASSERT_TRUE(SaveTensors(absl::StrCat(adapter, "/", kAdapterWeightsFileName),
+                          {{"base_model.model.fc2.lora_A.weight", a},
+                           {"base_model.model.fc2.lora_B.weight", b}})
+                  .ok());
 
   auto status =
       LoadTaskVectors(dir.Path("base.safetensors"), {{"l", adapter, ""}})
@@ -150,8 +149,8 @@ TEST(TaskVectorsTest, LoraAdaptersAreTaskVectorsWithAGivenHead) {
                              {{"l", adapter, dir.Path("head.safetensors")}});
   ASSERT_TRUE(set.ok()) << set.status();
   // fc2.weight (key 3) gets (B A) * 4 / 2; the rest stays zero.
-  EXPECT_TRUE(torch::allclose(set->task_vectors[0][3], b.matmul(a) * 2.0,
-                              1e-5, 1e-5));
+  EXPECT_TRUE(
+      torch::allclose(set->task_vectors[0][3], b.matmul(a) * 2.0, 1e-5, 1e-5));
   EXPECT_EQ(set->task_vectors[0][1].abs().max().item<float>(), 0.0f);
   torch::manual_seed(3);
   EXPECT_TRUE(torch::equal(set->heads[0].weight, torch::randn({3, 8})));
@@ -168,8 +167,8 @@ TEST(DifferentiableMergeTest, MergedTensorIsBasePlusWeightedTaskVectors) {
   for (int k = 0; k < set.num_tensors(); ++k) {
     torch::Tensor mask = torch::rand_like(set.base[k]);
     torch::Tensor expected =
-        set.base[k] + mask * (0.2f * set.task_vectors[0][k] -
-                              0.7f * set.task_vectors[1][k]);
+        set.base[k] +
+        mask * (0.2f * set.task_vectors[0][k] - 0.7f * set.task_vectors[1][k]);
     EXPECT_TRUE(torch::allclose(merger->MergedTensor(k, lambdas, mask),
                                 expected, 1e-5, 1e-6));
   }
@@ -178,14 +177,14 @@ TEST(DifferentiableMergeTest, MergedTensorIsBasePlusWeightedTaskVectors) {
   torch::Tensor expected = set.base[1] +
                            layer_wise[0][1] * set.task_vectors[0][1] +
                            layer_wise[1][1] * set.task_vectors[1][1];
-  EXPECT_TRUE(torch::allclose(
-      merger->MergedTensor(1, layer_wise, torch::Tensor()), expected, 1e-5,
-      1e-6));
+  EXPECT_TRUE(
+      torch::allclose(merger->MergedTensor(1, layer_wise, torch::Tensor()),
+                      expected, 1e-5, 1e-6));
 }
 
 TEST(DifferentiableMergeTest, CalibrationSamplerIsSeededAndCoversEpochs) {
-  torch::Tensor inputs = torch::arange(10).to(torch::kFloat32).view(
-      {10, 1, 1, 1});
+  torch::Tensor inputs =
+      torch::arange(10).to(torch::kFloat32).view({10, 1, 1, 1});
   CalibrationSampler a({inputs}, 4, 9, c10::Device(c10::kCPU));
   CalibrationSampler b({inputs}, 4, 9, c10::Device(c10::kCPU));
   CalibrationSampler c({inputs}, 4, 10, c10::Device(c10::kCPU));
@@ -209,18 +208,17 @@ TEST(DifferentiableMergeTest, EntropyMatchesTheDefinition) {
 
 TEST(DifferentiableMergeTest, CalibrationFilesNeedInputs) {
   TempDir dir;
-  ASSERT_TRUE(SaveTensors(dir.Path("u8.safetensors"),
-                          {{"inputs", torch::full({2, 1, 28, 28}, 255,
-                                                  torch::kUInt8)}})
-                  .ok());
+  ASSERT_TRUE(
+      SaveTensors(dir.Path("u8.safetensors"),
+                  {{"inputs", torch::full({2, 1, 28, 28}, 255, torch::kUInt8)}})
+          .ok());
   auto inputs = LoadCalibrationInputs(dir.Path("u8.safetensors"), {1, 28, 28});
   ASSERT_TRUE(inputs.ok()) << inputs.status();
   EXPECT_FLOAT_EQ(inputs->min().item<float>(), 1.0f);
-  EXPECT_EQ(
-      LoadCalibrationInputs(dir.Path("u8.safetensors"), {1, 32, 32})
-          .status()
-          .code(),
-      absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(LoadCalibrationInputs(dir.Path("u8.safetensors"), {1, 32, 32})
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
   ASSERT_TRUE(SaveTensors(dir.Path("none.safetensors"),
                           {{"labels", torch::zeros({2}, torch::kLong)}})
                   .ok());
@@ -270,7 +268,8 @@ TEST(AdaMergingTest, LambdaGradientIsInnerProductOfThetaGradient) {
   for (int t = 0; t < 3; ++t) {
     double by_hand = 0;
     for (int k = 0; k < set.num_tensors(); ++k) {
-      by_hand += (thetas[k].grad() * set.task_vectors[t][k]).sum().item<double>();
+      by_hand +=
+          (thetas[k].grad() * set.task_vectors[t][k]).sum().item<double>();
     }
     EXPECT_NEAR(lambdas.grad()[t].item<double>(), by_hand,
                 1e-4 * std::max(1.0, std::abs(by_hand)));
@@ -300,8 +299,8 @@ TEST(AdaMergingTest, LowersEntropyAndReturnsTheMergeItLearned) {
   }
   // The model holds the merge, without autograd history.
   for (const auto& [name, tensor] : model->Backbone()) {
-    const size_t k = std::find(set.keys.begin(), set.keys.end(), name) -
-                     set.keys.begin();
+    const size_t k =
+        std::find(set.keys.begin(), set.keys.end(), name) - set.keys.begin();
     ASSERT_LT(k, set.keys.size()) << name;
     EXPECT_TRUE(torch::allclose(tensor, result->backbone[k])) << name;
   }
@@ -359,18 +358,18 @@ TEST(AdaMergingTest, RejectsBadOptionsAndCalibration) {
   auto model = DefenseTinyModel();
   AdaMergingOptions options = FastOptions();
   options.learning_rate = 0;
-  EXPECT_EQ(AdaMerge(*model, DefenseTinySet(3), DefenseTinyCalibration(),
-                     options)
-                .status()
-                .code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(
+      AdaMerge(*model, DefenseTinySet(3), DefenseTinyCalibration(), options)
+          .status()
+          .code(),
+      absl::StatusCode::kInvalidArgument);
   options = FastOptions();
   options.device = "tpu";
-  EXPECT_EQ(AdaMerge(*model, DefenseTinySet(3), DefenseTinyCalibration(),
-                     options)
-                .status()
-                .code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(
+      AdaMerge(*model, DefenseTinySet(3), DefenseTinyCalibration(), options)
+          .status()
+          .code(),
+      absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(AdaMerge(*model, DefenseTinySet(3), DefenseTinyCalibration(2),
                      FastOptions())
                 .status()
@@ -409,8 +408,7 @@ TEST(AdaMergingTest, FilesJobWritesHeadsAndProvenance) {
   EXPECT_NE((*checkpoint)->Find("fc1.weight"), nullptr);
   EXPECT_EQ((*checkpoint)->Metadata().at("mergeguard.method"), "adamerging");
   EXPECT_EQ((*checkpoint)->Metadata().at("job"), "42");
-  auto report = nlohmann::json::parse(
-      AdaMergingResultToJson(*result, options));
+  auto report = nlohmann::json::parse(AdaMergingResultToJson(*result, options));
   EXPECT_EQ(report["lambdas"].size(), 2u);
 }
 

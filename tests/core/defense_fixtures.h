@@ -93,8 +93,7 @@ inline std::vector<torch::Tensor> DefenseTinyCalibration(int tasks = 3,
 class TempDir {
  public:
   TempDir() {
-    std::string pattern =
-        absl::StrCat(::testing::TempDir(), "/defense_XXXXXX");
+    std::string pattern = absl::StrCat(::testing::TempDir(), "/defense_XXXXXX");
     path_ = ::mkdtemp(pattern.data()) ? pattern : "";
   }
   ~TempDir() {
