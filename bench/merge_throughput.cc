@@ -51,9 +51,9 @@ absl::Status WriteSyntheticModel(const std::string& path,
           1e-9f;
     }
     RETURN_IF_ERROR(writer->WriteTensor(
-        spec.name, absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(
-                                           buffer.data()),
-                                       buffer.size() * sizeof(float))));
+        spec.name,
+        absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(buffer.data()),
+                            buffer.size() * sizeof(float))));
   }
   return writer->Commit();
 }
@@ -98,8 +98,9 @@ absl::Status CopyBaseline(const std::string& base,
         asm volatile("" : : "r"(buffer.data()) : "memory");
       }
       std::memcpy(buffer.data(), base_ref->bytes.data() + off, n);
-      if (!writer->WriteTensorRange(names[i], off,
-                                    absl::MakeConstSpan(buffer.data(), n))
+      if (!writer
+               ->WriteTensorRange(names[i], off,
+                                  absl::MakeConstSpan(buffer.data(), n))
                .ok()) {
         failed = true;
         return;
@@ -129,9 +130,9 @@ absl::StatusOr<ChildRun> RunInChild(const std::function<absl::Status()>& fn) {
     ::close(fds[0]);
     auto start = std::chrono::steady_clock::now();
     absl::Status status = fn();
-    double seconds = std::chrono::duration<double>(
-                         std::chrono::steady_clock::now() - start)
-                         .count();
+    double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
+            .count();
     if (!status.ok()) {
       std::string message(status.message());
       ssize_t ignored = ::write(2, message.data(), message.size());
@@ -177,16 +178,15 @@ absl::StatusOr<MergeThroughputResult> RunMergeThroughputBenchmark(
         absl::StrCat("create ", options.work_dir, ": ", ec.message()));
   }
   const std::vector<TensorSpec> specs = SyntheticLayout(options);
-  const std::string tag = absl::StrCat(options.model_bytes, "_",
-                                       options.tensor_elements);
-  const std::string base = absl::StrCat(options.work_dir, "/base_", tag,
-                                        ".safetensors");
+  const std::string tag =
+      absl::StrCat(options.model_bytes, "_", options.tensor_elements);
+  const std::string base =
+      absl::StrCat(options.work_dir, "/base_", tag, ".safetensors");
   std::vector<MergeInput> inputs;
   for (int i = 0; i <= options.num_models; ++i) {
-    std::string path =
-        i == 0 ? base
-               : absl::StrCat(options.work_dir, "/model", i, "_", tag,
-                              ".safetensors");
+    std::string path = i == 0 ? base
+                              : absl::StrCat(options.work_dir, "/model", i, "_",
+                                             tag, ".safetensors");
     if (!fs::exists(path)) {
       RETURN_IF_ERROR(WriteSyntheticModel(path, specs, i + 1));
     }

@@ -36,9 +36,10 @@ absl::StatusOr<NamedTensors> LoadTensorsFromPath(const std::string& path);
 
 // SaveTensors writes `tensors` (moved to CPU, made contiguous) atomically to
 // `path`, sharded when `options.max_shard_bytes` > 0.
-absl::Status SaveTensors(const std::string& path, const NamedTensors& tensors,
-                         const std::map<std::string, std::string>& metadata = {},
-                         const CheckpointWriterOptions& options = {});
+absl::Status SaveTensors(
+    const std::string& path, const NamedTensors& tensors,
+    const std::map<std::string, std::string>& metadata = {},
+    const CheckpointWriterOptions& options = {});
 
 }  // namespace mergeguard
 

@@ -1,14 +1,13 @@
 // Runs the real `mergeguard` binary: flags, exit codes and a local merge.
 
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
 #include <sys/wait.h>
 #include <torch/torch.h>
 
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-
-#include <gmock/gmock.h>
-#include <gtest/gtest.h>
 
 #include "core/tensor_views.h"
 
@@ -24,8 +23,8 @@ struct CommandResult {
 };
 
 CommandResult RunCli(const std::string& args) {
-  std::string command = std::string(MERGEGUARD_BINARY_DIR) +
-                        "/bin/mergeguard " + args + " 2>&1";
+  std::string command =
+      std::string(MERGEGUARD_BINARY_DIR) + "/bin/mergeguard " + args + " 2>&1";
   CommandResult result;
   FILE* pipe = popen(command.c_str(), "r");
   if (pipe == nullptr) return result;
@@ -90,17 +89,17 @@ TEST_F(CliTest, HelpShowsExample) {
 }
 
 TEST_F(CliTest, MissingConfigIsInvalidInput) {
-  CommandResult r =
-      RunCli("merge --config " + (dir_ / "nope.yaml").string() + " --out " +
-             (dir_ / "out").string());
+  CommandResult r = RunCli("merge --config " + (dir_ / "nope.yaml").string() +
+                           " --out " + (dir_ / "out").string());
   EXPECT_EQ(r.exit_code, 3);
   EXPECT_THAT(r.output, HasSubstr("NOT_FOUND"));
   EXPECT_THAT(r.output, HasSubstr("nope.yaml"));
 }
 
 TEST_F(CliTest, ConfigErrorNamesLine) {
-  WriteText("bad.yaml", "method: ties\nbase: b\nmodels: [x]\nparameters:\n"
-                        "  top_k: -3\n");
+  WriteText("bad.yaml",
+            "method: ties\nbase: b\nmodels: [x]\nparameters:\n"
+            "  top_k: -3\n");
   CommandResult r = RunCli("merge --config " + (dir_ / "bad.yaml").string() +
                            " --out " + (dir_ / "out").string());
   EXPECT_EQ(r.exit_code, 3);
@@ -115,7 +114,8 @@ TEST_F(CliTest, LocalTaskArithmeticMatchesFormula) {
   torch::Tensor head_a = torch::randn({3, 5});
   WriteModel("base.safetensors", {{"w", base_w}});
   WriteModel("a.safetensors", {{"w", a_w}, {"head.weight", head_a}});
-  WriteModel("b.safetensors", {{"w", b_w}, {"head.weight", torch::randn({4, 5})}});
+  WriteModel("b.safetensors",
+             {{"w", b_w}, {"head.weight", torch::randn({4, 5})}});
   WriteText("merge.yaml",
             "method: task_arithmetic\nbase: base.safetensors\nmodels:\n"
             "  - {name: ta, path: a.safetensors}\n"
