@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <set>
@@ -11,7 +12,12 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "core/adamerging.h"
+#include "core/checkpoint.h"
+#include "core/dam.h"
+#include "core/defense_params.h"
 #include "core/file_util.h"
+#include "core/lfpm.h"
 #include "core/sha256.h"
 #include "core/status_macros.h"
 #include "nlohmann/json.hpp"
@@ -36,6 +42,7 @@ constexpr MethodName kMethodNames[] = {
     {JobMethod::kWeightedAverage, "weighted_average"},
     {JobMethod::kDam, "dam"},
     {JobMethod::kLfpm, "lfpm"},
+    {JobMethod::kAdaMerging, "adamerging"},
 };
 
 constexpr size_t kMaxTaskNameBytes = 128;
@@ -190,6 +197,9 @@ json SpecToJsonValue(const JobSpec& spec) {
     }
     j["calibration"] = std::move(calibration);
   }
+  if (!spec.defense_parameters.empty()) {
+    j["defense_parameters"] = spec.defense_parameters;
+  }
   return j;
 }
 
@@ -298,6 +308,17 @@ absl::StatusOr<JobSpec> SpecFromJsonValue(const json& j) {
       ASSIGN_OR_RETURN(ref.task, GetString(entry, "task", true));
       ASSIGN_OR_RETURN(ref.digest, GetString(entry, "sha256", true));
       spec.calibration.push_back(std::move(ref));
+    }
+  }
+  if (auto params = j.find("defense_parameters"); params != j.end()) {
+    if (!params->is_object()) {
+      return FieldError("defense_parameters", "expected an object");
+    }
+    for (const auto& [name, value] : params->items()) {
+      if (!value.is_string()) {
+        return FieldError("defense_parameters", "expected string values");
+      }
+      spec.defense_parameters[name] = value.get<std::string>();
     }
   }
   return spec;
@@ -417,6 +438,194 @@ absl::StatusOr<JobOutput> RunDataFreeMerge(const JobSpec& spec,
   return output;
 }
 
+
+// ---- data-dependent methods (AdaMerging, DAM, LFPM) -------------------------
+
+struct DefenseOptions {
+  AdaMergingOptions adamerging;
+  DamOptions dam;
+  LfpmOptions lfpm;
+  // LFPM repairs the task-arithmetic merge of the inputs made with this.
+  double merge_lambda = 0.3;
+};
+
+absl::StatusOr<DefenseOptions> DefenseOptionsFromSpec(const JobSpec& spec) {
+  DefenseOptions o;
+  const DefenseParameters& p = spec.defense_parameters;
+  switch (spec.method) {
+    case JobMethod::kAdaMerging:
+      RETURN_IF_ERROR(ApplyAdaMergingParameters(p, &o.adamerging));
+      break;
+    case JobMethod::kDam:
+      RETURN_IF_ERROR(ApplyDamParameters(p, &o.dam));
+      break;
+    case JobMethod::kLfpm:
+      RETURN_IF_ERROR(ApplyLfpmParameters(p, &o.lfpm));
+      if (auto it = p.find(kLfpmMergeLambdaParameter); it != p.end()) {
+        // ApplyLfpmParameters checked that it parses.
+        o.merge_lambda = std::stod(it->second);
+      }
+      break;
+    default:
+      break;
+  }
+  return o;
+}
+
+JobProgress ToJobProgress(const TrainingProgress& progress) {
+  return {progress.phase, progress.step, progress.total_steps,
+          progress.losses};
+}
+
+absl::StatusOr<JobOutput> RunDataDependent(const JobSpec& spec,
+                                           const ArtifactResolver& resolve,
+                                           const std::string& work_dir,
+                                           const JobContext& context) {
+  if (!context.resolve_architecture) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("method ", JobMethodName(spec.method),
+                     " needs an architecture registry, and this runner has "
+                     "none"));
+  }
+  ASSIGN_OR_RETURN(DefenseOptions options, DefenseOptionsFromSpec(spec));
+  ASSIGN_OR_RETURN(std::string architecture_path,
+                   context.resolve_architecture(spec.architecture));
+  ASSIGN_OR_RETURN(std::string base_path, resolve(spec.base_digest));
+  ASSIGN_OR_RETURN(std::vector<MergeInput> inputs,
+                   ResolveMergeInputs(spec, resolve, work_dir));
+  std::map<std::string, std::string> calibration_paths;
+  for (const CalibrationRef& ref : spec.calibration) {
+    ASSIGN_OR_RETURN(calibration_paths[ref.task], resolve(ref.digest));
+  }
+
+  JobOutput output;
+  output.model_path = absl::StrCat(work_dir, "/", kSingleFileName);
+  output.report_path = absl::StrCat(work_dir, "/report.json");
+  const json provenance = SpecToJsonValue(spec);
+  const std::map<std::string, std::string> metadata = {
+      {"mergeguard.method", std::string(JobMethodName(spec.method))},
+      {"mergeguard.parameters", provenance.value("defense_parameters",
+                                                 json::object())
+                                    .dump()},
+      {"mergeguard.architecture", spec.architecture},
+      {"mergeguard.base_sha256", spec.base_digest},
+      {"mergeguard.inputs", provenance["inputs"].dump()},
+      {"mergeguard.calibration", provenance["calibration"].dump()},
+      {"mergeguard.server_version", context.server_version},
+  };
+  ProgressCallback on_progress;
+  if (context.on_progress) {
+    on_progress = [&context](const TrainingProgress& progress) {
+      context.on_progress(ToJobProgress(progress));
+    };
+  }
+  auto cancelled = [&context] {
+    return context.is_cancelled && context.is_cancelled();
+  };
+  if (cancelled()) return absl::CancelledError("job cancelled before it ran");
+
+  std::vector<DataDependentTask> tasks;
+  for (const MergeInput& input : inputs) {
+    tasks.push_back({{input.name, input.path, ""},
+                     calibration_paths.at(input.name)});
+  }
+  json report_json = provenance;
+  report_json["server_version"] = context.server_version;
+  switch (spec.method) {
+    case JobMethod::kAdaMerging: {
+      AdaMergingOptions& o = options.adamerging;
+      o.threads = context.threads;
+      o.on_progress = on_progress;
+      o.is_cancelled = context.is_cancelled;
+      o.metadata = metadata;
+      ASSIGN_OR_RETURN(AdaMergingResult result,
+                       AdaMergeFiles(architecture_path, base_path, tasks,
+                                     output.model_path, o));
+      output.metrics[kMetricSeconds] = result.seconds;
+      report_json["adamerging"] =
+          json::parse(AdaMergingResultToJson(result, o));
+      break;
+    }
+    case JobMethod::kDam: {
+      DamOptions& o = options.dam;
+      o.threads = context.threads;
+      o.on_progress = on_progress;
+      o.is_cancelled = context.is_cancelled;
+      o.metadata = metadata;
+      ASSIGN_OR_RETURN(DamResult result,
+                       DamMergeFiles(architecture_path, base_path, tasks,
+                                     output.model_path, o));
+      output.metrics[kMetricSeconds] = result.report.seconds;
+      output.metrics[kMetricM2FlaggedFraction] =
+          result.report.m2_flagged_fraction;
+      output.metrics["seconds_per_outer_step"] =
+          result.report.seconds_per_outer_step;
+      report_json["dam"] = json::parse(DamReportToJson(result.report, o));
+      break;
+    }
+    case JobMethod::kLfpm: {
+      LfpmOptions& o = options.lfpm;
+      o.threads = context.threads;
+      o.is_cancelled = context.is_cancelled;
+      o.metadata = metadata;
+      if (context.on_progress) {
+        o.on_progress = [&context](const LfpmProgress& p) {
+          context.on_progress({"lfpm",
+                               p.step,
+                               p.steps,
+                               {{"loss", p.loss},
+                                {"clean", p.clean_loss},
+                                {"backdoor", p.backdoor_loss},
+                                {"ctl", p.ctl_loss}}});
+        };
+      }
+      LfpmJob job;
+      job.architecture_path = architecture_path;
+      job.base_path = base_path;
+      job.task_models = inputs;
+      job.ta_merge = spec.merge;
+      job.ta_merge.method = MergeMethod::kTaskArithmetic;
+      job.ta_merge.lambda = options.merge_lambda;
+      job.ta_merge.threads = context.threads;
+      job.ta_merge.writer = CheckpointWriterOptions{};
+      for (const CalibrationRef& ref : spec.calibration) {
+        job.calibration.push_back({ref.task, calibration_paths.at(ref.task)});
+      }
+      job.output_path = output.model_path;
+      ASSIGN_OR_RETURN(LfpmReport report, RunLfpmJob(job, o));
+      output.metrics[kMetricSeconds] = report.seconds;
+      output.metrics[kMetricTauAbNorm] = report.tau_norm;
+      double anomaly = 0.0;
+      for (const LfpmAnomaly& a : report.anomaly_merged) {
+        anomaly = std::max(anomaly, a.anomaly_index);
+      }
+      if (!report.anomaly_merged.empty()) {
+        output.metrics[kMetricAnomalyIndex] = anomaly;
+      }
+      if (!report.path.empty()) {
+        output.metrics[kMetricMinedAsrBefore] = report.path.front().asr;
+        output.metrics[kMetricMinedAsrAfter] = report.path.back().asr;
+      }
+      report_json["lfpm"] = json::parse(LfpmReportToJson(report));
+      break;
+    }
+    default:
+      return absl::InternalError("not a data-dependent method");
+  }
+  if (cancelled()) {
+    ::unlink(output.model_path.c_str());
+    return absl::CancelledError("job cancelled while it ran");
+  }
+  report_json["metrics"] = output.metrics;
+  absl::Status written =
+      WriteFileAtomically(output.report_path, report_json.dump(2));
+  if (!written.ok()) {
+    ::unlink(output.model_path.c_str());
+    return written;
+  }
+  return output;
+}
+
 }  // namespace
 
 absl::string_view JobMethodName(JobMethod method) {
@@ -440,7 +649,8 @@ absl::StatusOr<JobMethod> ParseJobMethod(absl::string_view name) {
 }
 
 bool IsDataFreeMerge(JobMethod method) {
-  return method != JobMethod::kDam && method != JobMethod::kLfpm;
+  return method != JobMethod::kDam && method != JobMethod::kLfpm &&
+         method != JobMethod::kAdaMerging;
 }
 
 MergeMethod ToMergeMethod(JobMethod method) {
@@ -564,15 +774,43 @@ absl::Status ValidateJobSpec(const JobSpec& spec) {
           "architecture",
           absl::StrCat("is required for method ", JobMethodName(spec.method)));
     }
-    if (spec.calibration.size() != spec.inputs.size()) {
-      return FieldError("calibration",
-                        absl::StrCat("method ", JobMethodName(spec.method),
-                                     " needs one calibration set per input"));
+    std::set<std::string> calibrated;
+    for (const CalibrationRef& ref : spec.calibration) {
+      if (!calibrated.insert(ref.task).second) {
+        return FieldError("calibration",
+                          absl::StrCat("task \"", ref.task,
+                                       "\" has more than one calibration set"));
+      }
     }
-    return absl::UnimplementedError(
-        absl::StrCat("method ", JobMethodName(spec.method),
-                     " is not available in this server build yet; use a "
-                     "data-free merge"));
+    for (size_t i = 0; i < spec.inputs.size(); ++i) {
+      const JobInputSpec& input = spec.inputs[i];
+      if (!calibrated.count(input.name)) {
+        return FieldError(
+            "calibration",
+            absl::StrCat("method ", JobMethodName(spec.method),
+                         " needs a calibration set for task \"", input.name,
+                         "\""));
+      }
+      if (input.is_lora()) {
+        // A data-dependent method runs each task's head, which an adapter
+        // does not carry.
+        return FieldError(
+            absl::StrCat("inputs[", i, "].lora"),
+            absl::StrCat("method ", JobMethodName(spec.method),
+                         " needs full task checkpoints (backbone and head); "
+                         "merge the adapter into its model first"));
+      }
+    }
+    if (spec.base_digest.empty()) {
+      return FieldError("base_sha256", absl::StrCat("is required for method ",
+                                                    JobMethodName(spec.method)));
+    }
+    RETURN_IF_ERROR(DefenseOptionsFromSpec(spec).status());
+  } else if (!spec.defense_parameters.empty()) {
+    return FieldError(
+        absl::StrCat("parameters.", spec.defense_parameters.begin()->first),
+        absl::StrCat("is not a parameter of method ",
+                     JobMethodName(spec.method)));
   }
   return absl::OkStatus();
 }
@@ -628,10 +866,9 @@ absl::StatusOr<JobOutput> RunJob(const JobSpec& spec,
   if (IsDataFreeMerge(spec.method)) {
     return RunDataFreeMerge(spec, resolve, work_dir, context);
   }
-  // DAM and LFPM join here: they take context.on_progress and poll
-  // context.is_cancelled once per optimizer step.
-  return absl::UnimplementedError(absl::StrCat(
-      "method ", JobMethodName(spec.method), " is not available yet"));
+  // They report progress per optimizer step and poll context.is_cancelled
+  // before each one.
+  return RunDataDependent(spec, resolve, work_dir, context);
 }
 
 }  // namespace mergeguard

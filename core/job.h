@@ -31,6 +31,7 @@ enum class JobMethod {
   kWeightedAverage,
   kDam,
   kLfpm,
+  kAdaMerging,
 };
 
 // JobMethodName returns the method's name as in the YAML job file, e.g.
@@ -86,6 +87,9 @@ struct JobSpec {
   std::string architecture;
   // One calibration set per task; required by DAM and LFPM.
   std::vector<CalibrationRef> calibration;
+  // Hyperparameters of AdaMerging, DAM and LFPM by name, as text
+  // (core/defense_params.h lists them); must be empty for data-free merges.
+  std::map<std::string, std::string> defense_parameters;
 };
 
 // ValidateJobSpec checks everything that can be checked without reading the
@@ -157,6 +161,11 @@ struct JobContext {
   int threads = 0;
   // Recorded in the result's provenance.
   std::string server_version;
+  // Returns the TorchScript file of a registered architecture name; needed
+  // by AdaMerging, DAM and LFPM. Empty: those methods fail with
+  // FAILED_PRECONDITION.
+  std::function<absl::StatusOr<std::string>(const std::string& name)>
+      resolve_architecture;
 };
 
 // JobOutput names what a finished job wrote into its work directory.

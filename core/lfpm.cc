@@ -935,6 +935,10 @@ absl::StatusOr<torch::Tensor> LfpmProblemForTesting::Features(
 
 }  // namespace lfpm_internal
 
+absl::Status ValidateLfpmOptions(const LfpmOptions& options) {
+  return lfpm_internal::ValidateOptions(options);
+}
+
 absl::StatusOr<LfpmResult> RunLfpm(const Model& architecture,
                                    const NamedTensors& merged,
                                    const std::vector<LfpmTask>& tasks,

@@ -145,6 +145,9 @@ struct LfpmOptions {
   std::map<std::string, std::string> metadata;
 };
 
+// ValidateLfpmOptions returns INVALID_ARGUMENT describing the bad fields.
+absl::Status ValidateLfpmOptions(const LfpmOptions& options);
+
 // LfpmTask is one task: its head in the merged model (`<name>/head.*`) and
 // its calibration inputs.
 struct LfpmTask {

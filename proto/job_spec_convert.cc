@@ -23,6 +23,7 @@ constexpr MethodPair kMethods[] = {
     {v1::METHOD_WEIGHTED_AVERAGE, JobMethod::kWeightedAverage},
     {v1::METHOD_DAM, JobMethod::kDam},
     {v1::METHOD_LFPM, JobMethod::kLfpm},
+    {v1::METHOD_ADAMERGING, JobMethod::kAdaMerging},
 };
 
 absl::Status NotApplicable(const char* field, JobMethod method) {
@@ -196,6 +197,8 @@ absl::StatusOr<JobSpec> JobSpecFromProto(const v1::JobSpec& proto) {
   for (const v1::CalibrationData& data : proto.calibration()) {
     spec.calibration.push_back({data.task(), data.sha256()});
   }
+  spec.defense_parameters.insert(proto.defense_parameters().begin(),
+                                 proto.defense_parameters().end());
   return spec;
 }
 
@@ -277,6 +280,8 @@ void JobSpecToProto(const JobSpec& spec, v1::JobSpec* proto) {
     data->set_task(ref.task);
     data->set_sha256(ref.digest);
   }
+  proto->mutable_defense_parameters()->insert(spec.defense_parameters.begin(),
+                                              spec.defense_parameters.end());
 }
 
 }  // namespace mergeguard

@@ -540,6 +540,15 @@ void JobManager::RunAttempt(const std::shared_ptr<Entry>& entry) {
       }
       return store_->BlobPath(digest);
     };
+    // Architectures are looked up again at run time: a re-registration
+    // between submit and run takes effect, and a job journaled before a
+    // restart finds the module by name.
+    context.resolve_architecture =
+        [this](const std::string& name) -> absl::StatusOr<std::string> {
+      absl::StatusOr<ArchitectureInfo> info = architectures_->Lookup(name);
+      if (!info.ok()) return info.status();
+      return store_->BlobPath(info->sha256);
+    };
     output = RunJob(spec, resolve, work_dir, context);
   }
 

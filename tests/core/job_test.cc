@@ -1,9 +1,19 @@
 #include "core/job.h"
 
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <cmath>
+#include <fstream>
+#include <iterator>
+#include <map>
+#include <set>
 #include <string>
 
+#include "core/defense_params.h"
 #include "core/sha256.h"
+#include "core/tensor_views.h"
+#include "tests/core/defense_fixtures.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -110,9 +120,84 @@ TEST(ValidateJobSpecTest, DefensesNeedArchitectureAndCalibration) {
   spec.method = JobMethod::kDam;
   EXPECT_THAT(Error(spec), HasSubstr("architecture: is required"));
   spec.architecture = "resnet";
-  EXPECT_THAT(Error(spec), HasSubstr("one calibration set per input"));
+  EXPECT_THAT(Error(spec), HasSubstr("needs a calibration set for task \"mnist\""));
   spec.calibration = {{"mnist", Sha256Hex("c1")}, {"svhn", Sha256Hex("c2")}};
-  EXPECT_EQ(ValidateJobSpec(spec).code(), absl::StatusCode::kUnimplemented);
+  // svhn is a LoRA adapter: no head to run.
+  EXPECT_THAT(Error(spec), HasSubstr("inputs[1].lora: method dam needs full"));
+  spec.inputs[1] = {"svhn", 1.0, Sha256Hex("b"), "", ""};
+  EXPECT_TRUE(ValidateJobSpec(spec).ok()) << Error(spec);
+  spec.calibration[1].task = "mnist";
+  EXPECT_THAT(Error(spec), HasSubstr("more than one calibration set"));
+}
+
+TEST(ValidateJobSpecTest, DefenseParametersAreCheckedByName) {
+  JobSpec spec = ValidSpec();
+  spec.method = JobMethod::kLfpm;
+  spec.inputs[1] = {"svhn", 1.0, Sha256Hex("b"), "", ""};
+  spec.architecture = "cnn";
+  spec.calibration = {{"mnist", Sha256Hex("c1")}, {"svhn", Sha256Hex("c2")}};
+  spec.defense_parameters = {{"mode", "peft"},
+                             {"trigger.scan_steps", "3"},
+                             {"merge_lambda", "0.4"},
+                             {"layer_prefixes", "fc1., fc2."}};
+  EXPECT_TRUE(ValidateJobSpec(spec).ok()) << Error(spec);
+  spec.defense_parameters["steps"] = "ten";
+  EXPECT_THAT(Error(spec),
+              HasSubstr("parameters.steps: expected an integer, got \"ten\""));
+  spec.defense_parameters.erase("steps");
+  spec.defense_parameters["mode"] = "half";
+  EXPECT_THAT(Error(spec), HasSubstr("parameters.mode: expected full, peft"));
+  spec.defense_parameters = {{"temperature", "0.5"}};
+  EXPECT_THAT(Error(spec), HasSubstr("unknown parameter for method lfpm"));
+  spec.method = JobMethod::kDam;
+  EXPECT_TRUE(ValidateJobSpec(spec).ok()) << Error(spec);
+  spec.defense_parameters["backdoor_loss"] = "consistency";
+  spec.defense_parameters["final_mask"] = "hard";
+  EXPECT_TRUE(ValidateJobSpec(spec).ok()) << Error(spec);
+  spec.defense_parameters["trigger_epsilon"] = "-1";
+  EXPECT_EQ(ValidateJobSpec(spec).code(), absl::StatusCode::kInvalidArgument);
+  spec.method = JobMethod::kAdaMerging;
+  spec.defense_parameters = {{"granularity", "layer_wise"}, {"steps", "5"}};
+  EXPECT_TRUE(ValidateJobSpec(spec).ok()) << Error(spec);
+  spec.method = JobMethod::kTaskArithmetic;
+  EXPECT_THAT(Error(spec), HasSubstr("is not a parameter of method "
+                                     "task_arithmetic"));
+}
+
+TEST(DefenseParametersTest, InfoListsEveryNameWithItsDefault) {
+  auto find = [](const std::vector<DefenseParameterInfo>& info,
+                 const std::string& name) {
+    for (const DefenseParameterInfo& p : info) {
+      if (p.name == name) return p.default_value;
+    }
+    return std::string("<missing>");
+  };
+  EXPECT_EQ(find(DamParameterInfo(), "steps"), "1000");
+  EXPECT_EQ(find(DamParameterInfo(), "backdoor_loss"), "entropy");
+  EXPECT_EQ(find(AdaMergingParameterInfo(), "granularity"), "task_wise");
+  EXPECT_EQ(find(LfpmParameterInfo(), "trigger.scan_steps"), "100");
+  EXPECT_EQ(find(LfpmParameterInfo(), "merge_lambda"), "0.3");
+  // Every documented name is accepted with its own default.
+  for (const DefenseParameterInfo& p : DamParameterInfo()) {
+    DamOptions options;
+    EXPECT_TRUE(ApplyDamParameters({{p.name, p.default_value}}, &options).ok())
+        << p.name;
+  }
+  for (const DefenseParameterInfo& p : LfpmParameterInfo()) {
+    LfpmOptions options;
+    EXPECT_TRUE(
+        ApplyLfpmParameters({{p.name, p.default_value}}, &options).ok())
+        << p.name;
+  }
+  LfpmOptions lfpm;
+  ASSERT_TRUE(ApplyLfpmParameters({{"trigger.alpha", "0.5"},
+                                   {"use_labels", "false"},
+                                   {"layer_prefixes", "a., b."}},
+                                  &lfpm)
+                  .ok());
+  EXPECT_EQ(lfpm.triggers.trigger_alpha, 0.5);
+  EXPECT_FALSE(lfpm.use_labels);
+  EXPECT_EQ(lfpm.layer_prefixes, (std::vector<std::string>{"a.", "b."}));
 }
 
 TEST(JobSpecJsonTest, RoundTripsEveryField) {
@@ -121,6 +206,7 @@ TEST(JobSpecJsonTest, RoundTripsEveryField) {
   spec.calibration = {{"mnist", Sha256Hex("c1")}};
   spec.merge.head_prefix = "classifier.";
   spec.merge.compute_in_double = true;
+  spec.defense_parameters = {{"steps", "7"}};
   auto parsed = JobSpecFromJson(JobSpecToJson(spec));
   ASSERT_TRUE(parsed.ok()) << parsed.status();
   EXPECT_EQ(JobSpecToJson(*parsed), JobSpecToJson(spec));
@@ -131,6 +217,7 @@ TEST(JobSpecJsonTest, RoundTripsEveryField) {
   EXPECT_EQ(parsed->merge.output_dtype, DType::kBF16);
   EXPECT_EQ(parsed->inputs[1].lora_weights_digest, Sha256Hex("lora-w"));
   EXPECT_EQ(parsed->calibration[0].task, "mnist");
+  EXPECT_EQ(parsed->defense_parameters.at("steps"), "7");
 }
 
 TEST(JobSpecJsonTest, UnsetLambdaStaysUnset) {
@@ -183,6 +270,164 @@ TEST(RunJobTest, CancelledBeforeStartDoesNothing) {
       },
       "/tmp", context);
   EXPECT_EQ(output.status().code(), absl::StatusCode::kCancelled);
+}
+
+}  // namespace
+}  // namespace mergeguard
+
+namespace mergeguard {
+namespace {
+
+// A tiny on-disk world for the data-dependent methods: the two-layer
+// architecture of defense_fixtures.h, a base, two task checkpoints with
+// heads and labelled calibration sets. Artifacts are "stored" under the
+// SHA-256 of their name.
+class DataDependentJobTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_FALSE(dir_.path().empty());
+    testing::DefenseTinyModule().save(dir_.Path("tiny.pt"));
+    ASSERT_TRUE(Store("base", testing::DefenseTinyBase()).ok());
+    TaskVectorSet set = testing::DefenseTinySet(2);
+    std::vector<torch::Tensor> calibration =
+        testing::DefenseTinyCalibration(2, 16);
+    spec_.base_digest = Sha256Hex("base");
+    spec_.architecture = "tiny";
+    for (size_t t = 0; t < 2; ++t) {
+      NamedTensors checkpoint;
+      for (size_t k = 0; k < set.keys.size(); ++k) {
+        checkpoint.push_back(
+            {set.keys[k], set.base[k] + set.task_vectors[t][k]});
+      }
+      checkpoint.push_back({"head.weight", set.heads[t].weight});
+      checkpoint.push_back({"head.bias", set.heads[t].bias});
+      const std::string name = set.task_names[t];
+      ASSERT_TRUE(Store(name, checkpoint).ok());
+      ASSERT_TRUE(Store(name + ".calibration",
+                        {{"inputs", calibration[t]},
+                         {"labels", torch::randint(0, 3, {16}, torch::kLong)}})
+                      .ok());
+      spec_.inputs.push_back({name, 1.0, Sha256Hex(name), "", ""});
+      spec_.calibration.push_back({name, Sha256Hex(name + ".calibration")});
+    }
+    context_.threads = 1;
+    context_.resolve_architecture =
+        [this](const std::string& name) -> absl::StatusOr<std::string> {
+      if (name != "tiny") return absl::NotFoundError("no such architecture");
+      return dir_.Path("tiny.pt");
+    };
+    ASSERT_EQ(::mkdir(dir_.Path("work").c_str(), 0755), 0);
+  }
+
+  absl::Status Store(const std::string& name, const NamedTensors& tensors) {
+    paths_[Sha256Hex(name)] = dir_.Path(name + ".safetensors");
+    return SaveTensors(dir_.Path(name + ".safetensors"), tensors);
+  }
+
+  absl::StatusOr<JobOutput> Run() {
+    return RunJob(
+        spec_,
+        [this](const std::string& digest) -> absl::StatusOr<std::string> {
+          auto it = paths_.find(digest);
+          if (it == paths_.end()) return absl::NotFoundError(digest);
+          return it->second;
+        },
+        dir_.Path("work"), context_);
+  }
+
+  // ExpectMergedModel checks the backbone and the per-task heads.
+  void ExpectMergedModel(const JobOutput& output) {
+    absl::StatusOr<NamedTensors> model = LoadTensorsFromPath(output.model_path);
+    ASSERT_TRUE(model.ok()) << model.status();
+    std::set<std::string> keys;
+    for (const auto& [key, tensor] : *model) {
+      keys.insert(key);
+      EXPECT_TRUE(torch::isfinite(tensor).all().item<bool>()) << key;
+    }
+    EXPECT_TRUE(keys.count("fc1.weight"));
+    EXPECT_TRUE(keys.count("task0/head.weight"));
+    EXPECT_TRUE(keys.count("task1/head.bias"));
+  }
+
+  testing::TempDir dir_;
+  std::map<std::string, std::string> paths_;
+  JobSpec spec_;
+  JobContext context_;
+};
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+TEST_F(DataDependentJobTest, DamWritesModelReportMetricsAndProgress) {
+  spec_.method = JobMethod::kDam;
+  spec_.defense_parameters = {
+      {"steps", "4"}, {"adamerging_steps", "2"}, {"batch_size", "8"}};
+  std::set<std::string> phases;
+  context_.on_progress = [&](const JobProgress& p) { phases.insert(p.phase); };
+  absl::StatusOr<JobOutput> output = Run();
+  ASSERT_TRUE(output.ok()) << output.status();
+  ExpectMergedModel(*output);
+  EXPECT_TRUE(phases.count("dam_meta"));
+  EXPECT_TRUE(phases.count("dam_adamerging"));
+  double flagged = output->metrics.at(kMetricM2FlaggedFraction);
+  EXPECT_GE(flagged, 0.0);
+  EXPECT_LE(flagged, 1.0);
+  const std::string report = ReadFile(output->report_path);
+  EXPECT_THAT(report, HasSubstr("\"dam\""));
+  EXPECT_THAT(report, HasSubstr("\"steps\": \"4\""));
+}
+
+TEST_F(DataDependentJobTest, AdaMergingWritesModel) {
+  spec_.method = JobMethod::kAdaMerging;
+  spec_.defense_parameters = {{"steps", "3"}, {"batch_size", "8"}};
+  absl::StatusOr<JobOutput> output = Run();
+  ASSERT_TRUE(output.ok()) << output.status();
+  ExpectMergedModel(*output);
+  EXPECT_THAT(ReadFile(output->report_path), HasSubstr("\"adamerging\""));
+}
+
+TEST_F(DataDependentJobTest, LfpmRepairsTheTaskArithmeticMerge) {
+  spec_.method = JobMethod::kLfpm;
+  spec_.defense_parameters = {{"steps", "3"},
+                              {"path_nodes", "2"},
+                              {"batch_size", "8"},
+                              {"report_examples", "8"},
+                              {"trigger.scan_steps", "2"},
+                              {"trigger.scan_batch_size", "4"},
+                              {"merge_lambda", "0.5"}};
+  int64_t last_step = 0;
+  context_.on_progress = [&](const JobProgress& p) {
+    if (p.phase == "lfpm") last_step = p.step;
+  };
+  absl::StatusOr<JobOutput> output = Run();
+  ASSERT_TRUE(output.ok()) << output.status();
+  ExpectMergedModel(*output);
+  EXPECT_EQ(last_step, 3);
+  EXPECT_GT(output->metrics.at(kMetricTauAbNorm), 0.0);
+  EXPECT_TRUE(output->metrics.count(kMetricMinedAsrBefore));
+  EXPECT_TRUE(output->metrics.count(kMetricMinedAsrAfter));
+  EXPECT_TRUE(output->metrics.count(kMetricAnomalyIndex));
+  EXPECT_THAT(ReadFile(output->report_path), HasSubstr("\"lfpm\""));
+}
+
+TEST_F(DataDependentJobTest, CancelledMidRunLeavesNoModel) {
+  spec_.method = JobMethod::kDam;
+  spec_.defense_parameters = {{"steps", "50"}, {"batch_size", "8"}};
+  int polls = 0;
+  context_.is_cancelled = [&] { return ++polls > 5; };
+  absl::StatusOr<JobOutput> output = Run();
+  EXPECT_EQ(output.status().code(), absl::StatusCode::kCancelled);
+  EXPECT_NE(::access(dir_.Path("work/model.safetensors").c_str(), F_OK), 0);
+}
+
+TEST_F(DataDependentJobTest, UnknownArchitectureIsNotFound) {
+  spec_.method = JobMethod::kDam;
+  spec_.architecture = "resnet";
+  EXPECT_EQ(Run().status().code(), absl::StatusCode::kNotFound);
+  context_.resolve_architecture = nullptr;
+  EXPECT_EQ(Run().status().code(), absl::StatusCode::kFailedPrecondition);
 }
 
 }  // namespace
