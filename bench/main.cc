@@ -2,6 +2,8 @@
 // them, prints the merge table, and measures merge throughput. Flags are
 // parsed here only and turned into the libraries' options structs.
 
+#include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
@@ -15,10 +17,15 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include "nlohmann/json.hpp"
+#include "bench/dam_rows.h"
+#include "bench/lfpm_rows.h"
 #include "bench/merge_table.h"
 #include "bench/merge_throughput.h"
 #include "bench/scenario_builder.h"
+#include "bench/run_stats.h"
 #include "bench/scenario_eval.h"
+#include "core/defense_params.h"
 #include "core/scenario.h"
 #include "core/status_macros.h"
 
@@ -40,8 +47,13 @@ commands:
   eval --scenario DIR --model FILE [--json] [--threads N]
       Per-task accuracy, mean, normalized accuracy and ASR of a model.
   table --scenario DIR [--json] [--threads N] [--work-dir DIR]
-      Undefended merges (TA, TIES) on clean-only and with-backdoor inputs:
-      CA, BA and ASR side by side.
+        [--methods ta,ties,adamerging,dam,lfpm-full,lfpm-peft | --defenses]
+        [--adamerging K=V,..] [--dam K=V,..] [--lfpm K=V,..]
+      Merges on clean-only and with-backdoor inputs: CA, BA and ASR side by
+      side, then each method's cost (wall time, peak RSS). Default methods:
+      ta,ties; --defenses runs all six in one run. K=V pairs are the job
+      file's parameters (`mergeguard params METHOD` lists them), e.g.
+      --dam steps=200,backdoor_loss=consistency.
   merge [--work-dir DIR] [--models N] [--model-mb MB] [--method NAME]
         [--threads N] [--repetitions N]
       Data-free merge throughput against a plain copy, and peak RSS.
@@ -220,9 +232,114 @@ absl::Status RunEval(int argc, char** argv) {
   return absl::OkStatus();
 }
 
+// ParseKeyValues reads `--flag k=v,k=v`; a piece without '=' continues the
+// previous value, so list values keep their commas (layer_prefixes=a.,b.).
+absl::StatusOr<DefenseParameters> ParseKeyValues(const Flags& flags,
+                                                 const std::string& flag) {
+  DefenseParameters parameters;
+  std::string last;
+  for (absl::string_view piece :
+       absl::StrSplit(flags.Get(flag), ',', absl::SkipEmpty())) {
+    size_t eq = piece.find('=');
+    if (eq == absl::string_view::npos) {
+      if (last.empty()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "--", flag, ": expected KEY=VALUE pairs, got \"", piece, "\""));
+      }
+      absl::StrAppend(&parameters[last], ",", piece);
+      continue;
+    }
+    last = std::string(piece.substr(0, eq));
+    parameters[last] = std::string(piece.substr(eq + 1));
+  }
+  return parameters;
+}
+
+// Cost is what one table method's merges cost, both runs together.
+struct Cost {
+  double seconds = 0.0;
+  int64_t peak_rss_bytes = 0;
+  int runs = 0;
+};
+
+// Measured wraps `producer` so each merge's wall time and peak RSS land in
+// `cost`.
+RowProducer Measured(RowProducer producer, Cost* cost) {
+  auto merge = producer.merge;
+  producer.merge = [merge, cost](const Scenario& scenario,
+                                 const std::vector<MergeInput>& inputs,
+                                 const std::string& output_path) {
+    ResetPeakRss();
+    const auto start = std::chrono::steady_clock::now();
+    absl::Status status = merge(scenario, inputs, output_path);
+    cost->seconds += std::chrono::duration<double>(
+                         std::chrono::steady_clock::now() - start)
+                         .count();
+    cost->peak_rss_bytes = std::max(cost->peak_rss_bytes, PeakRssBytes());
+    ++cost->runs;
+    return status;
+  };
+  return producer;
+}
+
+absl::StatusOr<std::vector<RowProducer>> TableProducers(const Flags& flags,
+                                                        int threads) {
+  std::string methods = flags.Get("methods", "ta,ties");
+  if (flags.Has("defenses")) {
+    methods = "ta,ties,adamerging,dam,lfpm-full,lfpm-peft";
+  }
+  ASSIGN_OR_RETURN(DefenseParameters ada_params,
+                   ParseKeyValues(flags, "adamerging"));
+  ASSIGN_OR_RETURN(DefenseParameters dam_params, ParseKeyValues(flags, "dam"));
+  ASSIGN_OR_RETURN(DefenseParameters lfpm_params,
+                   ParseKeyValues(flags, "lfpm"));
+  AdaMergingOptions adamerging;
+  adamerging.threads = threads;
+  RETURN_IF_ERROR(ApplyAdaMergingParameters(ada_params, &adamerging));
+  DamOptions dam;
+  dam.threads = threads;
+  RETURN_IF_ERROR(ApplyDamParameters(dam_params, &dam));
+  if (lfpm_params.count(kLfpmMergeLambdaParameter)) {
+    return absl::InvalidArgumentError(
+        "--lfpm merge_lambda: the table's LFPM repairs its TA row's merge "
+        "(lambda 0.3)");
+  }
+  LfpmOptions lfpm;
+  lfpm.threads = threads;
+  RETURN_IF_ERROR(ApplyLfpmParameters(lfpm_params, &lfpm));
+
+  std::vector<RowProducer> producers;
+  const std::vector<RowProducer> undefended = UndefendedProducers();
+  for (absl::string_view method :
+       absl::StrSplit(methods, ',', absl::SkipEmpty())) {
+    if (method == "ta") {
+      producers.push_back(undefended[0]);
+    } else if (method == "ties") {
+      producers.push_back(undefended[1]);
+    } else if (method == "adamerging") {
+      producers.push_back(AdaMergingProducer(adamerging));
+    } else if (method == "dam") {
+      producers.push_back(DamProducer(dam));
+    } else if (method == "lfpm-full" || method == "lfpm-peft") {
+      LfpmOptions options = lfpm;
+      options.mode = method == "lfpm-full" ? LfpmMode::kFull : LfpmMode::kPeft;
+      producers.push_back(LfpmProducer(
+          options, method == "lfpm-full" ? "LFPM-full" : "LFPM-peft"));
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--methods: unknown method \"", method,
+          "\" (expected ta, ties, adamerging, dam, lfpm-full, lfpm-peft)"));
+    }
+  }
+  return producers;
+}
+
 absl::Status RunTableCommand(int argc, char** argv) {
-  absl::StatusOr<Flags> parsed =
-      Flags::Parse(argc, argv, {"scenario", "threads", "work-dir"}, {"json"});
+  absl::StatusOr<Flags> parsed = Flags::Parse(
+      argc, argv,
+      {"scenario", "threads", "work-dir", "methods", "adamerging", "dam",
+       "lfpm"},
+      {"json", "defenses"});
   if (!parsed.ok()) return parsed.status();
   const Flags& flags = *parsed;
   absl::StatusOr<std::string> dir = flags.Required("scenario");
@@ -232,11 +349,34 @@ absl::Status RunTableCommand(int argc, char** argv) {
   options.work_dir = flags.Get("work-dir");
   absl::StatusOr<Scenario> scenario = LoadScenario(*dir);
   if (!scenario.ok()) return scenario.status();
+  ASSIGN_OR_RETURN(std::vector<RowProducer> producers,
+                   TableProducers(flags, options.eval.threads));
+  std::vector<Cost> costs(producers.size());
+  for (size_t i = 0; i < producers.size(); ++i) {
+    producers[i] = Measured(producers[i], &costs[i]);
+  }
   absl::StatusOr<std::vector<TableRow>> rows =
-      RunTable(*scenario, UndefendedProducers(), options);
+      RunTable(*scenario, producers, options);
   if (!rows.ok()) return rows.status();
-  std::cout << (flags.Has("json") ? TableToJson(*scenario, *rows)
-                                  : TableToText(*scenario, *rows));
+  if (flags.Has("json")) {
+    nlohmann::json table = nlohmann::json::parse(TableToJson(*scenario, *rows));
+    for (size_t i = 0; i < producers.size(); ++i) {
+      table["costs"].push_back({{"method", producers[i].name},
+                                {"seconds", costs[i].seconds},
+                                {"runs", costs[i].runs},
+                                {"peak_rss_bytes", costs[i].peak_rss_bytes}});
+    }
+    std::cout << table.dump(2) << std::endl;
+    return absl::OkStatus();
+  }
+  std::cout << TableToText(*scenario, *rows) << "\ncost (clean-only and "
+            << "with-backdoor merges together; peak RSS of the process "
+               "during the method)\n";
+  for (size_t i = 0; i < producers.size(); ++i) {
+    std::cout << absl::StrFormat("  %-10s %8.1f s  %7.1f MB peak RSS\n",
+                                 producers[i].name, costs[i].seconds,
+                                 costs[i].peak_rss_bytes / 1048576.0);
+  }
   return absl::OkStatus();
 }
 

@@ -122,7 +122,7 @@ std::string TableToText(const Scenario& scenario,
     absl::StrAppendFormat(&out, ", target class %d\n",
                           scenario.attack->target_class);
   }
-  absl::StrAppendFormat(&out, "%-8s %8s %8s %8s %8s", "method", "CA", "CA-norm",
+  absl::StrAppendFormat(&out, "%-10s %8s %8s %8s %8s", "method", "CA", "CA-norm",
                         "BA", "BA-norm");
   const bool has_attack = !rows.empty() && !rows[0].backdoored.asr.empty();
   if (has_attack) {
@@ -134,7 +134,7 @@ std::string TableToText(const Scenario& scenario,
   }
   absl::StrAppend(&out, "\n");
   for (const TableRow& row : rows) {
-    absl::StrAppendFormat(&out, "%-8s %7.2f%% %8.3f %7.2f%% %8.3f", row.method,
+    absl::StrAppendFormat(&out, "%-10s %7.2f%% %8.3f %7.2f%% %8.3f", row.method,
                           100.0 * row.clean.mean_accuracy,
                           row.clean.mean_normalized_accuracy,
                           100.0 * row.backdoored.mean_accuracy,
