@@ -46,6 +46,10 @@ commands:
       configuration).
   eval --scenario DIR --model FILE [--json] [--threads N]
       Per-task accuracy, mean, normalized accuracy and ASR of a model.
+  eval --scenario DIR --rows NAME=CLEAN:BACKDOORED[,NAME=..] [--json]
+      The table (CA, BA, ASR) of merges made elsewhere, e.g. by the
+      service: per method, its merge of the clean fine-tunes and its merge
+      with the backdoored ones.
   table --scenario DIR [--json] [--threads N] [--work-dir DIR]
         [--methods ta,ties,adamerging,dam,lfpm-full,lfpm-peft | --defenses]
         [--adamerging K=V,..] [--dam K=V,..] [--lfpm K=V,..]
@@ -210,19 +214,44 @@ absl::Status RunBuild(int argc, char** argv) {
   return absl::OkStatus();
 }
 
+// EvalRows evaluates `--rows NAME=CLEAN:BACKDOORED,...` into table rows.
+absl::Status EvalRows(const Scenario& scenario, const Flags& flags,
+                      const ScenarioEvalOptions& options) {
+  std::vector<TableRow> rows;
+  for (absl::string_view entry :
+       absl::StrSplit(flags.Get("rows"), ',', absl::SkipEmpty())) {
+    std::vector<std::string> parts = absl::StrSplit(entry, absl::ByAnyChar("=:"));
+    if (parts.size() != 3 || parts[0].empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--rows: expected NAME=CLEAN_MODEL:BACKDOORED_MODEL, got \"", entry,
+          "\""));
+    }
+    TableRow row;
+    row.method = parts[0];
+    ASSIGN_OR_RETURN(row.clean, EvaluateModelFile(scenario, parts[1], options));
+    ASSIGN_OR_RETURN(row.backdoored,
+                     EvaluateModelFile(scenario, parts[2], options));
+    rows.push_back(std::move(row));
+  }
+  std::cout << (flags.Has("json") ? TableToJson(scenario, rows)
+                                  : TableToText(scenario, rows));
+  return absl::OkStatus();
+}
+
 absl::Status RunEval(int argc, char** argv) {
-  absl::StatusOr<Flags> parsed =
-      Flags::Parse(argc, argv, {"scenario", "model", "threads"}, {"json"});
+  absl::StatusOr<Flags> parsed = Flags::Parse(
+      argc, argv, {"scenario", "model", "rows", "threads"}, {"json"});
   if (!parsed.ok()) return parsed.status();
   const Flags& flags = *parsed;
   absl::StatusOr<std::string> dir = flags.Required("scenario");
   if (!dir.ok()) return dir.status();
-  absl::StatusOr<std::string> model = flags.Required("model");
-  if (!model.ok()) return model.status();
   ScenarioEvalOptions options;
   RETURN_IF_ERROR(flags.Number("threads", &options.threads));
   absl::StatusOr<Scenario> scenario = LoadScenario(*dir);
   if (!scenario.ok()) return scenario.status();
+  if (flags.Has("rows")) return EvalRows(*scenario, flags, options);
+  absl::StatusOr<std::string> model = flags.Required("model");
+  if (!model.ok()) return model.status();
   absl::StatusOr<ModelEvaluation> evaluation =
       EvaluateModelFile(*scenario, *model, options);
   if (!evaluation.ok()) return evaluation.status();
