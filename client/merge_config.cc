@@ -2,6 +2,7 @@
 
 #include <yaml-cpp/yaml.h>
 
+#include <algorithm>
 #include <cmath>
 #include <functional>
 #include <set>
@@ -10,7 +11,10 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_replace.h"
+#include "core/defense_params.h"
 #include "core/file_util.h"
 #include "core/status_macros.h"
 
@@ -318,16 +322,157 @@ absl::Status ParseModels(const YAML::Node& node, const std::string& base_dir,
   return absl::OkStatus();
 }
 
+std::vector<DefenseParameterInfo> DefenseParameterInfoOf(JobMethod method) {
+  switch (method) {
+    case JobMethod::kAdaMerging:
+      return AdaMergingParameterInfo();
+    case JobMethod::kDam:
+      return DamParameterInfo();
+    case JobMethod::kLfpm:
+      return LfpmParameterInfo();
+    default:
+      return {};
+  }
+}
+
+// ApplyToDefaultOptions checks `parameters` the way the job's runner will
+// read them.
+absl::Status ApplyToDefaultOptions(JobMethod method,
+                                   const DefenseParameters& parameters) {
+  absl::Status status;
+  switch (method) {
+    case JobMethod::kAdaMerging: {
+      AdaMergingOptions options;
+      status = ApplyAdaMergingParameters(parameters, &options);
+      break;
+    }
+    case JobMethod::kDam: {
+      DamOptions options;
+      status = ApplyDamParameters(parameters, &options);
+      break;
+    }
+    case JobMethod::kLfpm: {
+      LfpmOptions options;
+      status = ApplyLfpmParameters(parameters, &options);
+      break;
+    }
+    default:
+      return absl::InternalError("not a data-dependent method");
+  }
+  // FAILED_PRECONDITION only says CUDA is absent here (the device is checked
+  // after everything else); a server may have the GPU this client lacks.
+  if (status.code() == absl::StatusCode::kFailedPrecondition) {
+    return absl::OkStatus();
+  }
+  return status;
+}
+
+// FlatParameter is one entry of `parameters:` as text, with its key for
+// errors.
+struct FlatParameter {
+  std::string text;
+  YAML::Node key;
+};
+
+// FlattenParameters turns nested mappings into dotted names and lists (of
+// the list-typed parameters in `lists`) into comma-separated text.
+absl::Status FlattenParameters(const YAML::Node& node,
+                               const std::string& prefix,
+                               const std::set<std::string>& lists,
+                               std::map<std::string, FlatParameter>& flat) {
+  for (const auto& kv : node) {
+    const std::string name = absl::StrCat(prefix, kv.first.Scalar());
+    const std::string field = absl::StrCat("parameters.", name);
+    const YAML::Node& value = kv.second;
+    FlatParameter entry{"", kv.first};
+    if (value.IsMap()) {
+      RETURN_IF_ERROR(
+          FlattenParameters(value, absl::StrCat(name, "."), lists, flat));
+      continue;
+    }
+    if (value.IsSequence()) {
+      if (!lists.count(name)) {
+        return FieldError(value, field, "expected a single value, got a list");
+      }
+      std::vector<std::string> items;
+      for (const YAML::Node& item : value) {
+        if (!item.IsScalar() || item.Scalar().find(',') != std::string::npos) {
+          return FieldError(item, field,
+                            absl::StrCat("expected a list of names without "
+                                         "commas, got ",
+                                         Describe(item)));
+        }
+        items.push_back(item.Scalar());
+      }
+      entry.text = absl::StrJoin(items, ",");
+    } else if (value.IsScalar()) {
+      entry.text = value.Scalar();
+    } else {
+      return FieldError(kv.first, field, "expected a value, got nothing");
+    }
+    if (!flat.emplace(name, std::move(entry)).second) {
+      return FieldError(kv.first, field, "is given twice");
+    }
+  }
+  return absl::OkStatus();
+}
+
+// LocateParameterError adds the line of the entry `status` is about.
+absl::Status LocateParameterError(
+    const absl::Status& status, const YAML::Node& node, JobMethod method,
+    const std::map<std::string, FlatParameter>& flat) {
+  const absl::string_view message = status.message();
+  constexpr absl::string_view kPrefix = "parameters.";
+  if (absl::StartsWith(message, kPrefix)) {
+    const size_t colon = message.find(':');
+    const std::string name(
+        message.substr(kPrefix.size(), colon - kPrefix.size()));
+    if (auto it = flat.find(name); it != flat.end()) {
+      const absl::string_view problem =
+          colon == absl::string_view::npos
+              ? message
+              : absl::StripLeadingAsciiWhitespace(message.substr(colon + 1));
+      return FieldError(it->second.key, absl::StrCat(kPrefix, name), problem);
+    }
+  }
+  // Range checks name the options field, not the entry: find the entry that
+  // fails on its own, else blame the whole block.
+  for (const auto& [name, entry] : flat) {
+    absl::Status alone = ApplyToDefaultOptions(method, {{name, entry.text}});
+    if (!alone.ok()) {
+      return FieldError(entry.key, absl::StrCat(kPrefix, name),
+                        alone.message());
+    }
+  }
+  return FieldError(node, "parameters", message);
+}
+
+absl::Status ParseDefenseParameters(const YAML::Node& node,
+                                    MergeConfig& config) {
+  std::set<std::string> lists;
+  for (const DefenseParameterInfo& info :
+       DefenseParameterInfoOf(config.method)) {
+    if (absl::StartsWith(info.type, "comma-separated")) lists.insert(info.name);
+  }
+  std::map<std::string, FlatParameter> flat;
+  RETURN_IF_ERROR(FlattenParameters(node, "", lists, flat));
+  DefenseParameters parameters;
+  for (const auto& [name, entry] : flat) parameters[name] = entry.text;
+  absl::Status status = ApplyToDefaultOptions(config.method, parameters);
+  if (!status.ok()) {
+    return LocateParameterError(status, node, config.method, flat);
+  }
+  config.defense_parameters = std::move(parameters);
+  return absl::OkStatus();
+}
+
 absl::Status ParseParameters(const YAML::Node& node, MergeConfig& config) {
   if (!node.IsMap()) {
     return FieldError(node, "parameters",
                       absl::StrCat("expected a mapping, got ", Describe(node)));
   }
   if (!IsDataFreeMerge(config.method)) {
-    return FieldError(
-        node, "parameters",
-        absl::StrCat("parameters of ", JobMethodName(config.method),
-                     " are not supported by this client yet"));
+    return ParseDefenseParameters(node, config);
   }
   const MergeMethod method = config.options.method;
   for (const auto& kv : node) {
@@ -367,7 +512,7 @@ absl::Status ParseRoot(const YAML::Node& root, const std::string& base_dir,
   if (!method.IsDefined()) {
     return absl::InvalidArgumentError(
         "method: is required (e.g. task_arithmetic, ties, dare, breadcrumbs, "
-        "consensus, model_stock, weighted_average)");
+        "consensus, model_stock, weighted_average, adamerging, dam, lfpm)");
   }
   {
     ASSIGN_OR_RETURN(std::string name, ReadString(method, "method"));
@@ -382,7 +527,7 @@ absl::Status ParseRoot(const YAML::Node& root, const std::string& base_dir,
   }
   static const std::set<std::string> kTopLevel = {
       "method", "base",          "models",  "parameters", "head_prefix",
-      "dtype",  "compute_dtype", "threads", "shard_size"};
+      "dtype",  "compute_dtype", "threads", "shard_size", "architecture"};
   for (const auto& kv : root) {
     const std::string key = kv.first.Scalar();
     if (!kTopLevel.count(key)) {
@@ -431,6 +576,12 @@ absl::Status ParseRoot(const YAML::Node& root, const std::string& base_dir,
                                 ? ResolvePath(architecture, base_dir)
                                 : architecture;
     } else if (key == "shard_size") {
+      if (!IsDataFreeMerge(config.method)) {
+        return FieldError(kv.first, key,
+                          absl::StrCat("does not apply to method ",
+                                       JobMethodName(config.method),
+                                       " (its output is one file)"));
+      }
       ASSIGN_OR_RETURN(config.options.writer.max_shard_bytes,
                        ReadByteSize(value, key));
     }
@@ -492,6 +643,48 @@ absl::StatusOr<MergeConfig> LoadMergeConfig(const std::string& path) {
                         absl::StrCat(path, ": ", config.status().message()));
   }
   return config;
+}
+
+absl::StatusOr<std::string> DefenseParameterTable(JobMethod method,
+                                                  bool markdown) {
+  const std::vector<DefenseParameterInfo> info = DefenseParameterInfoOf(method);
+  if (info.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "method ", JobMethodName(method),
+        " has no parameter table; expected adamerging, dam or lfpm"));
+  }
+  std::string table;
+  if (markdown) {
+    // A '|' inside a cell would end it, even in a code span.
+    auto cell = [](absl::string_view text) {
+      return absl::StrCat("`", absl::StrReplaceAll(text, {{"|", "\\|"}}), "`");
+    };
+    table = "| Parameter | Type | Default |\n|---|---|---|\n";
+    for (const DefenseParameterInfo& p : info) {
+      absl::StrAppend(
+          &table, "| ", cell(p.name), " | ", cell(p.type), " | ",
+          p.default_value.empty() ? "(empty)" : cell(p.default_value), " |\n");
+    }
+    return table;
+  }
+  constexpr absl::string_view kName = "PARAMETER", kType = "TYPE";
+  size_t name_width = kName.size(), type_width = kType.size();
+  for (const DefenseParameterInfo& p : info) {
+    name_width = std::max(name_width, p.name.size());
+    type_width = std::max(type_width, p.type.size());
+  }
+  auto row = [&](absl::string_view name, absl::string_view type,
+                 absl::string_view value) {
+    absl::StrAppend(
+        &table,
+        absl::StrFormat("%-*s  %-*s  %s\n", static_cast<int>(name_width), name,
+                        static_cast<int>(type_width), type, value));
+  };
+  row(kName, kType, "DEFAULT");
+  for (const DefenseParameterInfo& p : info) {
+    row(p.name, p.type, p.default_value.empty() ? "(empty)" : p.default_value);
+  }
+  return table;
 }
 
 }  // namespace mergeguard

@@ -10,6 +10,11 @@
 //     - {name: mnist, path: mnist.safetensors, weight: 1.0}
 //   parameters: {lambda: 1.0, top_k: 20, trim_scope: global}
 //
+// AdaMerging, DAM and LFPM also take `architecture:` and a per-model
+// `calibration:` file; their `parameters:` are core/defense_params.h's names,
+// with LFPM's trigger options nested (`trigger: {scan_steps: 20}`) and
+// `layer_prefixes` as a list.
+//
 // Relative paths are resolved against the file's directory.
 
 #include <map>
@@ -25,7 +30,7 @@ namespace mergeguard {
 
 // MergeConfig is a parsed, validated job file.
 struct MergeConfig {
-  // What the job runs: a data-free merge, DAM or LFPM.
+  // What the job runs: a data-free merge, AdaMerging, DAM or LFPM.
   JobMethod method = JobMethod::kTaskArithmetic;
   // Path of the base model; empty only for weighted_average.
   std::string base;
@@ -33,11 +38,17 @@ struct MergeConfig {
   // Data-free merge method and hyperparameters, defaults resolved
   // (options.method mirrors `method` for data-free merges).
   MergeOptions options;
-  // DAM and LFPM: the TorchScript architecture (a `.pt` path locally; the
-  // registered name on a server).
+  // AdaMerging, DAM and LFPM: the TorchScript architecture (a `.pt` path
+  // locally; the registered name on a server).
   std::string architecture;
-  // DAM and LFPM: per-task calibration set paths, keyed by task name.
+  // AdaMerging, DAM and LFPM: per-task calibration set paths, keyed by task
+  // name.
   std::map<std::string, std::string> calibration;
+  // AdaMerging, DAM and LFPM: `parameters:` flattened to the
+  // DefenseParameters of core/defense_params.h ("trigger.scan_steps",
+  // lists joined with ","), already checked by Apply*Parameters. Empty for
+  // data-free merges.
+  std::map<std::string, std::string> defense_parameters;
 };
 
 // ParseMergeConfig parses YAML `text`; relative paths resolve against
@@ -48,6 +59,13 @@ absl::StatusOr<MergeConfig> ParseMergeConfig(absl::string_view text,
 
 // LoadMergeConfig reads and parses the file at `path`.
 absl::StatusOr<MergeConfig> LoadMergeConfig(const std::string& path);
+
+// DefenseParameterTable returns the `parameters:` that AdaMerging, DAM or
+// LFPM accept, one per row with type and default: aligned text, or a
+// Markdown table (docs/cli.md is generated from it). INVALID_ARGUMENT for a
+// data-free method.
+absl::StatusOr<std::string> DefenseParameterTable(JobMethod method,
+                                                  bool markdown);
 
 }  // namespace mergeguard
 

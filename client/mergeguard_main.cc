@@ -2,6 +2,8 @@
 
 #include <unistd.h>
 
+#include <atomic>
+#include <csignal>
 #include <cstdlib>
 #include <cstring>
 #include <iostream>
@@ -13,9 +15,12 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "client/exit_codes.h"
 #include "client/local_merge.h"
 #include "client/merge_config.h"
+#include "client/progress_format.h"
 #include "client/remote_commands.h"
 
 namespace {
@@ -36,6 +41,11 @@ Commands:
   jobs      List your jobs.
   cancel    Cancel a job.
   health    Check the server's health.
+  params    List the parameters of adamerging, dam or lfpm.
+
+Methods (`method:` in the job file): task_arithmetic, ties, dare,
+breadcrumbs, consensus, model_stock, weighted_average (data-free), and
+adamerging, dam, lfpm (need an architecture and calibration data).
 
 Server flags (all server commands):
   --server HOST:PORT  default $MERGEGUARD_SERVER or localhost:50051
@@ -67,13 +77,32 @@ Example merge.yaml:
     - {name: fashion, path: fashion/, weight: 0.5}   # dir or LoRA adapter
   parameters: {lambda: 1.0, top_k: 20, trim_scope: global, disjoint: mean}
 
-Example:
+AdaMerging, DAM and LFPM also need the model's TorchScript architecture
+(a .pt file here) and a calibration set per model (safetensors with
+`inputs` [N,C,H,W] in [0,1], optionally `labels`). Example dam.yaml:
+  method: dam            # or adamerging, lfpm
+  architecture: tiny.pt
+  base: base.safetensors
+  models:
+    - {name: mnist, path: mnist.safetensors, calibration: mnist_cal.safetensors}
+    - {name: svhn, path: svhn.safetensors, calibration: svhn_cal.safetensors}
+  parameters: {steps: 200, adamerging_steps: 100, device: cuda}
+
+LFPM nests its trigger options (`trigger: {scan_steps: 20}`) and takes
+`merge_lambda` for the task-arithmetic merge it repairs. `mergeguard params
+METHOD` lists every parameter with its default. Progress goes to stderr;
+Ctrl-C stops after the current step.
+
+Examples:
   mergeguard merge --config merge.yaml --out merged/
+  mergeguard merge --config dam.yaml --out defended/
 )"}},
       {"run",
        {"mergeguard run --config FILE --out DIR [--local] [server flags]",
         R"(Uploads the job file's inputs, submits the job, follows it and downloads
-the result into DIR. With --local, runs it in-process like `merge`.
+the result into DIR. With --local, runs it in-process like `merge`. Any
+method works, adamerging, dam and lfpm included; on a server their
+`architecture:` is the name of an architecture the operator registered.
 
 Example:
   mergeguard run --config merge.yaml --out merged/ --server mg:50051
@@ -89,7 +118,10 @@ Example:
       {"submit",
        {"mergeguard submit --config FILE [server flags]",
         R"(Uploads the job file's inputs (skipping bytes already stored) and
-submits the job; prints its id.
+submits the job; prints its id. Data-free merges, adamerging, dam and lfpm
+(`architecture:` names one registered on the server; `mergeguard merge
+--help` shows their job file). The job file is checked before anything is
+uploaded.
 
 Example:
   mergeguard submit --config merge.yaml
@@ -118,6 +150,16 @@ Example:
       {"health",
        {"mergeguard health [server flags]",
         "Prints the server's grpc.health.v1 status; exit 6 unless SERVING.\n"}},
+      {"params",
+       {"mergeguard params [METHOD] [--markdown]",
+        R"(Lists the `parameters:` that adamerging, dam or lfpm accept (all three
+without METHOD), with type and default. LFPM's trigger.NAME entries nest in
+YAML as `trigger: {NAME: value}`. --markdown prints the tables of
+docs/cli.md.
+
+Example:
+  mergeguard params dam
+)"}},
   };
   return *helps;
 }
@@ -179,6 +221,26 @@ std::optional<ParsedFlags> ParseFlags(int argc, char** argv,
   return flags;
 }
 
+// Set by the first Ctrl-C; local runs poll it between steps.
+std::atomic<bool> interrupted{false};
+static_assert(std::atomic<bool>::is_always_lock_free,
+              "the SIGINT handler may only touch lock-free atomics");
+
+void OnInterrupt(int) {
+  if (interrupted.exchange(true)) {
+    // A second Ctrl-C: stop now.
+    std::signal(SIGINT, SIG_DFL);
+    std::raise(SIGINT);
+    return;
+  }
+  constexpr char kMessage[] =
+      "\nmergeguard: stopping after the current step (Ctrl-C again to "
+      "abort)\n";
+  // write(2) is async-signal-safe; its result cannot be acted on here.
+  [[maybe_unused]] ssize_t n =
+      ::write(STDERR_FILENO, kMessage, sizeof(kMessage) - 1);
+}
+
 int UsageError(const std::string& message, const std::string& usage) {
   std::cerr << "mergeguard: " << message << "\n\n" << usage;
   return mergeguard::kExitUsage;
@@ -223,7 +285,7 @@ absl::StatusOr<std::unique_ptr<mergeguard::SanitizerClient>> Connect(
 
 int RunCommand(const std::string& command, int argc, char** argv) {
   const std::string help = HelpFor(command);
-  const bool server_command = command != "merge";
+  const bool server_command = command != "merge" && command != "params";
   std::vector<std::string> valued;
   std::vector<std::string> switches;
   size_t max_positional = 0;
@@ -239,6 +301,9 @@ int RunCommand(const std::string& command, int argc, char** argv) {
     valued = {"out"};
     max_positional = 1;
   } else if (command == "watch" || command == "cancel") {
+    max_positional = 1;
+  } else if (command == "params") {
+    switches = {"markdown"};
     max_positional = 1;
   }
   std::string error;
@@ -267,6 +332,38 @@ int RunCommand(const std::string& command, int argc, char** argv) {
     return UsageError(absl::StrCat(command, " needs a JOB id"), help);
   }
 
+  if (command == "params") {
+    std::vector<mergeguard::JobMethod> methods = {
+        mergeguard::JobMethod::kAdaMerging, mergeguard::JobMethod::kDam,
+        mergeguard::JobMethod::kLfpm};
+    if (!flags->positional.empty()) {
+      absl::StatusOr<mergeguard::JobMethod> method =
+          mergeguard::ParseJobMethod(flags->positional[0]);
+      if (!method.ok()) {
+        return UsageError(std::string(method.status().message()), help);
+      }
+      if (mergeguard::IsDataFreeMerge(*method)) {
+        return UsageError(
+            absl::StrCat("method ", flags->positional[0],
+                         " is data-free; docs/merges.md lists its parameters"),
+            help);
+      }
+      methods = {*method};
+    }
+    const bool markdown = flags->values.count("markdown") > 0;
+    for (size_t i = 0; i < methods.size(); ++i) {
+      absl::StatusOr<std::string> table =
+          mergeguard::DefenseParameterTable(methods[i], markdown);
+      if (!table.ok()) return Fail(table.status());
+      if (methods.size() > 1) {
+        std::cout << (i > 0 ? "\n" : "") << (markdown ? "#### " : "")
+                  << mergeguard::JobMethodName(methods[i]) << "\n\n";
+      }
+      std::cout << *table;
+    }
+    return mergeguard::kExitOk;
+  }
+
   std::optional<mergeguard::MergeConfig> config;
   if (flags->values.count("config")) {
     absl::StatusOr<mergeguard::MergeConfig> loaded =
@@ -276,15 +373,20 @@ int RunCommand(const std::string& command, int argc, char** argv) {
   }
   if (command == "merge" ||
       (command == "run" && flags->values.count("local"))) {
+    std::signal(SIGINT, OnInterrupt);
+    mergeguard::LocalMergeOptions local;
+    local.is_cancelled = [] { return interrupted.load(); };
+    const absl::Time start = absl::Now();
+    // Progress goes to stderr so that stdout stays the summary.
+    local.on_progress = [start](const mergeguard::JobProgress& progress) {
+      std::cerr << mergeguard::FormatProgressLine(
+          absl::ToDoubleSeconds(absl::Now() - start), "RUNNING", progress);
+    };
     absl::StatusOr<mergeguard::LocalMergeResult> result =
-        mergeguard::RunLocalMerge(*config, flags->values["out"]);
+        mergeguard::RunLocalMerge(*config, flags->values["out"], local);
     if (!result.ok()) return Fail(result.status());
-    std::cout << absl::StrFormat(
-        "merged %d tensors (+%d head tensors) with %s in %.2fs\nmodel:  %s\n"
-        "report: %s\n",
-        result->report.merged_tensors, result->report.head_tensors,
-        mergeguard::JobMethodName(config->method), result->report.seconds,
-        result->model_path, result->report_path);
+    std::cout << result->summary << "\nmodel:  " << result->model_path
+              << "\nreport: " << result->report_path << "\n";
     return mergeguard::kExitOk;
   }
 

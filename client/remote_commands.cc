@@ -8,7 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "absl/strings/str_join.h"
+#include "client/progress_format.h"
 #include "core/checkpoint.h"
 #include "core/file_util.h"
 #include "core/lora.h"
@@ -71,13 +71,13 @@ std::string FormatDuration(double seconds) {
   return absl::StrFormat("%ds", s);
 }
 
-std::string FormatLosses(const v1::JobProgress& progress) {
-  std::vector<std::string> parts;
-  for (const auto& [name, value] : progress.losses()) {
-    parts.push_back(absl::StrFormat("%s=%.4g", name, value));
-  }
-  std::sort(parts.begin(), parts.end());
-  return absl::StrJoin(parts, " ");
+JobProgress FromProto(const v1::JobProgress& proto) {
+  JobProgress progress;
+  progress.phase = proto.phase();
+  progress.step = proto.step();
+  progress.total_steps = proto.total_steps();
+  progress.losses.insert(proto.losses().begin(), proto.losses().end());
+  return progress;
 }
 
 bool IsTerminal(v1::JobState state) {
@@ -119,6 +119,16 @@ absl::StatusOr<v1::JobSpec> BuildRemoteJobSpec(SanitizerClient& client,
   spec.method = config.method;
   spec.merge = config.options;
   spec.architecture = config.architecture;
+  spec.defense_parameters = config.defense_parameters;
+  // Checked before anything is uploaded: a server runs only the
+  // architectures its operator registered.
+  if (!IsDataFreeMerge(config.method) &&
+      config.architecture.find('/') != std::string::npos) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "architecture: \"", config.architecture,
+        "\" is a file; a server job names an architecture registered on the "
+        "server (run with --local to use a .pt file)"));
+  }
   if (!config.base.empty()) {
     ASSIGN_OR_RETURN(std::string base, ModelFileOf(config.base, "base"));
     ASSIGN_OR_RETURN(spec.base_digest,
@@ -196,13 +206,13 @@ absl::StatusOr<v1::Job> WatchCommand(SanitizerClient& client,
   bool drew_bar = false;
   auto on_event = [&](const v1::JobEvent& event) {
     const v1::Job& job = event.job();
-    const v1::JobProgress& progress = job.progress();
+    const JobProgress progress = FromProto(job.progress());
     if (options.progress_bar) {
       constexpr int kWidth = 30;
       double fraction =
-          progress.total_steps() > 0
-              ? std::min(1.0, static_cast<double>(progress.step()) /
-                                  static_cast<double>(progress.total_steps()))
+          progress.total_steps > 0
+              ? std::min(1.0, static_cast<double>(progress.step) /
+                                  static_cast<double>(progress.total_steps))
               : 0.0;
       int filled = static_cast<int>(fraction * kWidth);
       double eta = fraction > 0
@@ -210,24 +220,22 @@ absl::StatusOr<v1::Job> WatchCommand(SanitizerClient& client,
                        : NAN;
       out << "\r\033[K" << JobStateName(job.state()) << " ["
           << std::string(filled, '#') << std::string(kWidth - filled, '.')
-          << "] " << progress.phase() << " " << progress.step() << "/"
-          << progress.total_steps() << " " << FormatLosses(progress) << " ETA "
-          << FormatDuration(eta) << std::flush;
+          << "] " << progress.phase << " " << progress.step << "/"
+          << progress.total_steps << " " << FormatLosses(progress.losses)
+          << " ETA " << FormatDuration(eta) << std::flush;
       drew_bar = true;
       return;
     }
     // Plain lines for logs: one per state change, phase change or step.
-    if (job.state() == last_state && progress.phase() == last_phase &&
-        progress.step() == last_step) {
+    if (job.state() == last_state && progress.phase == last_phase &&
+        progress.step == last_step) {
       return;
     }
     last_state = job.state();
-    last_phase = progress.phase();
-    last_step = progress.step();
-    out << absl::StrFormat("%7.1fs %-9s %s %d/%d %s\n", event.elapsed_seconds(),
-                           JobStateName(job.state()), progress.phase(),
-                           progress.step(), progress.total_steps(),
-                           FormatLosses(progress));
+    last_phase = progress.phase;
+    last_step = progress.step;
+    out << FormatProgressLine(event.elapsed_seconds(),
+                              JobStateName(job.state()), progress);
   };
   absl::StatusOr<v1::Job> job = client.WatchJob(job_id, on_event);
   if (drew_bar) out << "\n";

@@ -8,9 +8,11 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 
 #include "core/sha256.h"
 #include "core/tensor_views.h"
+#include "tests/client/defense_world.h"
 #include "tests/server/server_process.h"
 
 namespace mergeguard {
@@ -44,9 +46,13 @@ class CliServerTest : public ::testing::Test {
  protected:
   void SetUp() override {
     dir_ = testing::MakeTempDir("mergeguard_cli_server");
+    StartServer({});
+  }
+
+  void StartServer(const std::vector<std::string>& extra_flags) {
     std::string tokens = testing::WriteTestTokens(dir_);
     absl::StatusOr<std::unique_ptr<testing::ServerProcess>> server =
-        testing::ServerProcess::Start(dir_ + "/store", tokens);
+        testing::ServerProcess::Start(dir_ + "/store", tokens, extra_flags);
     ASSERT_TRUE(server.ok()) << server.status();
     server_ = std::move(*server);
     flags_ = " --server " + server_->target() + " --token " +
@@ -190,6 +196,104 @@ TEST_F(CliServerTest, UploadPrintsDigest) {
                            "/calib.safetensors" + flags_);
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_THAT(r.output, HasSubstr(Sha256Hex("not checked at upload")));
+}
+
+// A server whose operator registered the tiny architecture as "tiny", and
+// the tiny world's files next to it.
+class CliServerDefenseTest : public CliServerTest {
+ protected:
+  void SetUp() override {
+    dir_ = testing::MakeTempDir("mergeguard_cli_defense");
+    testing::WriteDefenseWorld(dir_);
+    fs::create_directories(dir_ + "/architectures");
+    fs::copy_file(dir_ + "/tiny.pt", dir_ + "/architectures/tiny.pt");
+    StartServer({"--architectures_dir=" + dir_ + "/architectures"});
+  }
+
+  // RunJob writes a job file for `method` and runs it into DIR/out.
+  CommandResult RunJob(const std::string& method,
+                       const std::string& architecture,
+                       const std::string& parameters) {
+    std::ofstream(dir_ + "/job.yaml")
+        << testing::DefenseJobYaml(method, architecture, parameters);
+    return RunCli("run --config " + dir_ + "/job.yaml --out " + dir_ + "/out" +
+                  flags_);
+  }
+
+  void ExpectDownloadedModel(const std::string& method) {
+    absl::StatusOr<NamedTensors> merged =
+        LoadTensorsFromPath(dir_ + "/out/model.safetensors");
+    ASSERT_TRUE(merged.ok()) << merged.status();
+    std::map<std::string, torch::Tensor> by_name(merged->begin(),
+                                                 merged->end());
+    for (const std::string& key : testing::DefenseWorldBackboneKeys()) {
+      EXPECT_TRUE(by_name.count(key)) << key;
+    }
+    for (const std::string& task : testing::DefenseWorldTasks()) {
+      EXPECT_TRUE(by_name.count(task + "/head.weight")) << task;
+    }
+    nlohmann::json report = nlohmann::json::parse(
+        testing::ReadWholeFile(dir_ + "/out/report.json"), nullptr, false);
+    ASSERT_FALSE(report.is_discarded());
+    EXPECT_TRUE(report.contains(method)) << report.dump(1);
+    // The parameters travelled with the job.
+    EXPECT_EQ(report["defense_parameters"].value("steps", ""), "2")
+        << report.dump(1);
+  }
+};
+
+TEST_F(CliServerDefenseTest, RunDam) {
+  CommandResult r = RunJob("dam", "tiny",
+                           "  steps: 2\n  adamerging_steps: 2\n"
+                           "  batch_size: 4\n");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("SUCCEEDED"));
+  ExpectDownloadedModel("dam");
+  CommandResult jobs = RunCli("jobs" + flags_);
+  EXPECT_EQ(jobs.exit_code, 0) << jobs.output;
+  EXPECT_THAT(jobs.output, HasSubstr("DAM"));
+  EXPECT_THAT(jobs.output, HasSubstr("SUCCEEDED"));
+}
+
+TEST_F(CliServerDefenseTest, RunLfpm) {
+  CommandResult r = RunJob("lfpm", "tiny",
+                           "  steps: 2\n  batch_size: 4\n  path_nodes: 2\n"
+                           "  report_examples: 8\n"
+                           "  trigger: {scan_steps: 2, scan_batch_size: 4, "
+                           "update_every: 2, steps_per_update: 1, "
+                           "rescan_after: false}\n");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("SUCCEEDED"));
+  ExpectDownloadedModel("lfpm");
+  CommandResult jobs = RunCli("jobs" + flags_);
+  EXPECT_EQ(jobs.exit_code, 0) << jobs.output;
+  EXPECT_THAT(jobs.output, HasSubstr("LFPM"));
+}
+
+TEST_F(CliServerDefenseTest, BadParameterFailsBeforeUpload) {
+  CommandResult r = RunJob("dam", "tiny", "  steps: ten\n");
+  EXPECT_EQ(r.exit_code, 3) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("INVALID_ARGUMENT"));
+  EXPECT_THAT(r.output, HasSubstr("line 9: parameters.steps: expected an "
+                                  "integer, got \"ten\""));
+  EXPECT_THAT(r.output, ::testing::Not(HasSubstr("uploaded")));
+  CommandResult jobs = RunCli("jobs" + flags_);
+  EXPECT_THAT(jobs.output, ::testing::Not(HasSubstr("DAM")));
+}
+
+TEST_F(CliServerDefenseTest, ArchitectureFileIsRefusedBeforeUpload) {
+  CommandResult r = RunJob("dam", "tiny.pt", "  steps: 1\n");
+  EXPECT_EQ(r.exit_code, 3) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("registered on the server"));
+  EXPECT_THAT(r.output, ::testing::Not(HasSubstr("uploaded")));
+}
+
+TEST_F(CliServerDefenseTest, UnknownArchitectureIsNotFound) {
+  CommandResult r = RunJob("lfpm", "nosuch", "  steps: 1\n");
+  EXPECT_EQ(r.exit_code, 3) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("NOT_FOUND"));
+  EXPECT_THAT(r.output, HasSubstr("unknown architecture \"nosuch\""));
+  EXPECT_THAT(r.output, HasSubstr("registered: tiny"));
 }
 
 }  // namespace

@@ -8,8 +8,11 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
 
 #include "core/tensor_views.h"
+#include "tests/client/defense_world.h"
 
 namespace mergeguard {
 namespace {
@@ -22,9 +25,7 @@ struct CommandResult {
   std::string output;  // stdout and stderr together
 };
 
-CommandResult RunCli(const std::string& args) {
-  std::string command =
-      std::string(MERGEGUARD_BINARY_DIR) + "/bin/mergeguard " + args + " 2>&1";
+CommandResult RunShell(const std::string& command) {
   CommandResult result;
   FILE* pipe = popen(command.c_str(), "r");
   if (pipe == nullptr) return result;
@@ -36,6 +37,11 @@ CommandResult RunCli(const std::string& args) {
   int status = pclose(pipe);
   result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   return result;
+}
+
+CommandResult RunCli(const std::string& args) {
+  return RunShell(std::string(MERGEGUARD_BINARY_DIR) + "/bin/mergeguard " +
+                  args + " 2>&1");
 }
 
 class CliTest : public ::testing::Test {
@@ -161,6 +167,158 @@ TEST_F(CliTest, PickleCheckpointRefused) {
                            " --out " + (dir_ / "out").string());
   EXPECT_EQ(r.exit_code, 3) << r.output;
   EXPECT_THAT(r.output, HasSubstr("pickle"));
+}
+
+TEST_F(CliTest, HelpNamesDataDependentMethods) {
+  for (const char* command : {"merge", "submit", "run"}) {
+    CommandResult r = RunCli(std::string(command) + " --help");
+    EXPECT_EQ(r.exit_code, 0) << command;
+    EXPECT_THAT(r.output, HasSubstr("dam")) << command;
+    EXPECT_THAT(r.output, HasSubstr("lfpm")) << command;
+    EXPECT_THAT(r.output, HasSubstr("adamerging")) << command;
+  }
+}
+
+TEST_F(CliTest, ParamsListsDefaults) {
+  CommandResult r = RunCli("params lfpm");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("trigger.scan_steps"));
+  EXPECT_THAT(r.output, HasSubstr("merge_lambda"));
+  EXPECT_EQ(RunCli("params ties").exit_code, 2);
+  EXPECT_EQ(RunCli("params blend").exit_code, 2);
+}
+
+// docs/cli.md carries `mergeguard params --markdown` verbatim, so the
+// documented parameters cannot drift from the code.
+TEST_F(CliTest, DocumentedParameterTablesMatchTheCode) {
+  CommandResult r = RunCli("params --markdown");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  std::ifstream file(std::string(MERGEGUARD_SOURCE_DIR) + "/docs/cli.md");
+  std::stringstream doc;
+  doc << file.rdbuf();
+  const std::string begin = "<!-- BEGIN mergeguard params --markdown -->\n";
+  const std::string end = "<!-- END mergeguard params --markdown -->";
+  size_t from = doc.str().find(begin);
+  size_t to = doc.str().find(end);
+  ASSERT_NE(from, std::string::npos);
+  ASSERT_NE(to, std::string::npos);
+  from += begin.size();
+  EXPECT_EQ(doc.str().substr(from, to - from), r.output)
+      << "regenerate the tables in docs/cli.md with `mergeguard params "
+         "--markdown`";
+}
+
+// Runs `method` on the tiny world through `mergeguard merge` and checks the
+// model's keys and the report's section.
+void ExpectLocalDefenseRun(const fs::path& dir, const std::string& method,
+                           const std::string& parameters,
+                           const std::string& progress_phase) {
+  testing::WriteDefenseWorld(dir.string());
+  std::ofstream(dir / "job.yaml")
+      << testing::DefenseJobYaml(method, "tiny.pt", parameters);
+  CommandResult r = RunCli("merge --config " + (dir / "job.yaml").string() +
+                           " --out " + (dir / "out").string());
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr(method + ": "));
+  EXPECT_THAT(r.output, HasSubstr(progress_phase));
+  absl::StatusOr<NamedTensors> merged =
+      LoadTensorsFromPath((dir / "out" / "model.safetensors").string());
+  ASSERT_TRUE(merged.ok()) << merged.status();
+  std::map<std::string, torch::Tensor> by_name(merged->begin(), merged->end());
+  for (const std::string& key : testing::DefenseWorldBackboneKeys()) {
+    EXPECT_TRUE(by_name.count(key)) << key;
+  }
+  for (const std::string& task : testing::DefenseWorldTasks()) {
+    EXPECT_TRUE(by_name.count(task + "/head.weight")) << task;
+    EXPECT_TRUE(by_name.count(task + "/head.bias")) << task;
+  }
+  std::ifstream report_file(dir / "out" / "report.json");
+  nlohmann::json report = nlohmann::json::parse(report_file, nullptr, false);
+  ASSERT_FALSE(report.is_discarded());
+  EXPECT_EQ(report.value("method", ""), method);
+  EXPECT_TRUE(report.contains(method)) << report.dump(1);
+  EXPECT_TRUE(report["parameters"].contains("steps")) << report.dump(1);
+  EXPECT_EQ(report["inputs"].size(), testing::DefenseWorldTasks().size());
+  // Nothing but the two outputs is left behind.
+  int files = 0;
+  for ([[maybe_unused]] const auto& entry :
+       fs::directory_iterator(dir / "out")) {
+    ++files;
+  }
+  EXPECT_EQ(files, 2);
+}
+
+TEST_F(CliTest, LocalAdaMerging) {
+  ExpectLocalDefenseRun(dir_, "adamerging", "  steps: 3\n  batch_size: 4\n",
+                        "adamerging 3/3");
+}
+
+TEST_F(CliTest, LocalDam) {
+  ExpectLocalDefenseRun(dir_, "dam",
+                        "  steps: 3\n  adamerging_steps: 3\n"
+                        "  batch_size: 4\n",
+                        "dam_adamerging 3/3");
+}
+
+TEST_F(CliTest, LocalLfpm) {
+  ExpectLocalDefenseRun(dir_, "lfpm",
+                        "  steps: 3\n  batch_size: 4\n  path_nodes: 2\n"
+                        "  report_examples: 8\n  merge_lambda: 0.4\n"
+                        "  layer_prefixes: [fc2.]\n"
+                        "  trigger:\n    scan_steps: 2\n"
+                        "    scan_batch_size: 4\n    update_every: 2\n"
+                        "    steps_per_update: 1\n    rescan_after: false\n",
+                        "lfpm 3/3");
+}
+
+TEST_F(CliTest, LocalDamStopsOnCtrlC) {
+  testing::WriteDefenseWorld(dir_.string());
+  WriteText("job.yaml",
+            testing::DefenseJobYaml("dam", "tiny.pt",
+                                    "  steps: 20000\n  batch_size: 2\n"));
+  // Interrupt once progress shows the handler is installed and steps run.
+  const std::string log = (dir_ / "log").string();
+  WriteText("interrupt.sh",
+            std::string(MERGEGUARD_BINARY_DIR) + "/bin/mergeguard merge " +
+                "--config " + (dir_ / "job.yaml").string() + " --out " +
+                (dir_ / "out").string() + " 2>" + log +
+                " & pid=$!\n"
+                "for i in $(seq 1200); do\n"
+                "  grep -q dam_meta " +
+                log +
+                " && break; sleep 0.1\n"
+                "done\n"
+                "kill -INT $pid; wait $pid; echo \"exit=$?\"\n");
+  CommandResult r = RunShell("sh " + (dir_ / "interrupt.sh").string());
+  std::ifstream log_file(log);
+  std::stringstream stderr_text;
+  stderr_text << log_file.rdbuf();
+  EXPECT_THAT(r.output, HasSubstr("exit=7")) << stderr_text.str();
+  EXPECT_THAT(stderr_text.str(), HasSubstr("CANCELLED"));
+  EXPECT_FALSE(fs::exists(dir_ / "out" / "model.safetensors"));
+  EXPECT_FALSE(fs::exists(dir_ / "out" / "report.json"));
+}
+
+TEST_F(CliTest, LocalDefenseNeedsAnArchitectureFile) {
+  testing::WriteDefenseWorld(dir_.string());
+  WriteText("job.yaml", testing::DefenseJobYaml("dam", "tiny", "  steps: 1\n"));
+  CommandResult r = RunCli("merge --config " + (dir_ / "job.yaml").string() +
+                           " --out " + (dir_ / "out").string());
+  EXPECT_EQ(r.exit_code, 3) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("architecture: no file tiny"));
+  EXPECT_FALSE(fs::exists(dir_ / "out" / "model.safetensors"));
+}
+
+TEST_F(CliTest, LocalDefenseBadParameterNamesLine) {
+  testing::WriteDefenseWorld(dir_.string());
+  WriteText("job.yaml",
+            testing::DefenseJobYaml("dam", "tiny.pt", "  steps: ten\n"));
+  CommandResult r = RunCli("merge --config " + (dir_ / "job.yaml").string() +
+                           " --out " + (dir_ / "out").string());
+  EXPECT_EQ(r.exit_code, 3) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("line 9: parameters.steps: expected an "
+                                  "integer, got \"ten\""));
+  EXPECT_FALSE(fs::exists(dir_ / "out"));
 }
 
 }  // namespace
