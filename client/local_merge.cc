@@ -192,8 +192,13 @@ absl::StatusOr<LocalMergeResult> RunDataDependent(
       }
       LfpmJob job;
       job.architecture_path = config.architecture;
-      job.base_path = config.base;
-      job.task_models = config.models;
+      if (!config.merged.empty()) {
+        job.merged_model_path = config.merged;
+      } else {
+        job.base_path = config.base;
+        job.task_models = config.models;
+      }
+      job.tau_output_path = absl::StrCat(out_dir, "/tau_ab.safetensors");
       job.ta_merge = config.options;
       job.ta_merge.method = MergeMethod::kTaskArithmetic;
       job.ta_merge.lambda = merge_lambda;
@@ -206,7 +211,12 @@ absl::StatusOr<LocalMergeResult> RunDataDependent(
       job.output_path = result.model_path;
       ASSIGN_OR_RETURN(LfpmReport r, RunLfpmJob(job, o));
       report["seconds"] = r.seconds;
-      report["merge_lambda"] = merge_lambda;
+      if (config.merged.empty()) {
+        report["merge_lambda"] = merge_lambda;
+      } else {
+        report["merged"] = config.merged;
+      }
+      report["tau_ab"] = job.tau_output_path;
       report["lfpm"] = json::parse(LfpmReportToJson(r));
       result.summary = absl::StrFormat(
           "lfpm: %d steps, |tau_ab| = %.4g, mined-trigger ASR %.3f -> %.3f, "

@@ -298,7 +298,7 @@ absl::Status ParseModels(const YAML::Node& node, const std::string& base_dir,
               "unknown field (expected path, name, weight or calibration)");
         }
       }
-      if (input.path.empty()) {
+      if (input.path.empty() && config.merged.empty()) {
         return FieldError(entry, absl::StrCat(field, ".path"), "is required");
       }
     } else {
@@ -527,7 +527,19 @@ absl::Status ParseRoot(const YAML::Node& root, const std::string& base_dir,
   }
   static const std::set<std::string> kTopLevel = {
       "method", "base",          "models",  "parameters", "head_prefix",
-      "dtype",  "compute_dtype", "threads", "shard_size", "architecture"};
+      "dtype",  "compute_dtype", "threads", "shard_size", "architecture",
+      "merged"};
+  // Read first: it decides whether models need paths.
+  if (const YAML::Node merged = root["merged"]; merged.IsDefined()) {
+    if (config.method != JobMethod::kLfpm) {
+      return FieldError(merged, "merged",
+                        absl::StrCat("does not apply to method ",
+                                     JobMethodName(config.method),
+                                     " (only lfpm repairs a merged model)"));
+    }
+    ASSIGN_OR_RETURN(std::string path, ReadString(merged, "merged"));
+    config.merged = ResolvePath(path, base_dir);
+  }
   for (const auto& kv : root) {
     const std::string key = kv.first.Scalar();
     if (!kTopLevel.count(key)) {
@@ -589,7 +601,8 @@ absl::Status ParseRoot(const YAML::Node& root, const std::string& base_dir,
   if (!root["models"].IsDefined()) {
     return absl::InvalidArgumentError("models: is required (a list of models)");
   }
-  if (config.base.empty() && config.method != JobMethod::kWeightedAverage) {
+  if (config.base.empty() && config.method != JobMethod::kWeightedAverage &&
+      config.merged.empty()) {
     return absl::InvalidArgumentError(absl::StrCat(
         "base: is required for method ", JobMethodName(config.method),
         " (only weighted_average works without a base model)"));

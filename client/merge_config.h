@@ -49,6 +49,11 @@ struct MergeConfig {
   // lists joined with ","), already checked by Apply*Parameters. Empty for
   // data-free merges.
   std::map<std::string, std::string> defense_parameters;
+  // LFPM only: a merged model (backbone plus `<task>/head.*`) to repair
+  // instead of merging `base` and the models' paths first. The models then
+  // name the tasks and their calibration sets; `base` and paths are not
+  // needed. Local runs only.
+  std::string merged;
 };
 
 // ParseMergeConfig parses YAML `text`; relative paths resolve against

@@ -129,6 +129,11 @@ absl::StatusOr<v1::JobSpec> BuildRemoteJobSpec(SanitizerClient& client,
         "\" is a file; a server job names an architecture registered on the "
         "server (run with --local to use a .pt file)"));
   }
+  if (!config.merged.empty()) {
+    return absl::InvalidArgumentError(
+        "merged: a server job repairs the task-arithmetic merge of base and "
+        "models; repair a given merged model locally (mergeguard merge)");
+  }
   if (!config.base.empty()) {
     ASSIGN_OR_RETURN(std::string base, ModelFileOf(config.base, "base"));
     ASSIGN_OR_RETURN(spec.base_digest,

@@ -239,13 +239,14 @@ void ExpectLocalDefenseRun(const fs::path& dir, const std::string& method,
   EXPECT_TRUE(report.contains(method)) << report.dump(1);
   EXPECT_TRUE(report["parameters"].contains("steps")) << report.dump(1);
   EXPECT_EQ(report["inputs"].size(), testing::DefenseWorldTasks().size());
-  // Nothing but the two outputs is left behind.
+  // Nothing but the outputs is left behind: the model, the report and, for
+  // LFPM, tau_ab alone.
   int files = 0;
   for ([[maybe_unused]] const auto& entry :
        fs::directory_iterator(dir / "out")) {
     ++files;
   }
-  EXPECT_EQ(files, 2);
+  EXPECT_EQ(files, method == "lfpm" ? 3 : 2);
 }
 
 TEST_F(CliTest, LocalAdaMerging) {
@@ -269,6 +270,64 @@ TEST_F(CliTest, LocalLfpm) {
                         "    scan_batch_size: 4\n    update_every: 2\n"
                         "    steps_per_update: 1\n    rescan_after: false\n",
                         "lfpm 3/3");
+}
+
+// LFPM repairs a merged model given as it is, and writes tau_ab alone so
+// that merged + tau_ab is the repaired model.
+TEST_F(CliTest, LocalLfpmRepairsAGivenMergedModel) {
+  testing::WriteDefenseWorld(dir_.string());
+  std::string models;
+  for (const std::string& task : testing::DefenseWorldTasks()) {
+    models += "  - {name: " + task + ", path: " + task + ".safetensors}\n";
+  }
+  WriteText("ta.yaml", "method: task_arithmetic\nbase: base.safetensors\n"
+                       "models:\n" + models);
+  CommandResult ta = RunCli("merge --config " + (dir_ / "ta.yaml").string() +
+                            " --out " + (dir_ / "ta").string());
+  ASSERT_EQ(ta.exit_code, 0) << ta.output;
+  std::string tasks;
+  for (const std::string& task : testing::DefenseWorldTasks()) {
+    tasks += "  - {name: " + task + ", calibration: " + task +
+             "_cal.safetensors}\n";
+  }
+  WriteText("lfpm.yaml",
+            "method: lfpm\narchitecture: tiny.pt\n"
+            "merged: ta/model.safetensors\nmodels:\n" + tasks +
+                "threads: 1\nparameters: {steps: 2, batch_size: 4, "
+                "path_nodes: 2, report_examples: 8, trigger: {scan_steps: 2, "
+                "scan_batch_size: 4, rescan_after: false}}\n");
+  CommandResult r = RunCli("merge --config " + (dir_ / "lfpm.yaml").string() +
+                           " --out " + (dir_ / "out").string());
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  auto load = [](const fs::path& path) {
+    absl::StatusOr<NamedTensors> tensors = LoadTensorsFromPath(path.string());
+    EXPECT_TRUE(tensors.ok()) << tensors.status();
+    std::map<std::string, torch::Tensor> by_name;
+    if (tensors.ok()) by_name.insert(tensors->begin(), tensors->end());
+    return by_name;
+  };
+  auto merged = load(dir_ / "ta" / "model.safetensors");
+  auto repaired = load(dir_ / "out" / "model.safetensors");
+  auto tau = load(dir_ / "out" / "tau_ab.safetensors");
+  ASSERT_FALSE(tau.empty());
+  for (const auto& [key, delta] : tau) {
+    ASSERT_TRUE(merged.count(key) && repaired.count(key)) << key;
+    EXPECT_TRUE(torch::allclose(merged[key] + delta, repaired[key], 1e-5,
+                                1e-6))
+        << key;
+  }
+  EXPECT_TRUE(repaired.count("alpha/head.weight"));
+}
+
+TEST_F(CliTest, MergedIsOnlyForLfpm) {
+  WriteText("job.yaml",
+            "method: dam\narchitecture: tiny.pt\nmerged: m.safetensors\n"
+            "models: [a.safetensors]\n");
+  CommandResult r =
+      RunCli("merge --config " + (dir_ / "job.yaml").string() + " --out " +
+             (dir_ / "out").string());
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.output, HasSubstr("only lfpm repairs a merged model"));
 }
 
 TEST_F(CliTest, LocalDamStopsOnCtrlC) {
