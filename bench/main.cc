@@ -19,6 +19,10 @@
 #include "absl/strings/str_split.h"
 #include "nlohmann/json.hpp"
 #include "bench/dam_rows.h"
+#ifdef MERGEGUARD_BENCH_HAS_SERVICE
+#include "bench/load_test.h"
+#include "bench/transfer_bench.h"
+#endif
 #include "bench/lfpm_rows.h"
 #include "bench/merge_table.h"
 #include "bench/merge_throughput.h"
@@ -61,6 +65,14 @@ commands:
   merge [--work-dir DIR] [--models N] [--model-mb MB] [--method NAME]
         [--threads N] [--repetitions N]
       Data-free merge throughput against a plain copy, and peak RSS.
+  service-transfer --target HOST:PORT --token T [--tls-ca FILE] [--mb MB]
+        [--repetitions N] [--iperf3 PATH] [--iperf3-port P] [--scratch-dir D]
+      Upload and download throughput of a running server, next to iperf3's
+      raw TCP loopback throughput measured in the same run.
+  service-load --target HOST:PORT --token T [--tls-ca FILE] [--clients N]
+        [--jobs-per-client N] [--model-parameters N]
+      Concurrent clients each uploading, submitting a TA job and watching
+      it: jobs per second, latency percentiles, errors.
 )";
 
 // Flags holds `--name value`, `--name=value` and bare boolean flags.
@@ -409,6 +421,49 @@ absl::Status RunTableCommand(int argc, char** argv) {
   return absl::OkStatus();
 }
 
+#ifdef MERGEGUARD_BENCH_HAS_SERVICE
+absl::Status RunServiceTransfer(int argc, char** argv) {
+  ASSIGN_OR_RETURN(
+      Flags flags,
+      Flags::Parse(argc, argv,
+                   {"target", "token", "tls-ca", "mb", "repetitions", "iperf3",
+                    "iperf3-port", "scratch-dir"},
+                   {}));
+  TransferBenchOptions options;
+  ASSIGN_OR_RETURN(options.target, flags.Required("target"));
+  ASSIGN_OR_RETURN(options.token, flags.Required("token"));
+  options.tls_ca_file = flags.Get("tls-ca");
+  uint64_t mb = options.bytes >> 20;
+  RETURN_IF_ERROR(flags.Number("mb", &mb));
+  options.bytes = mb << 20;
+  RETURN_IF_ERROR(flags.Number("repetitions", &options.repetitions));
+  options.iperf3 = flags.Get("iperf3", options.iperf3);
+  RETURN_IF_ERROR(flags.Number("iperf3-port", &options.iperf3_port));
+  options.scratch_dir = flags.Get("scratch-dir", options.scratch_dir);
+  ASSIGN_OR_RETURN(TransferBenchReport report, RunTransferBench(options));
+  std::cout << FormatTransferBenchReport(report);
+  return absl::OkStatus();
+}
+
+absl::Status RunServiceLoad(int argc, char** argv) {
+  ASSIGN_OR_RETURN(Flags flags,
+                   Flags::Parse(argc, argv,
+                                {"target", "token", "tls-ca", "clients",
+                                 "jobs-per-client", "model-parameters"},
+                                {}));
+  LoadTestOptions options;
+  ASSIGN_OR_RETURN(options.target, flags.Required("target"));
+  ASSIGN_OR_RETURN(options.token, flags.Required("token"));
+  options.tls_ca_file = flags.Get("tls-ca");
+  RETURN_IF_ERROR(flags.Number("clients", &options.clients));
+  RETURN_IF_ERROR(flags.Number("jobs-per-client", &options.jobs_per_client));
+  RETURN_IF_ERROR(flags.Number("model-parameters", &options.model_parameters));
+  ASSIGN_OR_RETURN(LoadTestReport report, RunLoadTest(options));
+  std::cout << FormatLoadTestReport(report);
+  return absl::OkStatus();
+}
+#endif
+
 absl::Status RunMergeThroughput(int argc, char** argv) {
   absl::StatusOr<Flags> parsed = Flags::Parse(
       argc, argv,
@@ -461,6 +516,12 @@ int Main(int argc, char** argv) {
     status = RunEval(argc, argv);
   } else if (command == "table") {
     status = RunTableCommand(argc, argv);
+#ifdef MERGEGUARD_BENCH_HAS_SERVICE
+  } else if (command == "service-transfer") {
+    status = RunServiceTransfer(argc, argv);
+  } else if (command == "service-load") {
+    status = RunServiceLoad(argc, argv);
+#endif
   } else if (command == "merge") {
     status = RunMergeThroughput(argc, argv);
   } else {
