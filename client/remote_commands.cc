@@ -59,7 +59,7 @@ absl::StatusOr<std::string> UploadAndLog(SanitizerClient& client,
                                          std::ostream& out) {
   ASSIGN_OR_RETURN(v1::Artifact artifact, client.UploadFile(path, kind));
   out << (artifact.already_present() ? "present  " : "uploaded ")
-      << artifact.sha256().substr(0, 12) << "  " << path << "\n";
+      << artifact.sha256().substr(0, 12) << "  " << path << std::endl;
   return artifact.sha256();
 }
 
@@ -197,7 +197,7 @@ absl::StatusOr<v1::Job> SubmitCommand(SanitizerClient& client,
                                       std::ostream& out) {
   ASSIGN_OR_RETURN(v1::JobSpec spec, BuildRemoteJobSpec(client, config, out));
   ASSIGN_OR_RETURN(v1::Job job, client.SubmitJob(spec));
-  out << "job " << job.id() << " " << JobStateName(job.state()) << "\n";
+  out << "job " << job.id() << " " << JobStateName(job.state()) << std::endl;
   return job;
 }
 
@@ -239,8 +239,10 @@ absl::StatusOr<v1::Job> WatchCommand(SanitizerClient& client,
     last_state = job.state();
     last_phase = progress.phase;
     last_step = progress.step;
+    // Flushed: a log or pipe should see progress as it happens.
     out << FormatProgressLine(event.elapsed_seconds(),
-                              JobStateName(job.state()), progress);
+                              JobStateName(job.state()), progress)
+        << std::flush;
   };
   absl::StatusOr<v1::Job> job = client.WatchJob(job_id, on_event);
   if (drew_bar) out << "\n";
