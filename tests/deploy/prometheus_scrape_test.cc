@@ -1,9 +1,10 @@
 // A real Prometheus (Debian's /usr/bin/prometheus) scrapes a real
 // mergeguard-server every second with deploy/prometheus/mergeguard-rules.yaml
-// loaded. After a task-arithmetic job, the job and security metrics are read
-// back through Prometheus's HTTP API, every metric the rules and the Grafana
-// dashboard name is shown to exist, every dashboard query evaluates, and
-// killing the server raises MergeguardTargetDown.
+// loaded. After a task-arithmetic job (client library) and tiny DAM and LFPM
+// jobs (the CLI, on tests/client/defense_world.h), the job and security
+// metrics are read back through Prometheus's HTTP API, every metric the rules
+// and the Grafana dashboard name is shown to exist, every dashboard query
+// evaluates, and killing the server raises MergeguardTargetDown.
 
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -14,7 +15,10 @@
 #include <unistd.h>
 
 #include <cctype>
+#include <cstdio>
 #include <cstdlib>
+#include <filesystem>
+#include <fstream>
 #include <functional>
 #include <map>
 #include <regex>
@@ -29,6 +33,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "tests/client/defense_world.h"
 #include "tests/server/server_process.h"
 
 namespace mergeguard {
@@ -182,17 +187,6 @@ double ValueOf(const nlohmann::json& sample) {
   return std::stod(sample["value"][1].get<std::string>());
 }
 
-// ByLabel returns the vector result's sample values by the value of
-// `label`.
-std::map<std::string, double> ByLabel(const nlohmann::json& data,
-                                      const std::string& label) {
-  std::map<std::string, double> values;
-  for (const nlohmann::json& sample : data["result"]) {
-    values[sample["metric"].value(label, "")] = ValueOf(sample);
-  }
-  return values;
-}
-
 // MetricNames returns every mergeguard_* series name in `text` (histograms
 // appear as their _bucket, _count and _sum series, as Prometheus stores them).
 std::set<std::string> MetricNames(const std::string& text) {
@@ -234,8 +228,15 @@ class DeployPrometheusScrapeTest : public ::testing::Test {
            "prometheus (scripts/setup does)";
     dir_ = MakeTempDir("mergeguard_prometheus");
     ASSERT_FALSE(dir_.empty());
+    // The defense world's architecture, registered by the operator.
+    ASSERT_NO_FATAL_FAILURE(testing::WriteDefenseWorld(dir_));
+    std::filesystem::create_directories(dir_ + "/architectures");
+    std::filesystem::copy_file(dir_ + "/tiny.pt",
+                               dir_ + "/architectures/tiny.pt");
     absl::StatusOr<std::unique_ptr<ServerProcess>> server =
-        ServerProcess::Start(dir_ + "/store", WriteTestTokens(dir_));
+        ServerProcess::Start(
+            dir_ + "/store", WriteTestTokens(dir_),
+            {"--architectures_dir=" + dir_ + "/architectures"});
     ASSERT_TRUE(server.ok()) << server.status();
     server_ = std::move(*server);
 
@@ -257,6 +258,13 @@ class DeployPrometheusScrapeTest : public ::testing::Test {
                                    server_->metrics_port(), "']\n"));
     std::string error = prometheus_.Start(dir_, config);
     ASSERT_TRUE(error.empty()) << error;
+    // One scrape before any job, so every counter's increase is visible.
+    ASSERT_TRUE(prometheus_.WaitFor(
+        "up{job=\"mergeguard\"} == 1",
+        [](const nlohmann::json& data) { return data["result"].size() == 1; }))
+        << "Prometheus never scraped the server; last error: "
+        << prometheus_.last_error() << "\n"
+        << prometheus_.Log();
   }
 
   void TearDown() override {
@@ -272,7 +280,7 @@ class DeployPrometheusScrapeTest : public ::testing::Test {
     spec.set_method(v1::METHOD_TASK_ARITHMETIC);
     spec.set_lambda(0.5);
     for (const char* name : {"base", "a", "b"}) {
-      const std::string path = absl::StrCat(dir_, "/", name, ".safetensors");
+      const std::string path = absl::StrCat(dir_, "/ta_", name, ".safetensors");
       const bool base = std::string(name) == "base";
       ASSERT_NO_FATAL_FAILURE(WriteModel(path, base ? 0.0f : 0.1f, !base));
       auto artifact = client->UploadFile(path, v1::ARTIFACT_KIND_MODEL);
@@ -295,6 +303,30 @@ class DeployPrometheusScrapeTest : public ::testing::Test {
     EXPECT_FALSE(server_->Client("wrong-token")->ListJobs().ok());
   }
 
+  // RunDefenseJob runs a tiny `method` job (dam, lfpm) with `parameters`
+  // through `mergeguard run` against the server; returns its exit code and
+  // output.
+  std::pair<int, std::string> RunDefenseJob(const std::string& method,
+                                            const std::string& parameters) {
+    const std::string job = absl::StrCat(dir_, "/", method, ".yaml");
+    std::ofstream(job) << testing::DefenseJobYaml(method, "tiny", parameters);
+    const std::string command = absl::StrCat(
+        MERGEGUARD_BINARY_DIR, "/bin/mergeguard run --config ", job, " --out ",
+        dir_, "/", method, "_out --server ", server_->target(), " --token ",
+        kAcmeToken, " 2>&1 </dev/null");
+    std::pair<int, std::string> result = {-1, ""};
+    FILE* pipe = ::popen(command.c_str(), "r");
+    if (pipe == nullptr) return result;
+    char buffer[4096];
+    size_t n;
+    while ((n = std::fread(buffer, 1, sizeof(buffer), pipe)) > 0) {
+      result.second.append(buffer, n);
+    }
+    const int status = ::pclose(pipe);
+    result.first = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    return result;
+  }
+
   std::string dir_;
   std::string rules_path_;
   std::unique_ptr<ServerProcess> server_;
@@ -304,47 +336,81 @@ class DeployPrometheusScrapeTest : public ::testing::Test {
 TEST_F(DeployPrometheusScrapeTest,
        JobAndSecurityMetricsRulesDashboardAndAlerts) {
   ASSERT_NO_FATAL_FAILURE(RunTaskArithmeticJob());
+  // The tiny DAM and LFPM jobs of tests/client/cli_server_test.cc.
+  auto [dam_exit, dam_output] = RunDefenseJob(
+      "dam", "  steps: 2\n  adamerging_steps: 2\n  batch_size: 4\n");
+  ASSERT_EQ(dam_exit, 0) << dam_output;
+  auto [lfpm_exit, lfpm_output] = RunDefenseJob(
+      "lfpm",
+      "  steps: 2\n  batch_size: 4\n  path_nodes: 2\n  report_examples: 8\n"
+      "  trigger: {scan_steps: 2, scan_batch_size: 4, update_every: 2, "
+      "steps_per_update: 1, rescan_after: false}\n");
+  ASSERT_EQ(lfpm_exit, 0) << lfpm_output;
 
-  // The job counter, scraped and queryable.
-  const std::string jobs =
-      "mergeguard_jobs_total{job=\"mergeguard\",method=\"task_arithmetic\","
+  // The job counters, scraped and queryable. LFPM finished last, so once it
+  // is counted every job is; rates then need a few more samples.
+  const std::string lfpm_jobs =
+      "mergeguard_jobs_total{job=\"mergeguard\",method=\"lfpm\","
       "outcome=\"succeeded\"}";
-  ASSERT_TRUE(prometheus_.WaitFor(jobs,
-                                  [](const nlohmann::json& data) {
-                                    return data["result"].size() == 1 &&
-                                           ValueOf(data["result"][0]) >= 1;
-                                  }))
-      << "no " << jobs
-      << " >= 1 in Prometheus; last error: " << prometheus_.last_error() << "\n"
-      << prometheus_.Log();
-  // Rates need two samples after the job; wait for a few scrapes.
-  ASSERT_TRUE(prometheus_.WaitFor("count_over_time(" + jobs + "[1m])",
+  ASSERT_TRUE(prometheus_.WaitFor("count_over_time(" + lfpm_jobs + "[1m])",
                                   [](const nlohmann::json& data) {
                                     return data["result"].size() == 1 &&
                                            ValueOf(data["result"][0]) >= 3;
                                   }))
-      << "fewer than 3 scrapes after the job; last error: "
-      << prometheus_.last_error();
+      << "no 3 scrapes of " << lfpm_jobs
+      << " in Prometheus; last error: " << prometheus_.last_error() << "\n"
+      << prometheus_.Log();
+  for (const char* method : {"task_arithmetic", "dam", "lfpm"}) {
+    nlohmann::json data = prometheus_.Query(
+        absl::StrCat("mergeguard_jobs_total{job=\"mergeguard\",method=\"",
+                     method, "\",outcome=\"succeeded\"}"));
+    ASSERT_FALSE(data.is_null()) << prometheus_.last_error();
+    ASSERT_EQ(data["result"].size(), 1u) << method;
+    EXPECT_EQ(ValueOf(data["result"][0]), 1) << method;
+  }
   nlohmann::json uploaded =
       prometheus_.Query("mergeguard_uploaded_bytes_total{job=\"mergeguard\"}");
   ASSERT_FALSE(uploaded.is_null()) << prometheus_.last_error();
   ASSERT_EQ(uploaded["result"].size(), 1u);
   EXPECT_GT(ValueOf(uploaded["result"][0]), 0);
 
-  // Security families: a data-free merge records none of them, so the
-  // defenses' series are there at zero (the server pre-creates them).
+  // Security metrics of the defense jobs, one observation each: DAM's M2
+  // fraction, LFPM's tau_ab norm, trigger anomaly index and mined-trigger
+  // ASR before and after.
+  for (const char* series :
+       {"mergeguard_m2_flagged_ratio_count{method=\"dam\"}",
+        "mergeguard_tau_ab_norm_count{method=\"lfpm\"}",
+        "mergeguard_trigger_anomaly_index_count{method=\"lfpm\"}",
+        "mergeguard_mined_trigger_attack_success_ratio_count{method=\"lfpm\","
+        "stage=\"before\"}",
+        "mergeguard_mined_trigger_attack_success_ratio_count{method=\"lfpm\","
+        "stage=\"after\"}"}) {
+    nlohmann::json data = prometheus_.Query(series);
+    ASSERT_FALSE(data.is_null()) << prometheus_.last_error();
+    ASSERT_EQ(data["result"].size(), 1u) << series;
+    EXPECT_EQ(ValueOf(data["result"][0]), 1) << series;
+  }
+  nlohmann::json m2 =
+      prometheus_.Query("mergeguard_m2_flagged_ratio_sum{method=\"dam\"}");
+  ASSERT_FALSE(m2.is_null());
+  ASSERT_EQ(m2["result"].size(), 1u);
+  EXPECT_GE(ValueOf(m2["result"][0]), 0);
+  EXPECT_LE(ValueOf(m2["result"][0]), 1);
+  // The LFPM job counts as suspicious exactly when its anomaly index is over
+  // the default threshold 2, i.e. outside the le="2" bucket.
   nlohmann::json suspicious = prometheus_.Query(
-      "mergeguard_suspicious_inputs_total{job=\"mergeguard\"}");
+      "mergeguard_suspicious_inputs_total{method=\"lfpm\"}"
+      " + on (method) "
+      "mergeguard_trigger_anomaly_index_bucket{method=\"lfpm\",le=\"2\"}");
   ASSERT_FALSE(suspicious.is_null()) << prometheus_.last_error();
-  std::map<std::string, double> by_method = ByLabel(suspicious, "method");
-  EXPECT_EQ(by_method,
-            (std::map<std::string, double>{{"dam", 0}, {"lfpm", 0}}));
-  nlohmann::json asr_after = prometheus_.Query(
-      "mergeguard_probe_attack_success_ratio_count{job=\"mergeguard\","
-      "stage=\"after\"}");
-  ASSERT_FALSE(asr_after.is_null()) << prometheus_.last_error();
-  EXPECT_EQ(ByLabel(asr_after, "method"),
-            (std::map<std::string, double>{{"dam", 0}, {"lfpm", 0}}));
+  ASSERT_EQ(suspicious["result"].size(), 1u);
+  EXPECT_EQ(ValueOf(suspicious["result"][0]), 1);
+  // Series of the defenses that did not run stay at zero.
+  nlohmann::json dam_suspicious = prometheus_.Query(
+      "mergeguard_suspicious_inputs_total{job=\"mergeguard\",method=\"dam\"}");
+  ASSERT_FALSE(dam_suspicious.is_null());
+  ASSERT_EQ(dam_suspicious["result"].size(), 1u);
+  EXPECT_EQ(ValueOf(dam_suspicious["result"][0]), 0);
 
   // Every metric the rules and the dashboard use is one Prometheus scraped.
   nlohmann::json names_data =
@@ -391,15 +457,27 @@ TEST_F(DeployPrometheusScrapeTest,
   }
   EXPECT_GE(queries, 20);
 
-  // The rules loaded and evaluate against this data without error; none is
-  // active for a healthy server with one successful job (once the first
-  // scrapes are in: before them MergeguardTargetMissing is briefly pending).
-  // The free-space alert depends on this machine's disk.
-  nlohmann::json free_bytes =
-      prometheus_.Query("mergeguard_store_free_bytes{job=\"mergeguard\"}");
-  ASSERT_FALSE(free_bytes.is_null());
-  ASSERT_EQ(free_bytes["result"].size(), 1u);
-  const bool low_on_space = ValueOf(free_bytes["result"][0]) < 10.0 * (1 << 30);
+  // The rules loaded and evaluate against this data without error. Exactly
+  // the alerts the data calls for are active: the LFPM job's (suspicious
+  // inputs when its anomaly index is over 2; mined-trigger ASR when above
+  // 0.2 after the defense) and, on a nearly full disk, the free-space alert.
+  auto scalar = [&](const std::string& promql) {
+    nlohmann::json data = prometheus_.Query(promql);
+    EXPECT_TRUE(!data.is_null() && data["result"].size() == 1u) << promql;
+    return !data.is_null() && data["result"].size() == 1u
+               ? ValueOf(data["result"][0])
+               : -1.0;
+  };
+  std::map<std::string, bool> expect_active = {
+      {"MergeguardStoreLowOnSpace",
+       scalar("mergeguard_store_free_bytes{job=\"mergeguard\"}") <
+           10.0 * (1 << 30)},
+      {"MergeguardSuspiciousInputs",
+       scalar("mergeguard_suspicious_inputs_total{method=\"lfpm\"}") == 1},
+      {"MergeguardMinedTriggerASRAfterSanitizationHigh",
+       scalar("mergeguard_mined_trigger_attack_success_ratio_bucket{method="
+              "\"lfpm\",stage=\"after\",le=\"0.2\"}") == 0},
+  };
   std::vector<std::string> problems = {"no rule evaluated yet"};
   size_t rules = 0;
   const absl::Time deadline = absl::Now() + kPatience;
@@ -420,9 +498,7 @@ TEST_F(DeployPrometheusScrapeTest,
         if (rule.value("health", "") != "ok") {
           problems.push_back(name + ": " + rule.value("lastError", ""));
         }
-        const bool expect_active =
-            low_on_space && name == "MergeguardStoreLowOnSpace";
-        if ((state != "inactive") != expect_active) {
+        if ((state != "inactive") != expect_active[name]) {
           problems.push_back(name + " is " + state);
         }
       }
