@@ -1,5 +1,7 @@
 """The Dockerfile, checked without building an image (no registry here):
   - stages, base images, user, ports, volume and build arguments;
+  - the builder's configure step works and defines the targets whose
+    binaries the runtime copies;
   - every file it copies exists and survives .dockerignore, and so does
     every source file the build needs;
   - the runtime package lists name real Debian packages (apt-cache) whose
@@ -157,6 +159,32 @@ def check_structure(parsed):
     return final_items
 
 
+def check_builder_configure(parsed):
+    """The builder's configure step (the Makefile's, tests off) works on these
+    sources and defines the targets it builds; those are what the runtime
+    copies from /build/bin."""
+    builder_runs = " ".join(rest for s, k, rest in parsed if k == "RUN" and s == 0)
+    targets = re.search(r"cmake --build /build --target ((?:\w[\w-]* ?)+)", builder_runs)
+    if not t.check(targets, "the builder names its CMake targets"):
+        return
+    targets = targets.group(1).split()
+    copied = [os.path.basename(w) for s, k, rest in parsed if k == "COPY" and "--from=builder" in rest
+              for w in shlex.split(rest) if w.startswith("/build/bin/")]
+    t.check(sorted(copied) == sorted(targets) == sorted(BINARIES),
+            "the runtime copies exactly the built targets (%s, %s)" % (copied, targets))
+    build = t.temp_dir("mergeguard-docker-configure")
+    try:
+        configure = t.run(["make", "configure", "BUILD_DIR=" + build,
+                           "CMAKE_FLAGS=-DMERGEGUARD_BUILD_TESTS=OFF"], cwd=t.REPO)
+        t.check(configure.returncode == 0, "make configure (tests off):\n" + configure.stdout[-2000:] +
+                configure.stderr[-2000:])
+        if configure.returncode == 0:
+            dry = t.run(["cmake", "--build", build, "--target"] + targets + ["--", "-n"])
+            t.check(dry.returncode == 0, "the targets exist: " + dry.stdout[-1000:] + dry.stderr[-1000:])
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+
+
 def read_packages(name):
     with open(os.path.join(PACKAGE_LISTS, name)) as f:
         return [line.strip() for line in f if line.strip() and not line.startswith("#")]
@@ -298,6 +326,7 @@ def check_running(final_items):
 def main():
     parsed = instructions()
     final_items = check_structure(parsed)
+    check_builder_configure(parsed)
     check_packages()
     check_running(final_items)
     with open(os.path.join(t.REPO, "docs", "deploy.md")) as f:
