@@ -26,12 +26,17 @@ json OptionsJson(const DamOptions& options) {
       {"lambda_learning_rate", options.lambda_learning_rate},
       {"reset_lambda_each_step", options.reset_lambda_each_step},
       {"mask_learning_rate", options.mask_learning_rate},
+      {"detection_mask_learning_rate", options.detection_mask_learning_rate},
       {"initial_mask_logit", options.initial_mask_logit},
       {"temperature", options.temperature},
+      {"trigger_shape", std::string(TriggerShapeName(options.trigger_shape))},
       {"trigger_learning_rate", options.trigger_learning_rate},
       {"trigger_epsilon", options.trigger_epsilon},
+      {"patch_mask_l1_weight", options.patch_mask_l1_weight},
       {"beta", options.beta},
       {"backdoor_loss", std::string(BackdoorLossName(options.backdoor_loss))},
+      {"detection_clean_loss",
+       std::string(DetectionCleanLossName(options.detection_clean_loss))},
       {"final_mask", std::string(FinalMaskModeName(options.final_mask))},
       {"adamerging_steps", options.adamerging_steps},
       {"adamerging_learning_rate", options.adamerging_learning_rate},
@@ -81,12 +86,45 @@ absl::string_view FinalMaskModeName(FinalMaskMode mode) {
 absl::StatusOr<BackdoorLoss> ParseBackdoorLoss(absl::string_view name) {
   if (name == "entropy") return BackdoorLoss::kEntropy;
   if (name == "consistency") return BackdoorLoss::kConsistency;
-  return absl::InvalidArgumentError(absl::StrCat(
-      "unknown backdoor loss \"", name, "\" (entropy, consistency)"));
+  if (name == "anchored") return BackdoorLoss::kAnchored;
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown backdoor loss \"", name,
+                   "\" (entropy, consistency, anchored)"));
 }
 
 absl::string_view BackdoorLossName(BackdoorLoss loss) {
-  return loss == BackdoorLoss::kEntropy ? "entropy" : "consistency";
+  switch (loss) {
+    case BackdoorLoss::kEntropy:
+      return "entropy";
+    case BackdoorLoss::kConsistency:
+      return "consistency";
+    case BackdoorLoss::kAnchored:
+      return "anchored";
+  }
+  return "entropy";
+}
+
+absl::StatusOr<DetectionCleanLoss> ParseDetectionCleanLoss(
+    absl::string_view name) {
+  if (name == "entropy") return DetectionCleanLoss::kEntropy;
+  if (name == "fidelity") return DetectionCleanLoss::kFidelity;
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown detection clean loss \"", name, "\" (entropy, fidelity)"));
+}
+
+absl::string_view DetectionCleanLossName(DetectionCleanLoss loss) {
+  return loss == DetectionCleanLoss::kEntropy ? "entropy" : "fidelity";
+}
+
+absl::StatusOr<TriggerShape> ParseTriggerShape(absl::string_view name) {
+  if (name == "dense") return TriggerShape::kDense;
+  if (name == "patch") return TriggerShape::kPatch;
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown trigger shape \"", name, "\" (dense, patch)"));
+}
+
+absl::string_view TriggerShapeName(TriggerShape shape) {
+  return shape == TriggerShape::kDense ? "dense" : "patch";
 }
 
 absl::Status ValidateDamOptions(const DamOptions& options) {
@@ -111,6 +149,12 @@ absl::Status ValidateDamOptions(const DamOptions& options) {
   if (!(options.temperature > 0)) return bad("temperature", "> 0");
   if (!(options.trigger_epsilon >= 0)) return bad("trigger_epsilon", ">= 0");
   if (!(options.beta >= 0)) return bad("beta", ">= 0");
+  if (!(options.detection_mask_learning_rate >= 0)) {
+    return bad("detection_mask_learning_rate", ">= 0");
+  }
+  if (!(options.patch_mask_l1_weight >= 0)) {
+    return bad("patch_mask_l1_weight", ">= 0");
+  }
   if (!std::isfinite(options.initial_mask_logit)) {
     return bad("initial_mask_logit", "finite");
   }
@@ -130,7 +174,9 @@ struct DamTrainer::State {
   torch::Tensor lambdas;          // [N] or [N, K], leaf
   std::vector<torch::Tensor> s1;  // task-shared mask logits, leaves
   std::vector<torch::Tensor> s2;  // backdoor-detection mask logits
-  torch::Tensor delta;            // [N, C, H, W], leaf
+  torch::Tensor delta;            // dense: [N, C, H, W], leaf
+  torch::Tensor patch_mask;       // patch: mask logits [N, 1, H, W], leaf
+  torch::Tensor patch_pattern;    // patch: pattern logits [N, C, H, W], leaf
   std::unique_ptr<torch::optim::Adam> lambda_optimizer;
   std::unique_ptr<torch::optim::Adam> s1_optimizer;
   std::unique_ptr<torch::optim::Adam> s2_optimizer;
@@ -185,19 +231,33 @@ absl::Status DamTrainer::Init(const TaskVectorSet& set,
     }
     std::vector<int64_t> delta_shape = {set.num_tasks()};
     for (int64_t d : model_.InputShape()) delta_shape.push_back(d);
-    s.delta = torch::zeros(
-                  delta_shape,
-                  torch::TensorOptions().dtype(torch::kFloat32).device(device))
-                  .requires_grad_(true);
+    const auto float_options =
+        torch::TensorOptions().dtype(torch::kFloat32).device(device);
+    s.delta = torch::zeros(delta_shape, float_options).requires_grad_(true);
+    std::vector<torch::Tensor> trigger_parameters = {s.delta};
+    if (options_.trigger_shape == TriggerShape::kPatch) {
+      // The mask starts faint everywhere (sigmoid(-3) ~ 0.05 per pixel, as
+      // LFPM's) and the pattern mid-grey; the gradient localises both.
+      std::vector<int64_t> mask_shape = delta_shape;
+      mask_shape[1] = 1;
+      s.patch_mask =
+          torch::full(mask_shape, -3.0, float_options).requires_grad_(true);
+      s.patch_pattern =
+          torch::zeros(delta_shape, float_options).requires_grad_(true);
+      trigger_parameters = {s.patch_mask, s.patch_pattern};
+    }
     s.lambda_optimizer = std::make_unique<torch::optim::Adam>(
         std::vector<torch::Tensor>{s.lambdas},
         torch::optim::AdamOptions(options_.lambda_learning_rate));
     s.s1_optimizer = std::make_unique<torch::optim::Adam>(
         s.s1, torch::optim::AdamOptions(options_.mask_learning_rate));
     s.s2_optimizer = std::make_unique<torch::optim::Adam>(
-        s.s2, torch::optim::AdamOptions(options_.mask_learning_rate));
+        s.s2, torch::optim::AdamOptions(
+                  options_.detection_mask_learning_rate > 0
+                      ? options_.detection_mask_learning_rate
+                      : options_.mask_learning_rate));
     s.delta_optimizer = std::make_unique<torch::optim::Adam>(
-        std::vector<torch::Tensor>{s.delta},
+        trigger_parameters,
         torch::optim::AdamOptions(options_.trigger_learning_rate));
     return absl::OkStatus();
   });
@@ -216,6 +276,23 @@ absl::Status DamTrainer::StepImpl() {
   const int64_t step = steps_done_ + 1;
   const int num_tasks = s.merger.num_tasks();
   const int num_tensors = s.merger.num_tensors();
+
+  const bool patch = options_.trigger_shape == TriggerShape::kPatch;
+  // Applies task t's trigger; `detached` cuts the history to the trigger's
+  // parameters (the mask step).
+  auto triggered_inputs = [&](const torch::Tensor& batch, int t,
+                              bool detached) {
+    if (!patch) {
+      return PerturbInputs(batch, detached ? s.delta[t].detach() : s.delta[t]);
+    }
+    torch::Tensor m = torch::sigmoid(s.patch_mask[t]);
+    torch::Tensor p = torch::sigmoid(s.patch_pattern[t]);
+    if (detached) {
+      m = m.detach();
+      p = p.detach();
+    }
+    return (1 - m) * batch + m * p;
+  };
 
   // 1. Draw m1 and m2 (with history to s1, s2) and form m.
   std::vector<torch::Tensor> m1(num_tensors), m2(num_tensors);
@@ -260,7 +337,8 @@ absl::Status DamTrainer::StepImpl() {
   torch::Tensor lambdas_prime = s.lambdas.detach();
 
   // 3. Trigger synthesis on the detached theta(lambda', m): one Adam step
-  // that increases the cross-entropy to the clean pseudo-labels.
+  // that increases the cross-entropy to the clean pseudo-labels (dense), or
+  // that decreases -log(1 - p_yhat) plus the mask's L1 weight (patch).
   double trigger_value = 0.0;
   {
     {
@@ -269,6 +347,7 @@ absl::Status DamTrainer::StepImpl() {
     }
     s.delta_optimizer->zero_grad();
     torch::Tensor trigger_loss = torch::zeros({}, s.lambdas.options());
+    torch::Tensor patch_loss = torch::zeros({}, s.lambdas.options());
     for (int t = 0; t < num_tasks; ++t) {
       torch::Tensor batch = s.sampler.Next(t);
       torch::Tensor pseudo_labels;
@@ -280,15 +359,24 @@ absl::Status DamTrainer::StepImpl() {
       }
       ASSIGN_OR_RETURN(
           torch::Tensor logits,
-          s.merger.Logits(model_, t, PerturbInputs(batch, s.delta[t])));
-      trigger_loss =
-          trigger_loss +
-          torch::nll_loss(torch::log_softmax(logits, 1), pseudo_labels);
+          s.merger.Logits(model_, t, triggered_inputs(batch, t, false)));
+      torch::Tensor log_probs = torch::log_softmax(logits, 1);
+      trigger_loss = trigger_loss + torch::nll_loss(log_probs, pseudo_labels);
+      if (patch) {
+        // -log(1 - p_yhat) is bounded below once the input is moved off its
+        // label, so the L1 term can keep the mask small.
+        torch::Tensor p_label =
+            log_probs.gather(1, pseudo_labels.unsqueeze(1)).squeeze(1).exp();
+        patch_loss = patch_loss -
+                     torch::log((1 - p_label).clamp_min(1e-6)).mean() +
+                     options_.patch_mask_l1_weight *
+                         torch::sigmoid(s.patch_mask[t]).sum();
+      }
     }
-    // Adam minimizes, so descend on -CE.
-    (-trigger_loss).backward();
+    // Adam minimizes, so the dense trigger descends on -CE.
+    (patch ? patch_loss : -trigger_loss).backward();
     s.delta_optimizer->step();
-    {
+    if (!patch) {
       torch::NoGradGuard no_grad;
       s.delta.copy_(ProjectPerturbation(s.delta, options_.trigger_epsilon));
     }
@@ -303,11 +391,31 @@ absl::Status DamTrainer::StepImpl() {
     mask[k] = NormalizeMaskByMean(update_shared ? m1[k] * m2[k].detach()
                                                 : m1[k].detach() * m2[k]);
   }
+  const bool fidelity =
+      !update_shared &&
+      options_.detection_clean_loss == DetectionCleanLoss::kFidelity;
+  const bool anchored =
+      !update_shared && options_.backdoor_loss == BackdoorLoss::kAnchored;
+  std::vector<torch::Tensor> batches(num_tasks);
+  std::vector<torch::Tensor> reference_logits(num_tasks);
+  for (int t = 0; t < num_tasks; ++t) batches[t] = s.sampler.Next(t);
+  if (fidelity || anchored) {
+    // The reference predictions: the same merge without M2.
+    torch::NoGradGuard no_grad;
+    std::vector<torch::Tensor> m1_only(num_tensors);
+    for (int k = 0; k < num_tensors; ++k) {
+      m1_only[k] = NormalizeMaskByMean(m1[k].detach());
+    }
+    RETURN_IF_ERROR(s.merger.Install(model_, lambdas_prime, m1_only));
+    for (int t = 0; t < num_tasks; ++t) {
+      ASSIGN_OR_RETURN(reference_logits[t],
+                       s.merger.Logits(model_, t, batches[t]));
+    }
+  }
   RETURN_IF_ERROR(s.merger.Install(model_, lambdas_prime, mask));
   torch::Tensor mask_loss = torch::zeros({}, s.lambdas.options());
-  const torch::Tensor delta = s.delta.detach();
   for (int t = 0; t < num_tasks; ++t) {
-    torch::Tensor batch = s.sampler.Next(t);
+    const torch::Tensor& batch = batches[t];
     if (update_shared) {
       ASSIGN_OR_RETURN(torch::Tensor logits, s.merger.Logits(model_, t, batch));
       mask_loss = mask_loss + MeanEntropy(logits);
@@ -317,14 +425,16 @@ absl::Status DamTrainer::StepImpl() {
     ASSIGN_OR_RETURN(
         torch::Tensor logits,
         s.merger.Logits(model_, t,
-                        torch::cat({batch, PerturbInputs(batch, delta[t])})));
+                        torch::cat({batch, triggered_inputs(batch, t, true)})));
     torch::Tensor clean = logits.slice(0, 0, size);
     torch::Tensor triggered = logits.slice(0, size, 2 * size);
     torch::Tensor backdoor_term =
-        options_.backdoor_loss == BackdoorLoss::kEntropy
-            ? MeanEntropy(triggered)
-            : MeanKl(clean, triggered);
-    mask_loss = mask_loss + MeanEntropy(clean) + options_.beta * backdoor_term;
+        options_.backdoor_loss == BackdoorLoss::kEntropy ? MeanEntropy(triggered)
+        : anchored ? MeanKl(reference_logits[t], triggered)
+                   : MeanKl(clean, triggered);
+    torch::Tensor clean_term = fidelity ? MeanKl(reference_logits[t], clean)
+                                        : MeanEntropy(clean);
+    mask_loss = mask_loss + clean_term + options_.beta * backdoor_term;
   }
   torch::optim::Adam& mask_optimizer =
       update_shared ? *s.s1_optimizer : *s.s2_optimizer;
@@ -376,7 +486,21 @@ std::vector<torch::Tensor> DamTrainer::DetectionMaskLogits() const {
 }
 
 torch::Tensor DamTrainer::Perturbations() const {
-  return state_->delta.detach().cpu().clone();
+  torch::NoGradGuard no_grad;
+  const State& s = *state_;
+  if (options_.trigger_shape == TriggerShape::kPatch) {
+    return (torch::sigmoid(s.patch_mask) * torch::sigmoid(s.patch_pattern))
+        .cpu()
+        .clone();
+  }
+  return s.delta.detach().cpu().clone();
+}
+
+torch::Tensor DamTrainer::PatchMasks() const {
+  torch::NoGradGuard no_grad;
+  const State& s = *state_;
+  if (!s.patch_mask.defined()) return torch::Tensor();
+  return torch::sigmoid(s.patch_mask).cpu().clone();
 }
 
 std::vector<torch::Tensor> DamTrainer::FinalMask(FinalMaskMode mode) {
@@ -434,11 +558,15 @@ DamReport DamTrainer::MakeReport(
     report.final_mask_zeros = zeros / total;
   }
   report.m2_flagged_fraction = report.m2_sparsity;
-  torch::Tensor delta = s.delta.detach().cpu().to(torch::kFloat64);
+  torch::Tensor delta = Perturbations().to(torch::kFloat64);
+  torch::Tensor patch_masks = PatchMasks();
   for (size_t t = 0; t < task_names_.size(); ++t) {
     torch::Tensor d = delta[t];
-    report.triggers.push_back({task_names_[t], d.abs().max().item<double>(),
-                               d.norm().item<double>()});
+    report.triggers.push_back(
+        {task_names_[t], d.abs().max().item<double>(), d.norm().item<double>(),
+         patch_masks.defined()
+             ? patch_masks[t].to(torch::kFloat64).sum().item<double>()
+             : 0.0});
   }
   report.outer_steps = steps_done_;
   report.meta_seconds = meta_seconds_;
@@ -522,7 +650,10 @@ std::string DamReportToJson(const DamReport& report,
   json triggers = json::array();
   for (const TriggerSize& trigger : report.triggers) {
     triggers.push_back(
-        {{"task", trigger.task}, {"linf", trigger.linf}, {"l2", trigger.l2}});
+        {{"task", trigger.task},
+         {"linf", trigger.linf},
+         {"l2", trigger.l2},
+         {"mask_l1", trigger.mask_l1}});
   }
   json out = {
       {"method", "dam"},

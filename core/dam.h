@@ -49,10 +49,49 @@ enum class BackdoorLoss {
   // beta * KL(p(x) || p(x + delta)): predictions must not move under the
   // synthesized trigger.
   kConsistency,
+  // beta * KL(p_ref(x) || p(x + delta)), where p_ref are the predictions
+  // on clean x of the same merge with M2 removed (theta(lambda', m1), no
+  // gradient): the triggered predictions must follow an anchor that M2
+  // cannot move, so M2 cannot satisfy the term by collapsing the clean
+  // predictions onto one class.
+  kAnchored,
 };
-// ParseBackdoorLoss accepts "entropy" and "consistency".
+// ParseBackdoorLoss accepts "entropy", "consistency" and "anchored".
 absl::StatusOr<BackdoorLoss> ParseBackdoorLoss(absl::string_view name);
 absl::string_view BackdoorLossName(BackdoorLoss loss);
+
+// DetectionCleanLoss: the clean term of the M2 objective L2.
+enum class DetectionCleanLoss {
+  // H(predictions on x) (the spec's and the reference's).
+  kEntropy,
+  // KL(p_ref(x) || p(x)), where p_ref are the predictions of the same merge
+  // with M2 removed (theta(lambda', m1), no gradient): M2 must keep the
+  // clean predictions instead of sharpening them. Entropy is minimised by a
+  // model that sends every input to one class, which the backdoored task
+  // vector offers; this anchor is not.
+  kFidelity,
+};
+// ParseDetectionCleanLoss accepts "entropy" and "fidelity".
+absl::StatusOr<DetectionCleanLoss> ParseDetectionCleanLoss(
+    absl::string_view name);
+absl::string_view DetectionCleanLossName(DetectionCleanLoss loss);
+
+// TriggerShape: the form of the synthesized per-task trigger.
+enum class TriggerShape {
+  // delta_t, a dense additive perturbation with ||delta_t||_inf <= epsilon,
+  // trained by ascending CE to the pseudo-labels (the spec's and, apart
+  // from the bound, the reference's).
+  kDense,
+  // A stamped patch, x' = (1 - M_t) x + M_t P_t with M_t = sigmoid(mask
+  // logits) [1, H, W] and P_t = sigmoid(pattern logits) [C, H, W] (as LFPM
+  // mines triggers), trained on the bounded untargeted loss
+  // -log(1 - p_yhat(x')) + patch_mask_l1_weight * ||M_t||_1, so that it
+  // stays small and localised like a backdoor trigger.
+  kPatch,
+};
+// ParseTriggerShape accepts "dense" and "patch".
+absl::StatusOr<TriggerShape> ParseTriggerShape(absl::string_view name);
+absl::string_view TriggerShapeName(TriggerShape shape);
 
 struct DamOptions {
   // One lambda per task, or per task and backbone tensor. Default task-wise.
@@ -70,20 +109,31 @@ struct DamOptions {
   bool reset_lambda_each_step = false;
   // Adam learning rate of the mask logits s1 and s2. Default 1e-3.
   double mask_learning_rate = 1e-3;
+  // When > 0, the Adam learning rate of s2 (M2) alone; 0 uses
+  // `mask_learning_rate` for both masks, as the reference does. Default 0.
+  double detection_mask_learning_rate = 0.0;
   // Initial mask logits (0: each entry kept with probability 1/2).
   // Default 0.
   double initial_mask_logit = 0.0;
   // Binary Concrete temperature T. Default 0.5.
   double temperature = 0.5;
-  // Adam learning rate of the trigger perturbations delta_t. Default 1e-4.
+  // Shape of the synthesized triggers. Default dense (the spec's).
+  TriggerShape trigger_shape = TriggerShape::kDense;
+  // Adam learning rate of the trigger parameters (delta_t, or the patch's
+  // mask and pattern logits). Default 1e-4 (dense; a patch wants ~0.1).
   double trigger_learning_rate = 1e-4;
-  // L-infinity bound epsilon on delta_t, in input units ([0, 1] images).
-  // Default 0.1.
+  // L-infinity bound epsilon on delta_t, in input units ([0, 1] images);
+  // dense triggers only. Default 0.1.
   double trigger_epsilon = 0.1;
+  // Weight of ||M_t||_1 (summed over pixels) in a patch trigger's loss;
+  // patch triggers only. Default 0.01 (LFPM's).
+  double patch_mask_l1_weight = 0.01;
   // Weight beta of the backdoor term of L2. Default 0.1.
   double beta = 0.1;
   // The backdoor term of L2. Default entropy (the reference's).
   BackdoorLoss backdoor_loss = BackdoorLoss::kEntropy;
+  // The clean term of L2. Default entropy (the reference's).
+  DetectionCleanLoss detection_clean_loss = DetectionCleanLoss::kEntropy;
   // The mask of phase 2 and of the output. Default expected.
   FinalMaskMode final_mask = FinalMaskMode::kExpected;
   // Phase-2 AdaMerging steps. Default 500.
@@ -137,10 +187,13 @@ struct MaskTensorStats {
 };
 
 // TriggerSize is the size of one task's synthesized perturbation delta_t.
+// For a patch trigger, linf and l2 are those of M_t * P_t and mask_l1 is
+// ||M_t||_1; mask_l1 is 0 for a dense trigger.
 struct TriggerSize {
   std::string task;
   double linf = 0.0;
   double l2 = 0.0;
+  double mask_l1 = 0.0;
 };
 
 // DamReport is what a DAM run learned and what it cost.
@@ -203,8 +256,12 @@ class DamTrainer {
   torch::Tensor Lambdas() const;
   std::vector<torch::Tensor> SharedMaskLogits() const;     // s1
   std::vector<torch::Tensor> DetectionMaskLogits() const;  // s2
-  // Perturbations() is [N, C, H, W].
+  // Perturbations() is [N, C, H, W]: delta for dense triggers, M * P for
+  // patch triggers.
   torch::Tensor Perturbations() const;
+  // PatchMasks() is M = sigmoid(mask logits), [N, 1, H, W], for patch
+  // triggers; undefined for dense ones.
+  torch::Tensor PatchMasks() const;
   // FinalMask returns m* for `mode`, per backbone tensor (on the device).
   // kSample draws from the trainer's generator.
   std::vector<torch::Tensor> FinalMask(FinalMaskMode mode);

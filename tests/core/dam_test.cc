@@ -178,6 +178,59 @@ TEST(DamTrainerTest, TriggerStepIncreasesTheCrossEntropy) {
   }
 }
 
+TEST(DamTrainerTest, PatchTriggerMovesInputsOffTheirLabelsWithASmallMask) {
+  TinyWorld run;
+  DamOptions options = FastOptions();
+  options.trigger_shape = TriggerShape::kPatch;
+  options.trigger_learning_rate = 0.1;
+  options.lambda_learning_rate = 1e-9;  // keep the model almost fixed
+  options.mask_learning_rate = 1e-9;
+  auto trainer =
+      DamTrainer::Create(*run.model, run.set, run.calibration, options);
+  ASSERT_TRUE(trainer.ok()) << trainer.status();
+  for (int i = 0; i < 30; ++i) ASSERT_TRUE((*trainer)->Step().ok());
+  torch::Tensor masks = (*trainer)->PatchMasks();
+  torch::Tensor stamped = (*trainer)->Perturbations();
+  EXPECT_THAT(masks.sizes(), ElementsAre(3, 1, 28, 28));
+  EXPECT_THAT(stamped.sizes(), ElementsAre(3, 1, 28, 28));
+  EXPECT_GE(masks.min().item<double>(), 0.0);
+  EXPECT_LE(masks.max().item<double>(), 1.0);
+  auto merger =
+      TaskVectorMerger::Create(run.set, *run.model, c10::Device(c10::kCPU));
+  ASSERT_TRUE(merger.ok());
+  torch::NoGradGuard no_grad;
+  ASSERT_TRUE(merger->Install(*run.model, torch::full({3}, 0.3f), {}).ok());
+  for (int t = 0; t < 3; ++t) {
+    const torch::Tensor& x = run.calibration[t];
+    torch::Tensor m = masks[t];
+    torch::Tensor p = stamped[t] / m;  // M * P / M
+    auto clean = merger->Logits(*run.model, t, x);
+    auto triggered = merger->Logits(*run.model, t, (1 - m) * x + m * p);
+    ASSERT_TRUE(clean.ok() && triggered.ok());
+    torch::Tensor labels = clean->argmax(1);
+    const double ce_clean =
+        torch::nll_loss(torch::log_softmax(*clean, 1), labels).item<double>();
+    const double ce_triggered =
+        torch::nll_loss(torch::log_softmax(*triggered, 1), labels)
+            .item<double>();
+    EXPECT_GT(ce_triggered, ce_clean + 0.05) << "task " << t;
+  }
+  auto result = (*trainer)->Finish();
+  ASSERT_TRUE(result.ok()) << result.status();
+  ASSERT_EQ(result->report.triggers.size(), 3u);
+  EXPECT_GT(result->report.triggers[0].mask_l1, 0.0);
+  // Well below the whole image (784 pixels).
+  EXPECT_LT(result->report.triggers[0].mask_l1, 200.0);
+}
+
+TEST(DamOptionsTest, ParsesTriggerShapes) {
+  EXPECT_EQ(*ParseTriggerShape("dense"), TriggerShape::kDense);
+  EXPECT_EQ(*ParseTriggerShape("patch"), TriggerShape::kPatch);
+  EXPECT_FALSE(ParseTriggerShape("blob").ok());
+  EXPECT_EQ(TriggerShapeName(TriggerShape::kPatch), "patch");
+  EXPECT_EQ(DamOptions().trigger_shape, TriggerShape::kDense);
+}
+
 TEST(DamTrainerTest, LambdaStepDescendsTheHandComputedGradient) {
   for (LambdaGranularity granularity :
        {LambdaGranularity::kTaskWise, LambdaGranularity::kLayerWise}) {
