@@ -242,6 +242,11 @@ absl::StatusOr<LocalMergeResult> RunDataDependent(
 absl::StatusOr<LocalMergeResult> RunLocalMerge(
     const MergeConfig& config, const std::string& out_dir,
     const LocalMergeOptions& options) {
+  if (!config.probes.empty()) {
+    return absl::InvalidArgumentError(
+        "probe: probe sets are evaluated by server jobs (mergeguard run); "
+        "evaluate a local result with mergeguard-bench eval");
+  }
   RETURN_IF_ERROR(MakeDirectories(out_dir));
   if (IsDataFreeMerge(config.method)) {
     return RunDataFree(config, out_dir, options);

@@ -269,6 +269,7 @@ absl::Status ParseModels(const YAML::Node& node, const std::string& base_dir,
     std::string field = absl::StrCat("models[", i, "]");
     MergeInput input;
     std::string calibration;
+    std::string probe;
     if (entry.IsScalar()) {
       input.path = ResolvePath(entry.Scalar(), base_dir);
     } else if (entry.IsMap()) {
@@ -292,10 +293,20 @@ absl::Status ParseModels(const YAML::Node& node, const std::string& base_dir,
           }
           ASSIGN_OR_RETURN(calibration, ReadString(kv.second, sub));
           calibration = ResolvePath(calibration, base_dir);
+        } else if (key == "probe") {
+          if (IsDataFreeMerge(config.method)) {
+            return FieldError(kv.first, sub,
+                              absl::StrCat("does not apply to method ",
+                                           JobMethodName(config.method),
+                                           " (probe sets are evaluated by "
+                                           "adamerging, dam and lfpm jobs)"));
+          }
+          ASSIGN_OR_RETURN(probe, ReadString(kv.second, sub));
+          probe = ResolvePath(probe, base_dir);
         } else {
-          return FieldError(
-              kv.first, sub,
-              "unknown field (expected path, name, weight or calibration)");
+          return FieldError(kv.first, sub,
+                            "unknown field (expected path, name, weight, "
+                            "calibration or probe)");
         }
       }
       if (input.path.empty() && config.merged.empty()) {
@@ -317,6 +328,7 @@ absl::Status ParseModels(const YAML::Node& node, const std::string& base_dir,
                                      "\"; give each model a distinct name"));
     }
     if (!calibration.empty()) config.calibration[input.name] = calibration;
+    if (!probe.empty()) config.probes[input.name] = probe;
     config.models.push_back(std::move(input));
   }
   return absl::OkStatus();

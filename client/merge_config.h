@@ -54,6 +54,9 @@ struct MergeConfig {
   // name the tasks and their calibration sets; `base` and paths are not
   // needed. Local runs only.
   std::string merged;
+  // AdaMerging, DAM and LFPM on a server: per-task probe set paths
+  // (core/probe.h), keyed by task name. Server jobs only.
+  std::map<std::string, std::string> probes;
 };
 
 // ParseMergeConfig parses YAML `text`; relative paths resolve against

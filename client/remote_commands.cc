@@ -171,6 +171,12 @@ absl::StatusOr<v1::JobSpec> BuildRemoteJobSpec(SanitizerClient& client,
         UploadAndLog(client, path, v1::ARTIFACT_KIND_CALIBRATION, out));
     spec.calibration.push_back({task, digest});
   }
+  for (const auto& [task, path] : config.probes) {
+    ASSIGN_OR_RETURN(
+        std::string digest,
+        UploadAndLog(client, path, v1::ARTIFACT_KIND_CALIBRATION, out));
+    spec.probes.push_back({task, digest});
+  }
   RETURN_IF_ERROR(ValidateJobSpec(spec));
   v1::JobSpec proto;
   JobSpecToProto(spec, &proto);

@@ -6,6 +6,7 @@
 #include <cerrno>
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <limits>
 #include <set>
 #include <utility>
@@ -18,6 +19,7 @@
 #include "core/defense_params.h"
 #include "core/file_util.h"
 #include "core/lfpm.h"
+#include "core/probe.h"
 #include "core/sha256.h"
 #include "core/status_macros.h"
 #include "nlohmann/json.hpp"
@@ -200,6 +202,13 @@ json SpecToJsonValue(const JobSpec& spec) {
   if (!spec.defense_parameters.empty()) {
     j["defense_parameters"] = spec.defense_parameters;
   }
+  if (!spec.probes.empty()) {
+    json probes = json::array();
+    for (const CalibrationRef& ref : spec.probes) {
+      probes.push_back({{"task", ref.task}, {"sha256", ref.digest}});
+    }
+    j["probes"] = std::move(probes);
+  }
   return j;
 }
 
@@ -319,6 +328,16 @@ absl::StatusOr<JobSpec> SpecFromJsonValue(const json& j) {
         return FieldError("defense_parameters", "expected string values");
       }
       spec.defense_parameters[name] = value.get<std::string>();
+    }
+  }
+  if (auto probes = j.find("probes"); probes != j.end()) {
+    if (!probes->is_array()) return FieldError("probes", "expected an array");
+    for (const json& entry : *probes) {
+      if (!entry.is_object()) return FieldError("probes", "expected objects");
+      CalibrationRef ref;
+      ASSIGN_OR_RETURN(ref.task, GetString(entry, "task", true));
+      ASSIGN_OR_RETURN(ref.digest, GetString(entry, "sha256", true));
+      spec.probes.push_back(std::move(ref));
     }
   }
   return spec;
@@ -477,6 +496,69 @@ JobProgress ToJobProgress(const TrainingProgress& progress) {
           progress.losses};
 }
 
+// EvaluateJobProbes runs the spec's probe sets on the task-arithmetic merge
+// of the inputs (before) and on the job's output (after), and adds the means
+// over probes to the metrics and the per-task figures to the report.
+absl::Status EvaluateJobProbes(const JobSpec& spec,
+                               const ArtifactResolver& resolve,
+                               const std::string& architecture_path,
+                               const std::string& base_path,
+                               const std::vector<MergeInput>& inputs,
+                               double before_lambda, const JobContext& context,
+                               const std::string& work_dir, JobOutput& output,
+                               json& report_json) {
+  std::vector<ProbeSet> probes;
+  for (size_t i = 0; i < spec.probes.size(); ++i) {
+    ASSIGN_OR_RETURN(std::string path, resolve(spec.probes[i].digest));
+    absl::StatusOr<ProbeSet> probe = LoadProbeSet(spec.probes[i].task, path);
+    if (!probe.ok()) {
+      return absl::Status(probe.status().code(),
+                          absl::StrCat("probes[", i, "]: ",
+                                       probe.status().message()));
+    }
+    probes.push_back(*std::move(probe));
+  }
+  const std::string before_path = absl::StrCat(work_dir, "/probe-before.safetensors");
+  MergeOptions before_options = spec.merge;
+  before_options.method = MergeMethod::kTaskArithmetic;
+  before_options.lambda = before_lambda;
+  before_options.threads = context.threads;
+  before_options.writer = CheckpointWriterOptions{};
+  absl::Status merged =
+      Merge(base_path, inputs, before_path, before_options).status();
+  absl::StatusOr<std::vector<ProbeResult>> before =
+      merged.ok() ? EvaluateProbes(architecture_path, before_path, probes)
+                  : absl::StatusOr<std::vector<ProbeResult>>(merged);
+  std::error_code ignored;
+  std::filesystem::remove_all(before_path, ignored);
+  if (!before.ok()) return before.status();
+  ASSIGN_OR_RETURN(std::vector<ProbeResult> after,
+                   EvaluateProbes(architecture_path, output.model_path, probes));
+  double asr_before = 0, asr_after = 0, acc_before = 0, acc_after = 0;
+  json per_task = json::array();
+  for (size_t i = 0; i < probes.size(); ++i) {
+    asr_before += (*before)[i].asr / probes.size();
+    asr_after += after[i].asr / probes.size();
+    acc_before += (*before)[i].accuracy / probes.size();
+    acc_after += after[i].accuracy / probes.size();
+    per_task.push_back({{"task", probes[i].task},
+                        {"target", probes[i].target},
+                        {"examples", probes[i].images.size()},
+                        {"asr_before", (*before)[i].asr},
+                        {"asr_after", after[i].asr},
+                        {"accuracy_before", (*before)[i].accuracy},
+                        {"accuracy_after", after[i].accuracy}});
+  }
+  output.metrics[kMetricProbeAsrBefore] = asr_before;
+  output.metrics[kMetricProbeAsrAfter] = asr_after;
+  output.metrics[kMetricProbeAccuracyBefore] = acc_before;
+  output.metrics[kMetricProbeAccuracyAfter] = acc_after;
+  report_json["probes"] = {
+      {"before", absl::StrCat("task arithmetic, lambda ", before_lambda)},
+      {"tasks", per_task}};
+  return absl::OkStatus();
+}
+
 absl::StatusOr<JobOutput> RunDataDependent(const JobSpec& spec,
                                            const ArtifactResolver& resolve,
                                            const std::string& work_dir,
@@ -615,6 +697,16 @@ absl::StatusOr<JobOutput> RunDataDependent(const JobSpec& spec,
   if (cancelled()) {
     ::unlink(output.model_path.c_str());
     return absl::CancelledError("job cancelled while it ran");
+  }
+  if (!spec.probes.empty()) {
+    absl::Status probed = EvaluateJobProbes(
+        spec, resolve, architecture_path, base_path, inputs,
+        spec.method == JobMethod::kLfpm ? options.merge_lambda : 0.3,
+        context, work_dir, output, report_json);
+    if (!probed.ok()) {
+      ::unlink(output.model_path.c_str());
+      return probed;
+    }
   }
   report_json["metrics"] = output.metrics;
   absl::Status written =
@@ -768,6 +860,26 @@ absl::Status ValidateJobSpec(const JobSpec& spec) {
     RETURN_IF_ERROR(CheckDigest(absl::StrCat(field, ".sha256"), ref.digest));
   }
   RETURN_IF_ERROR(ValidateHyperparameters(spec));
+  std::set<std::string> probed;
+  for (size_t i = 0; i < spec.probes.size(); ++i) {
+    const CalibrationRef& ref = spec.probes[i];
+    const std::string field = absl::StrCat("probes[", i, "]");
+    if (IsDataFreeMerge(spec.method)) {
+      return FieldError(field, "probe sets are evaluated for adamerging, dam "
+                               "and lfpm jobs only");
+    }
+    if (!names.count(ref.task)) {
+      return FieldError(
+          absl::StrCat(field, ".task"),
+          absl::StrCat("\"", ref.task, "\" is not the name of an input"));
+    }
+    if (!probed.insert(ref.task).second) {
+      return FieldError(absl::StrCat(field, ".task"),
+                        absl::StrCat("task \"", ref.task,
+                                     "\" has more than one probe set"));
+    }
+    RETURN_IF_ERROR(CheckDigest(absl::StrCat(field, ".sha256"), ref.digest));
+  }
   if (!IsDataFreeMerge(spec.method)) {
     if (spec.architecture.empty()) {
       return FieldError(
@@ -836,6 +948,11 @@ std::vector<ArtifactReference> ReferencedArtifacts(const JobSpec& spec) {
   for (size_t i = 0; i < spec.calibration.size(); ++i) {
     refs.push_back({absl::StrCat("calibration[", i, "].sha256"),
                     spec.calibration[i].digest, ArtifactRole::kCalibration});
+  }
+  // Probe sets are uploaded as calibration data: labeled inputs.
+  for (size_t i = 0; i < spec.probes.size(); ++i) {
+    refs.push_back({absl::StrCat("probes[", i, "].sha256"),
+                    spec.probes[i].digest, ArtifactRole::kCalibration});
   }
   return refs;
 }

@@ -90,6 +90,10 @@ struct JobSpec {
   // Hyperparameters of AdaMerging, DAM and LFPM by name, as text
   // (core/defense_params.h lists them); must be empty for data-free merges.
   std::map<std::string, std::string> defense_parameters;
+  // Probe sets (core/probe.h), at most one per task, for AdaMerging, DAM and
+  // LFPM: the job then reports probe accuracy and ASR before (the
+  // task-arithmetic merge of the inputs) and after the method.
+  std::vector<CalibrationRef> probes;
 };
 
 // ValidateJobSpec checks everything that can be checked without reading the

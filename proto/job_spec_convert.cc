@@ -199,6 +199,9 @@ absl::StatusOr<JobSpec> JobSpecFromProto(const v1::JobSpec& proto) {
   }
   spec.defense_parameters.insert(proto.defense_parameters().begin(),
                                  proto.defense_parameters().end());
+  for (const v1::CalibrationData& data : proto.probes()) {
+    spec.probes.push_back({data.task(), data.sha256()});
+  }
   return spec;
 }
 
@@ -282,6 +285,11 @@ void JobSpecToProto(const JobSpec& spec, v1::JobSpec* proto) {
   }
   proto->mutable_defense_parameters()->insert(spec.defense_parameters.begin(),
                                               spec.defense_parameters.end());
+  for (const CalibrationRef& ref : spec.probes) {
+    v1::CalibrationData* data = proto->add_probes();
+    data->set_task(ref.task);
+    data->set_sha256(ref.digest);
+  }
 }
 
 }  // namespace mergeguard

@@ -10,6 +10,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "core/probe.h"
 #include "core/sha256.h"
 #include "core/tensor_views.h"
 #include "tests/client/defense_world.h"
@@ -268,6 +269,50 @@ TEST_F(CliServerDefenseTest, RunLfpm) {
   CommandResult jobs = RunCli("jobs" + flags_);
   EXPECT_EQ(jobs.exit_code, 0) << jobs.output;
   EXPECT_THAT(jobs.output, HasSubstr("LFPM"));
+}
+
+// A probe set travels with the job; the report and /metrics carry its
+// accuracy and attack success before and after the defense.
+TEST_F(CliServerDefenseTest, ProbeSetReachesReportAndMetrics) {
+  ProbeSet probe;
+  torch::manual_seed(4);
+  probe.images.inputs = torch::rand({10, 1, 28, 28});
+  probe.images.labels = torch::randint(0, 3, {10}, torch::kLong);
+  probe.trigger.pattern = torch::ones({1, 3, 3});
+  probe.trigger.row = 2;
+  probe.trigger.col = 2;
+  probe.target = 2;
+  ASSERT_TRUE(SaveProbeSet(dir_ + "/alpha_probe.safetensors", probe).ok());
+  std::string yaml = "method: dam\narchitecture: tiny\nbase: base.safetensors\n"
+                     "models:\n";
+  for (const std::string& task : testing::DefenseWorldTasks()) {
+    yaml += "  - {name: " + task + ", path: " + task +
+            ".safetensors, calibration: " + task + "_cal.safetensors" +
+            (task == "alpha" ? ", probe: alpha_probe.safetensors" : "") + "}\n";
+  }
+  yaml += "parameters: {steps: 2, adamerging_steps: 2, batch_size: 4}\n";
+  std::ofstream(dir_ + "/probe.yaml") << yaml;
+  CommandResult r = RunCli("run --config " + dir_ + "/probe.yaml --out " +
+                           dir_ + "/out" + flags_);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  nlohmann::json report = nlohmann::json::parse(
+      testing::ReadWholeFile(dir_ + "/out/report.json"), nullptr, false);
+  ASSERT_FALSE(report.is_discarded());
+  ASSERT_EQ(report["probes"]["tasks"].size(), 1u) << report.dump(1);
+  EXPECT_EQ(report["probes"]["tasks"][0].value("task", ""), "alpha");
+  EXPECT_TRUE(report["metrics"].contains("probe_asr_after"));
+  absl::StatusOr<std::string> metrics =
+      testing::HttpGet(server_->metrics_port(), "/metrics");
+  ASSERT_TRUE(metrics.ok()) << metrics.status();
+  EXPECT_THAT(*metrics,
+              HasSubstr("mergeguard_probe_attack_success_ratio_count{method="
+                        "\"dam\",stage=\"after\"} 1"));
+
+  // Local runs refuse probe sets rather than ignore them.
+  CommandResult local =
+      RunCli("merge --config " + dir_ + "/probe.yaml --out " + dir_ + "/l");
+  EXPECT_NE(local.exit_code, 0);
+  EXPECT_THAT(local.output, HasSubstr("evaluated by server jobs"));
 }
 
 TEST_F(CliServerDefenseTest, BadParameterFailsBeforeUpload) {

@@ -11,6 +11,8 @@
 #include <string>
 
 #include "core/defense_params.h"
+#include "core/merge.h"
+#include "core/probe.h"
 #include "core/sha256.h"
 #include "core/tensor_views.h"
 #include "tests/core/defense_fixtures.h"
@@ -159,9 +161,19 @@ TEST(ValidateJobSpecTest, DefenseParametersAreCheckedByName) {
   spec.method = JobMethod::kAdaMerging;
   spec.defense_parameters = {{"granularity", "layer_wise"}, {"steps", "5"}};
   EXPECT_TRUE(ValidateJobSpec(spec).ok()) << Error(spec);
+  spec.probes = {{"svhn", Sha256Hex("p")}};
+  EXPECT_TRUE(ValidateJobSpec(spec).ok()) << Error(spec);
+  spec.probes.push_back({"svhn", Sha256Hex("q")});
+  EXPECT_THAT(Error(spec), HasSubstr("more than one probe set"));
+  spec.probes = {{"cifar", Sha256Hex("p")}};
+  EXPECT_THAT(Error(spec), HasSubstr("probes[0].task"));
+  spec.probes.clear();
   spec.method = JobMethod::kTaskArithmetic;
   EXPECT_THAT(Error(spec), HasSubstr("is not a parameter of method "
                                      "task_arithmetic"));
+  spec.defense_parameters.clear();
+  spec.probes = {{"svhn", Sha256Hex("p")}};
+  EXPECT_THAT(Error(spec), HasSubstr("adamerging, dam and lfpm jobs only"));
 }
 
 TEST(DefenseParametersTest, InfoListsEveryNameWithItsDefault) {
@@ -207,6 +219,7 @@ TEST(JobSpecJsonTest, RoundTripsEveryField) {
   spec.merge.head_prefix = "classifier.";
   spec.merge.compute_in_double = true;
   spec.defense_parameters = {{"steps", "7"}};
+  spec.probes = {{"mnist", Sha256Hex("p")}};
   auto parsed = JobSpecFromJson(JobSpecToJson(spec));
   ASSERT_TRUE(parsed.ok()) << parsed.status();
   EXPECT_EQ(JobSpecToJson(*parsed), JobSpecToJson(spec));
@@ -377,6 +390,66 @@ TEST_F(DataDependentJobTest, DamWritesModelReportMetricsAndProgress) {
   const std::string report = ReadFile(output->report_path);
   EXPECT_THAT(report, HasSubstr("\"dam\""));
   EXPECT_THAT(report, HasSubstr("\"steps\": \"4\""));
+}
+
+TEST_F(DataDependentJobTest, ProbeSetsReportBeforeAndAfter) {
+  ProbeSet probe;
+  torch::manual_seed(9);
+  probe.images.inputs = torch::rand({12, 1, 28, 28});
+  probe.images.labels = torch::randint(0, 3, {12}, torch::kLong);
+  probe.trigger.kind = TriggerKind::kPatch;
+  probe.trigger.pattern = torch::ones({1, 4, 4});
+  probe.trigger.row = 23;
+  probe.trigger.col = 23;
+  probe.target = 1;
+  paths_[Sha256Hex("probe")] = dir_.Path("probe.safetensors");
+  ASSERT_TRUE(SaveProbeSet(dir_.Path("probe.safetensors"), probe).ok());
+  absl::StatusOr<ProbeSet> loaded =
+      LoadProbeSet("task1", dir_.Path("probe.safetensors"));
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  EXPECT_EQ(loaded->target, 1);
+  EXPECT_EQ(loaded->trigger.row, 23);
+  EXPECT_TRUE(torch::equal(loaded->images.labels, probe.images.labels));
+
+  spec_.method = JobMethod::kDam;
+  spec_.defense_parameters = {
+      {"steps", "2"}, {"adamerging_steps", "2"}, {"batch_size", "8"}};
+  spec_.probes = {{"task1", Sha256Hex("probe")}};
+  absl::StatusOr<JobOutput> output = Run();
+  ASSERT_TRUE(output.ok()) << output.status();
+  for (const char* key :
+       {kMetricProbeAsrBefore, kMetricProbeAsrAfter,
+        kMetricProbeAccuracyBefore, kMetricProbeAccuracyAfter}) {
+    ASSERT_TRUE(output->metrics.count(key)) << key;
+    EXPECT_GE(output->metrics.at(key), 0.0) << key;
+    EXPECT_LE(output->metrics.at(key), 1.0) << key;
+  }
+  // The "before" model is the TA merge, independent of DAM: recompute its
+  // probe accuracy directly.
+  MergeOptions ta;
+  ta.lambda = 0.3;
+  std::vector<MergeInput> inputs = {
+      {"task0", paths_[Sha256Hex("task0")], 1.0},
+      {"task1", paths_[Sha256Hex("task1")], 1.0}};
+  ASSERT_TRUE(
+      Merge(paths_[Sha256Hex("base")], inputs, dir_.Path("ta.safetensors"), ta)
+          .ok());
+  auto before = EvaluateProbes(dir_.Path("tiny.pt"),
+                               dir_.Path("ta.safetensors"), {*loaded});
+  ASSERT_TRUE(before.ok()) << before.status();
+  EXPECT_DOUBLE_EQ(output->metrics.at(kMetricProbeAccuracyBefore),
+                   (*before)[0].accuracy);
+  EXPECT_DOUBLE_EQ(output->metrics.at(kMetricProbeAsrBefore), (*before)[0].asr);
+  EXPECT_THAT(ReadFile(output->report_path), HasSubstr("\"asr_after\""));
+  // The work directory holds only the outputs.
+  EXPECT_NE(::access(dir_.Path("work/probe-before.safetensors").c_str(), F_OK),
+            0);
+
+  // A probe whose target is not a class of the head fails the job.
+  probe.target = 7;
+  ASSERT_TRUE(SaveProbeSet(dir_.Path("probe.safetensors"), probe).ok());
+  EXPECT_EQ(Run().status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(::access(dir_.Path("work/model.safetensors").c_str(), F_OK), 0);
 }
 
 TEST_F(DataDependentJobTest, AdaMergingWritesModel) {
