@@ -103,7 +103,16 @@ struct SurrogateTriggers {
   torch::Tensor mask_logits;     // [k, 1, H, W], leaf
   torch::Tensor pattern_logits;  // [k, C, H, W], leaf
   std::vector<int64_t> targets;  // -1: untargeted
+  // Per trigger: unlearned (1) or not (0). A trigger is unlearned only
+  // while it still reaches `reach_threshold` of the inputs (docs/lfpm.md,
+  // "Reach gate").
+  std::vector<double> active;
   std::unique_ptr<torch::optim::Adam> optimizer;
+
+  bool AnyActive() const {
+    return std::any_of(active.begin(), active.end(),
+                       [](double a) { return a > 0.0; });
+  }
 
   int64_t size() const { return static_cast<int64_t>(targets.size()); }
 };
@@ -258,9 +267,13 @@ struct LfpmProblemForTesting::State {
 
   // Loss returns L(α) on `batch` (per task: input indices) given the
   // detached endpoint features f(θm + τab; x) per task. Installs θ(α).
+  // With `gated`, L_bd and the invariance term count only the triggers
+  // marked active, and a task with none skips its triggered pass; without
+  // it (the report) every trigger counts.
   absl::StatusOr<LossParts> Loss(double alpha,
                                  const std::vector<torch::Tensor>& batch,
-                                 const std::vector<torch::Tensor>& endpoint) {
+                                 const std::vector<torch::Tensor>& endpoint,
+                                 bool gated = true) {
     RETURN_IF_ERROR(Install(alpha));
     LossParts parts;
     torch::Tensor total;
@@ -271,11 +284,16 @@ struct LfpmProblemForTesting::State {
       const int64_t k = task.triggers.size();
       torch::Tensor x = task.inputs.index_select(0, idx);
       torch::Tensor y = task.labels.index_select(0, idx);
-      torch::Tensor triggered = StampTriggers(task.triggers, x, false);
-      ASSIGN_OR_RETURN(torch::Tensor features,
-                       model->Features(torch::cat({x, triggered}, 0)));
+      const bool use_triggers = !gated || task.triggers.AnyActive();
+      torch::Tensor features;
+      if (use_triggers) {
+        torch::Tensor triggered = StampTriggers(task.triggers, x, false);
+        ASSIGN_OR_RETURN(features,
+                         model->Features(torch::cat({x, triggered}, 0)));
+      } else {
+        ASSIGN_OR_RETURN(features, model->Features(x));
+      }
       torch::Tensor clean_features = features.slice(0, 0, b);
-      torch::Tensor triggered_features = features.slice(0, b);
       torch::Tensor clean_log_probs =
           torch::log_softmax(task.head.Logits(clean_features), 1);
       torch::Tensor clean;
@@ -285,21 +303,36 @@ struct LfpmProblemForTesting::State {
         torch::Tensor target = task.merged_log_probs.index_select(0, idx);
         clean = (target.exp() * (target - clean_log_probs)).sum(1).mean();
       }
-      torch::Tensor backdoor = torch::nll_loss(
-          torch::log_softmax(task.head.Logits(triggered_features), 1),
-          RepeatForTriggers(y, k));
-      // Trigger invariance on normalized penultimate features.
-      torch::Tensor invariance =
-          (torch::nn::functional::normalize(
-               triggered_features,
-               torch::nn::functional::NormalizeFuncOptions().dim(1)) -
-           torch::nn::functional::normalize(
-               clean_features,
-               torch::nn::functional::NormalizeFuncOptions().dim(1))
-               .repeat({k, 1}))
-              .pow(2)
-              .sum(1)
-              .mean();
+      torch::Tensor backdoor = torch::zeros({}, clean_log_probs.options());
+      torch::Tensor invariance = torch::zeros({}, clean_log_probs.options());
+      if (use_triggers) {
+        torch::Tensor triggered_features = features.slice(0, b);
+        // Per trigger (mean over its batch), weighted by the gate and
+        // averaged over the k triggers: with every trigger active this is
+        // the plain mean over the k·b triggered inputs.
+        torch::Tensor weights =
+            gated ? torch::tensor(task.triggers.active, torch::kFloat64)
+                        .to(clean_log_probs.options())
+                  : torch::ones({k}, clean_log_probs.options());
+        torch::Tensor backdoor_each = torch::nll_loss(
+            torch::log_softmax(task.head.Logits(triggered_features), 1),
+            RepeatForTriggers(y, k), {}, at::Reduction::None);
+        backdoor = (backdoor_each.view({k, b}).mean(1) * weights).sum() /
+                   static_cast<double>(k);
+        // Trigger invariance on normalized penultimate features.
+        torch::Tensor invariance_each =
+            (torch::nn::functional::normalize(
+                 triggered_features,
+                 torch::nn::functional::NormalizeFuncOptions().dim(1)) -
+             torch::nn::functional::normalize(
+                 clean_features,
+                 torch::nn::functional::NormalizeFuncOptions().dim(1))
+                 .repeat({k, 1}))
+                .pow(2)
+                .sum(1);
+        invariance = (invariance_each.view({k, b}).mean(1) * weights).sum() /
+                     static_cast<double>(k);
+      }
       // CTL: θ(α)'s features stay on the chord between θm's and
       // (θm + τab)'s, in units of θm's mean squared feature norm.
       torch::Tensor chord =
@@ -377,6 +410,7 @@ struct LfpmProblemForTesting::State {
     const int64_t k = static_cast<int64_t>(targets.size());
     SurrogateTriggers triggers;
     triggers.targets = std::move(targets);
+    triggers.active.assign(k, 1.0);
     const double init = options.triggers.initial_mask_logit;
     triggers.mask_logits =
         (torch::randn({k, 1, shape[1], shape[2]}, generator) * 0.1 + init)
@@ -437,6 +471,21 @@ struct LfpmProblemForTesting::State {
           triggers.targets[j], task.head.Logits(features).argmax(1), labels));
     }
     return success;
+  }
+
+  // Gate marks each of `task`'s triggers active when it reaches at least
+  // `reach_threshold` of the task's first `report_examples` inputs on the
+  // installed model; returns how many are active.
+  absl::StatusOr<int64_t> Gate(TaskState& task) {
+    ASSIGN_OR_RETURN(std::vector<double> success,
+                     Success(task, task.triggers, options.report_examples));
+    int64_t count = 0;
+    for (size_t j = 0; j < success.size(); ++j) {
+      const bool on = success[j] >= options.triggers.reach_threshold;
+      task.triggers.active[j] = on ? 1.0 : 0.0;
+      count += on ? 1 : 0;
+    }
+    return count;
   }
 
   // Scan is the Neural-Cleanse pass: one targeted trigger per class of
@@ -690,7 +739,8 @@ absl::StatusOr<std::vector<LfpmPathPoint>> PathCurve(
   ASSIGN_OR_RETURN(std::vector<torch::Tensor> endpoint, state.Endpoint(batch));
   std::vector<LfpmPathPoint> curve;
   for (double alpha : kReportAlphas) {
-    ASSIGN_OR_RETURN(LossParts parts, state.Loss(alpha, batch, endpoint));
+    ASSIGN_OR_RETURN(LossParts parts,
+                     state.Loss(alpha, batch, endpoint, /*gated=*/false));
     LfpmPathPoint point;
     point.alpha = alpha;
     point.loss = parts.total.item<double>();
@@ -739,6 +789,7 @@ absl::StatusOr<LfpmResult> Run(const Model& architecture,
           torch::tensor(targets, torch::kInt64).to(state->device);
       torch::NoGradGuard no_grad;
       task.triggers.targets = targets;
+      task.triggers.active.assign(targets.size(), 1.0);
       task.triggers.mask_logits = scan.second.mask_logits.index_select(0, rows)
                                       .detach()
                                       .clone()
@@ -757,6 +808,13 @@ absl::StatusOr<LfpmResult> Run(const Model& architecture,
     }
     report.anomaly_merged.push_back(std::move(anomaly));
   }
+  // The gate before the first step: θm is installed (τab = 0).
+  int64_t active = 0;
+  RETURN_IF_ERROR(state->InstallDetached(0.0));
+  for (TaskState& task : state->tasks) {
+    ASSIGN_OR_RETURN(int64_t count, state->Gate(task));
+    active += count;
+  }
   report.scan_seconds = Seconds(start);
 
   std::vector<torch::Tensor> leaves = state->Trainable();
@@ -768,12 +826,16 @@ absl::StatusOr<LfpmResult> Run(const Model& architecture,
     if (step > 1 && (step - 1) % options.triggers.update_every == 0 &&
         options.triggers.steps_per_update > 0) {
       RETURN_IF_ERROR(state->InstallDetached(options.triggers.trigger_alpha));
+      active = 0;
       for (TaskState& task : state->tasks) {
         RETURN_IF_ERROR(state->Mine(task, task.triggers,
                                     options.triggers.steps_per_update,
                                     options.batch_size));
+        ASSIGN_OR_RETURN(int64_t count, state->Gate(task));
+        active += count;
       }
     }
+    report.active_triggers.push_back(active);
     std::vector<torch::Tensor> batch;
     for (const TaskState& task : state->tasks) {
       batch.push_back(state->Sample(task.inputs.size(0), options.batch_size));
@@ -999,7 +1061,8 @@ json ReportJson(const LfpmReport& report) {
           {"anomaly_threshold", kLfpmAnomalyThreshold},
           {"anomaly_merged", AnomalyJson(report.anomaly_merged)},
           {"anomaly_repaired", AnomalyJson(report.anomaly_repaired)},
-          {"loss_curve", report.loss_curve}};
+          {"loss_curve", report.loss_curve},
+          {"active_triggers", report.active_triggers}};
 }
 
 json OptionsJson(const LfpmOptions& o) {

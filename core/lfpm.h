@@ -61,6 +61,10 @@ struct LfpmTriggerOptions {
   // A class counts as reached when its trigger sends at least this fraction
   // of the other classes' scan inputs to it; the easiest class is the
   // reached class with the smallest ‖M‖1 (all classes when none is reached).
+  // The same threshold gates the repair: a trigger is unlearned (L_bd and
+  // the invariance term) only while it reaches this fraction of the
+  // calibration inputs against θ(trigger_alpha), checked after the scan and
+  // after every online update. 0 unlearns every trigger always.
   double reach_threshold = 0.8;
   // Online mining: every `update_every` outer steps, `steps_per_update` Adam
   // steps on the triggers against θ(trigger_alpha), so the repair keeps
@@ -71,8 +75,11 @@ struct LfpmTriggerOptions {
   double trigger_alpha = 1.0;
   // Adam learning rate on the mask and pattern logits.
   double learning_rate = 0.1;
-  // Weight of ‖M‖1 (summed over pixels) in the mining loss.
-  double mask_l1_weight = 0.01;
+  // Weight of ‖M‖1 (summed over pixels) in the mining loss. 0.01 let the
+  // masks grow to universal patches (15–20% of the image) that every class
+  // reaches, which the reach gate cannot tell from a backdoor; 0.1 let no
+  // class reach at all (docs/lfpm.md, "Measurements").
+  double mask_l1_weight = 0.03;
   // Initial mask logit (sigmoid(-3) ≈ 0.05 per pixel).
   double initial_mask_logit = -3.0;
   // Re-run the scan on the repaired model for the report's "after" anomaly
@@ -221,6 +228,9 @@ struct LfpmReport {
   std::vector<LfpmAnomaly> anomaly_repaired;
   // J per outer step.
   std::vector<double> loss_curve;
+  // Per outer step: how many triggers (over all tasks) were unlearned, i.e.
+  // reached `reach_threshold` at the last gate (docs/lfpm.md, "Reach gate").
+  std::vector<int64_t> active_triggers;
 };
 
 // LfpmReportToJson serializes `report` (keys as the field names).
