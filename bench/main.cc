@@ -30,6 +30,8 @@
 #include "bench/run_stats.h"
 #include "bench/scenario_eval.h"
 #include "core/defense_params.h"
+#include "core/evaluation.h"
+#include "core/probe.h"
 #include "core/scenario.h"
 #include "core/status_macros.h"
 
@@ -62,6 +64,10 @@ commands:
       ta,ties; --defenses runs all six in one run. K=V pairs are the job
       file's parameters (`mergeguard params METHOD` lists them), e.g.
       --dam steps=200,backdoor_loss=consistency.
+  probe --scenario DIR --out DIR [--examples N]
+      Writes a probe set (core/probe.h) per compromised task: its held-out
+      test inputs with the scenario's trigger and target, for jobs'
+      before/after probe metrics. Prints TASK=FILE per line.
   merge [--work-dir DIR] [--models N] [--model-mb MB] [--method NAME]
         [--threads N] [--repetitions N]
       Data-free merge throughput against a plain copy, and peak RSS.
@@ -464,6 +470,40 @@ absl::Status RunServiceLoad(int argc, char** argv) {
 }
 #endif
 
+absl::Status RunProbeExport(int argc, char** argv) {
+  ASSIGN_OR_RETURN(Flags flags, Flags::Parse(argc, argv,
+                                             {"scenario", "out", "examples"},
+                                             {}));
+  ASSIGN_OR_RETURN(std::string dir, flags.Required("scenario"));
+  ASSIGN_OR_RETURN(std::string out, flags.Required("out"));
+  int64_t examples = 1000;
+  RETURN_IF_ERROR(flags.Number("examples", &examples));
+  ASSIGN_OR_RETURN(Scenario scenario, LoadScenario(dir));
+  if (!scenario.attack) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("scenario ", dir, " has no attack to probe"));
+  }
+  ASSIGN_OR_RETURN(Trigger trigger, LoadScenarioTrigger(scenario));
+  std::error_code error;
+  std::filesystem::create_directories(out, error);
+  for (const ScenarioTask& task : scenario.tasks) {
+    if (!task.compromised) continue;
+    ASSIGN_OR_RETURN(LabeledImages test,
+                     LoadLabeledImages(scenario.Path(task.test)));
+    ProbeSet probe;
+    probe.task = task.name;
+    const int64_t n = std::min<int64_t>(examples, test.size());
+    probe.images.inputs = test.inputs.slice(0, 0, n).to(at::kFloat);
+    probe.images.labels = test.labels.slice(0, 0, n);
+    probe.trigger = trigger;
+    probe.target = scenario.attack->target_class;
+    const std::string path = absl::StrCat(out, "/", task.name, "_probe.safetensors");
+    RETURN_IF_ERROR(SaveProbeSet(path, probe));
+    std::cout << task.name << "=" << path << std::endl;
+  }
+  return absl::OkStatus();
+}
+
 absl::Status RunMergeThroughput(int argc, char** argv) {
   absl::StatusOr<Flags> parsed = Flags::Parse(
       argc, argv,
@@ -516,6 +556,8 @@ int Main(int argc, char** argv) {
     status = RunEval(argc, argv);
   } else if (command == "table") {
     status = RunTableCommand(argc, argv);
+  } else if (command == "probe") {
+    status = RunProbeExport(argc, argv);
 #ifdef MERGEGUARD_BENCH_HAS_SERVICE
   } else if (command == "service-transfer") {
     status = RunServiceTransfer(argc, argv);
