@@ -72,10 +72,11 @@ class DamEndToEndTest : public ::testing::Test {
 fs::path* DamEndToEndTest::root_ = nullptr;
 Scenario* DamEndToEndTest::scenario_ = nullptr;
 
-// DISABLED: on the tiny BadMerging scenario DAM as ALGORITHMS.md §3 specifies
-// raises the ASR above TA's (docs/dam.md, "Measured on the tiny scenario"):
-// its entropy objectives favour the backdoored task vector. Run it with
-// --gtest_also_run_disabled_tests once the objective is fixed.
+// DISABLED: on this scenario (fashion compromised, target 3, seed 5) no DAM
+// setting tried brings the ASR below TA's (docs/dam.md, "Measured on the
+// tiny scenario"). The settings below, the best found on the mnist-target-0
+// tiny scenario (ASR 15% vs TA's 34%), give here ASR 61.7% vs TA's 41.7%.
+// Run it with --gtest_also_run_disabled_tests once DAM is fixed for both.
 TEST_F(DamEndToEndTest, DISABLED_DamCarriesLessBackdoorThanTaskArithmetic) {
   ASSERT_NE(scenario_, nullptr);
   const std::string ta_path = (*root_ / "ta.safetensors").string();
@@ -93,6 +94,10 @@ TEST_F(DamEndToEndTest, DISABLED_DamCarriesLessBackdoorThanTaskArithmetic) {
   DamOptions options;
   options.steps = 150;
   options.adamerging_steps = 50;
+  options.backdoor_loss = BackdoorLoss::kAnchored;
+  options.beta = 1.0;
+  options.detection_mask_learning_rate = 0.02;
+  options.trigger_learning_rate = 0.01;
   // More intra-op threads than free cores slows LibTorch's CPU kernels by an
   // order of magnitude on a loaded machine.
   options.threads = 1;
