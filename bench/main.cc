@@ -17,8 +17,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
-#include "nlohmann/json.hpp"
 #include "bench/dam_rows.h"
+#include "nlohmann/json.hpp"
 #ifdef MERGEGUARD_BENCH_HAS_SERVICE
 #include "bench/load_test.h"
 #include "bench/transfer_bench.h"
@@ -26,8 +26,8 @@
 #include "bench/lfpm_rows.h"
 #include "bench/merge_table.h"
 #include "bench/merge_throughput.h"
-#include "bench/scenario_builder.h"
 #include "bench/run_stats.h"
+#include "bench/scenario_builder.h"
 #include "bench/scenario_eval.h"
 #include "core/defense_params.h"
 #include "core/evaluation.h"
@@ -238,7 +238,8 @@ absl::Status EvalRows(const Scenario& scenario, const Flags& flags,
   std::vector<TableRow> rows;
   for (absl::string_view entry :
        absl::StrSplit(flags.Get("rows"), ',', absl::SkipEmpty())) {
-    std::vector<std::string> parts = absl::StrSplit(entry, absl::ByAnyChar("=:"));
+    std::vector<std::string> parts =
+        absl::StrSplit(entry, absl::ByAnyChar("=:"));
     if (parts.size() != 3 || parts[0].empty()) {
       return absl::InvalidArgumentError(absl::StrCat(
           "--rows: expected NAME=CLEAN_MODEL:BACKDOORED_MODEL, got \"", entry,
@@ -319,9 +320,9 @@ RowProducer Measured(RowProducer producer, Cost* cost) {
     ResetPeakRss();
     const auto start = std::chrono::steady_clock::now();
     absl::Status status = merge(scenario, inputs, output_path);
-    cost->seconds += std::chrono::duration<double>(
-                         std::chrono::steady_clock::now() - start)
-                         .count();
+    cost->seconds +=
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
+            .count();
     cost->peak_rss_bytes = std::max(cost->peak_rss_bytes, PeakRssBytes());
     ++cost->runs;
     return status;
@@ -382,11 +383,11 @@ absl::StatusOr<std::vector<RowProducer>> TableProducers(const Flags& flags,
 }
 
 absl::Status RunTableCommand(int argc, char** argv) {
-  absl::StatusOr<Flags> parsed = Flags::Parse(
-      argc, argv,
-      {"scenario", "threads", "work-dir", "methods", "adamerging", "dam",
-       "lfpm"},
-      {"json", "defenses"});
+  absl::StatusOr<Flags> parsed =
+      Flags::Parse(argc, argv,
+                   {"scenario", "threads", "work-dir", "methods", "adamerging",
+                    "dam", "lfpm"},
+                   {"json", "defenses"});
   if (!parsed.ok()) return parsed.status();
   const Flags& flags = *parsed;
   absl::StatusOr<std::string> dir = flags.Required("scenario");
@@ -429,12 +430,11 @@ absl::Status RunTableCommand(int argc, char** argv) {
 
 #ifdef MERGEGUARD_BENCH_HAS_SERVICE
 absl::Status RunServiceTransfer(int argc, char** argv) {
-  ASSIGN_OR_RETURN(
-      Flags flags,
-      Flags::Parse(argc, argv,
-                   {"target", "token", "tls-ca", "mb", "repetitions", "iperf3",
-                    "iperf3-port", "scratch-dir"},
-                   {}));
+  ASSIGN_OR_RETURN(Flags flags, Flags::Parse(argc, argv,
+                                             {"target", "token", "tls-ca", "mb",
+                                              "repetitions", "iperf3",
+                                              "iperf3-port", "scratch-dir"},
+                                             {}));
   TransferBenchOptions options;
   ASSIGN_OR_RETURN(options.target, flags.Required("target"));
   ASSIGN_OR_RETURN(options.token, flags.Required("token"));
@@ -471,9 +471,9 @@ absl::Status RunServiceLoad(int argc, char** argv) {
 #endif
 
 absl::Status RunProbeExport(int argc, char** argv) {
-  ASSIGN_OR_RETURN(Flags flags, Flags::Parse(argc, argv,
-                                             {"scenario", "out", "examples"},
-                                             {}));
+  ASSIGN_OR_RETURN(
+      Flags flags,
+      Flags::Parse(argc, argv, {"scenario", "out", "examples"}, {}));
   ASSIGN_OR_RETURN(std::string dir, flags.Required("scenario"));
   ASSIGN_OR_RETURN(std::string out, flags.Required("out"));
   int64_t examples = 1000;
@@ -497,7 +497,8 @@ absl::Status RunProbeExport(int argc, char** argv) {
     probe.images.labels = test.labels.slice(0, 0, n);
     probe.trigger = trigger;
     probe.target = scenario.attack->target_class;
-    const std::string path = absl::StrCat(out, "/", task.name, "_probe.safetensors");
+    const std::string path =
+        absl::StrCat(out, "/", task.name, "_probe.safetensors");
     RETURN_IF_ERROR(SaveProbeSet(path, probe));
     std::cout << task.name << "=" << path << std::endl;
   }

@@ -538,9 +538,9 @@ absl::Status ParseRoot(const YAML::Node& root, const std::string& base_dir,
     }
   }
   static const std::set<std::string> kTopLevel = {
-      "method", "base",          "models",  "parameters", "head_prefix",
-      "dtype",  "compute_dtype", "threads", "shard_size", "architecture",
-      "merged"};
+      "method",      "base",         "models",        "parameters",
+      "head_prefix", "dtype",        "compute_dtype", "threads",
+      "shard_size",  "architecture", "merged"};
   // Read first: it decides whether models need paths.
   if (const YAML::Node merged = root["merged"]; merged.IsDefined()) {
     if (config.method != JobMethod::kLfpm) {

@@ -143,13 +143,19 @@ digest is verified before the file appears.
 Example:
   mergeguard download 3f2a... --out merged/
 )"}},
-      {"jobs", {"mergeguard jobs [server flags]", "Lists your jobs.\n"}},
+      {"jobs",
+       {"mergeguard jobs [server flags]",
+        "Lists your jobs: id, state, method and progress.\n\n"
+        "Example:\n  mergeguard jobs --server mergeguard.internal:50051\n"}},
       {"cancel",
        {"mergeguard cancel JOB [server flags]",
-        "Cancels JOB; a running job stops within one step.\n"}},
+        "Cancels JOB; a running job stops within one step and leaves no "
+        "result.\n\nExample:\n  mergeguard cancel j-host-0123456789abcdef\n"}},
       {"health",
        {"mergeguard health [server flags]",
-        "Prints the server's grpc.health.v1 status; exit 6 unless SERVING.\n"}},
+        "Prints the server's grpc.health.v1 status; exit 6 unless SERVING.\n"
+        "\nExample:\n  mergeguard health --server localhost:50051 && echo "
+        "up\n"}},
       {"params",
        {"mergeguard params [METHOD] [--markdown]",
         R"(Lists the `parameters:` that adamerging, dam or lfpm accept (all three

@@ -87,9 +87,8 @@ absl::StatusOr<BackdoorLoss> ParseBackdoorLoss(absl::string_view name) {
   if (name == "entropy") return BackdoorLoss::kEntropy;
   if (name == "consistency") return BackdoorLoss::kConsistency;
   if (name == "anchored") return BackdoorLoss::kAnchored;
-  return absl::InvalidArgumentError(
-      absl::StrCat("unknown backdoor loss \"", name,
-                   "\" (entropy, consistency, anchored)"));
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown backdoor loss \"", name, "\" (entropy, consistency, anchored)"));
 }
 
 absl::string_view BackdoorLossName(BackdoorLoss loss) {
@@ -252,10 +251,10 @@ absl::Status DamTrainer::Init(const TaskVectorSet& set,
     s.s1_optimizer = std::make_unique<torch::optim::Adam>(
         s.s1, torch::optim::AdamOptions(options_.mask_learning_rate));
     s.s2_optimizer = std::make_unique<torch::optim::Adam>(
-        s.s2, torch::optim::AdamOptions(
-                  options_.detection_mask_learning_rate > 0
-                      ? options_.detection_mask_learning_rate
-                      : options_.mask_learning_rate));
+        s.s2,
+        torch::optim::AdamOptions(options_.detection_mask_learning_rate > 0
+                                      ? options_.detection_mask_learning_rate
+                                      : options_.mask_learning_rate));
     s.delta_optimizer = std::make_unique<torch::optim::Adam>(
         trigger_parameters,
         torch::optim::AdamOptions(options_.trigger_learning_rate));
@@ -391,9 +390,8 @@ absl::Status DamTrainer::StepImpl() {
     mask[k] = NormalizeMaskByMean(update_shared ? m1[k] * m2[k].detach()
                                                 : m1[k].detach() * m2[k]);
   }
-  const bool fidelity =
-      !update_shared &&
-      options_.detection_clean_loss == DetectionCleanLoss::kFidelity;
+  const bool fidelity = !update_shared && options_.detection_clean_loss ==
+                                              DetectionCleanLoss::kFidelity;
   const bool anchored =
       !update_shared && options_.backdoor_loss == BackdoorLoss::kAnchored;
   std::vector<torch::Tensor> batches(num_tasks);
@@ -429,11 +427,12 @@ absl::Status DamTrainer::StepImpl() {
     torch::Tensor clean = logits.slice(0, 0, size);
     torch::Tensor triggered = logits.slice(0, size, 2 * size);
     torch::Tensor backdoor_term =
-        options_.backdoor_loss == BackdoorLoss::kEntropy ? MeanEntropy(triggered)
+        options_.backdoor_loss == BackdoorLoss::kEntropy
+            ? MeanEntropy(triggered)
         : anchored ? MeanKl(reference_logits[t], triggered)
                    : MeanKl(clean, triggered);
-    torch::Tensor clean_term = fidelity ? MeanKl(reference_logits[t], clean)
-                                        : MeanEntropy(clean);
+    torch::Tensor clean_term =
+        fidelity ? MeanKl(reference_logits[t], clean) : MeanEntropy(clean);
     mask_loss = mask_loss + clean_term + options_.beta * backdoor_term;
   }
   torch::optim::Adam& mask_optimizer =
@@ -649,11 +648,10 @@ std::string DamReportToJson(const DamReport& report,
   }
   json triggers = json::array();
   for (const TriggerSize& trigger : report.triggers) {
-    triggers.push_back(
-        {{"task", trigger.task},
-         {"linf", trigger.linf},
-         {"l2", trigger.l2},
-         {"mask_l1", trigger.mask_l1}});
+    triggers.push_back({{"task", trigger.task},
+                        {"linf", trigger.linf},
+                        {"l2", trigger.l2},
+                        {"mask_l1", trigger.mask_l1}});
   }
   json out = {
       {"method", "dam"},

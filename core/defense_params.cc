@@ -29,9 +29,8 @@ struct Field {
 
 absl::Status ParameterError(absl::string_view name, absl::string_view what,
                             absl::string_view text) {
-  return absl::InvalidArgumentError(
-      absl::StrCat("parameters.", name, ": expected ", what, ", got \"", text,
-                   "\""));
+  return absl::InvalidArgumentError(absl::StrCat(
+      "parameters.", name, ": expected ", what, ", got \"", text, "\""));
 }
 
 // Number binds a double field, reached through `field`.
@@ -137,9 +136,9 @@ Field<Options> Text(std::string name, std::string type,
 
 template <typename Options>
 Field<Options> Granularity(std::function<LambdaGranularity&(Options&)> field) {
-  return Enum<Options, LambdaGranularity>(
-      "granularity", "task_wise|layer_wise", field, ParseLambdaGranularity,
-      LambdaGranularityName);
+  return Enum<Options, LambdaGranularity>("granularity", "task_wise|layer_wise",
+                                          field, ParseLambdaGranularity,
+                                          LambdaGranularityName);
 }
 
 // The runtime-only fields (threads, progress interval, callbacks, metadata)
@@ -148,63 +147,88 @@ Field<Options> Granularity(std::function<LambdaGranularity&(Options&)> field) {
 std::vector<Field<AdaMergingOptions>> AdaMergingFields() {
   using O = AdaMergingOptions;
   return {
-      Granularity<O>([](O& o) -> auto& { return o.granularity; }),
-      Number<O>("learning_rate", [](O& o) -> auto& { return o.learning_rate; }),
-      Integer<O, int64_t>("steps", [](O& o) -> auto& { return o.steps; }),
-      Number<O>("initial_lambda",
-                [](O& o) -> auto& { return o.initial_lambda; }),
-      Integer<O, int64_t>("batch_size",
-                          [](O& o) -> auto& { return o.batch_size; }),
-      Integer<O, uint64_t>("seed", [](O& o) -> auto& { return o.seed; }),
-      Text<O>("device", "cpu|cuda|cuda:N",
-              [](O& o) -> auto& { return o.device; }),
+      Granularity<O>([](O & o) -> auto& { return o.granularity; }),
+      Number<O>(
+          "learning_rate", [](O & o) -> auto& { return o.learning_rate; }),
+      Integer<O, int64_t>(
+          "steps", [](O & o) -> auto& { return o.steps; }),
+      Number<O>(
+          "initial_lambda", [](O & o) -> auto& { return o.initial_lambda; }),
+      Integer<O, int64_t>(
+          "batch_size", [](O & o) -> auto& { return o.batch_size; }),
+      Integer<O, uint64_t>(
+          "seed", [](O & o) -> auto& { return o.seed; }),
+      Text<O>(
+          "device", "cpu|cuda|cuda:N", [](O & o) -> auto& { return o.device; }),
   };
 }
 
 std::vector<Field<DamOptions>> DamFields() {
   using O = DamOptions;
   return {
-      Granularity<O>([](O& o) -> auto& { return o.granularity; }),
-      Number<O>("initial_lambda",
-                [](O& o) -> auto& { return o.initial_lambda; }),
-      Integer<O, int64_t>("steps", [](O& o) -> auto& { return o.steps; }),
-      Number<O>("lambda_learning_rate",
-                [](O& o) -> auto& { return o.lambda_learning_rate; }),
-      Boolean<O>("reset_lambda_each_step",
-                 [](O& o) -> auto& { return o.reset_lambda_each_step; }),
-      Number<O>("mask_learning_rate",
-                [](O& o) -> auto& { return o.mask_learning_rate; }),
-      Number<O>("detection_mask_learning_rate", [](O& o) -> auto& { return o.detection_mask_learning_rate; }),
-      Number<O>("initial_mask_logit",
-                [](O& o) -> auto& { return o.initial_mask_logit; }),
-      Number<O>("temperature", [](O& o) -> auto& { return o.temperature; }),
-      Number<O>("trigger_learning_rate",
-                [](O& o) -> auto& { return o.trigger_learning_rate; }),
-      Enum<O, TriggerShape>("trigger_shape", "dense|patch", [](O& o) -> auto& { return o.trigger_shape; }, ParseTriggerShape, TriggerShapeName),
-      Number<O>("trigger_epsilon",
-                [](O& o) -> auto& { return o.trigger_epsilon; }),
-      Number<O>("patch_mask_l1_weight", [](O& o) -> auto& { return o.patch_mask_l1_weight; }),
-      Number<O>("beta", [](O& o) -> auto& { return o.beta; }),
+      Granularity<O>([](O & o) -> auto& { return o.granularity; }),
+      Number<O>(
+          "initial_lambda", [](O & o) -> auto& { return o.initial_lambda; }),
+      Integer<O, int64_t>(
+          "steps", [](O & o) -> auto& { return o.steps; }),
+      Number<O>(
+          "lambda_learning_rate",
+          [](O & o) -> auto& { return o.lambda_learning_rate; }),
+      Boolean<O>(
+          "reset_lambda_each_step",
+          [](O & o) -> auto& { return o.reset_lambda_each_step; }),
+      Number<O>(
+          "mask_learning_rate",
+          [](O & o) -> auto& { return o.mask_learning_rate; }),
+      Number<O>(
+          "detection_mask_learning_rate",
+          [](O & o) -> auto& { return o.detection_mask_learning_rate; }),
+      Number<O>(
+          "initial_mask_logit",
+          [](O & o) -> auto& { return o.initial_mask_logit; }),
+      Number<O>(
+          "temperature", [](O & o) -> auto& { return o.temperature; }),
+      Number<O>(
+          "trigger_learning_rate",
+          [](O & o) -> auto& { return o.trigger_learning_rate; }),
+      Enum<O, TriggerShape>(
+          "trigger_shape", "dense|patch",
+          [](O & o) -> auto& { return o.trigger_shape; }, ParseTriggerShape,
+          TriggerShapeName),
+      Number<O>(
+          "trigger_epsilon", [](O & o) -> auto& { return o.trigger_epsilon; }),
+      Number<O>(
+          "patch_mask_l1_weight",
+          [](O & o) -> auto& { return o.patch_mask_l1_weight; }),
+      Number<O>(
+          "beta", [](O & o) -> auto& { return o.beta; }),
       Enum<O, BackdoorLoss>(
           "backdoor_loss", "entropy|consistency|anchored",
-          [](O& o) -> auto& { return o.backdoor_loss; }, ParseBackdoorLoss,
+          [](O & o) -> auto& { return o.backdoor_loss; }, ParseBackdoorLoss,
           BackdoorLossName),
-      Enum<O, DetectionCleanLoss>("detection_clean_loss", "entropy|fidelity", [](O& o) -> auto& { return o.detection_clean_loss; }, ParseDetectionCleanLoss, DetectionCleanLossName),
+      Enum<O, DetectionCleanLoss>(
+          "detection_clean_loss", "entropy|fidelity",
+          [](O & o) -> auto& { return o.detection_clean_loss; },
+          ParseDetectionCleanLoss, DetectionCleanLossName),
       Enum<O, FinalMaskMode>(
           "final_mask", "expected|sample|hard",
-          [](O& o) -> auto& { return o.final_mask; }, ParseFinalMaskMode,
+          [](O & o) -> auto& { return o.final_mask; }, ParseFinalMaskMode,
           FinalMaskModeName),
-      Integer<O, int64_t>("adamerging_steps",
-                          [](O& o) -> auto& { return o.adamerging_steps; }),
-      Number<O>("adamerging_learning_rate",
-                [](O& o) -> auto& { return o.adamerging_learning_rate; }),
-      Boolean<O>("adamerging_from_meta_lambda",
-                 [](O& o) -> auto& { return o.adamerging_from_meta_lambda; }),
-      Integer<O, int64_t>("batch_size",
-                          [](O& o) -> auto& { return o.batch_size; }),
-      Integer<O, uint64_t>("seed", [](O& o) -> auto& { return o.seed; }),
-      Text<O>("device", "cpu|cuda|cuda:N",
-              [](O& o) -> auto& { return o.device; }),
+      Integer<O, int64_t>(
+          "adamerging_steps",
+          [](O & o) -> auto& { return o.adamerging_steps; }),
+      Number<O>(
+          "adamerging_learning_rate",
+          [](O & o) -> auto& { return o.adamerging_learning_rate; }),
+      Boolean<O>(
+          "adamerging_from_meta_lambda",
+          [](O & o) -> auto& { return o.adamerging_from_meta_lambda; }),
+      Integer<O, int64_t>(
+          "batch_size", [](O & o) -> auto& { return o.batch_size; }),
+      Integer<O, uint64_t>(
+          "seed", [](O & o) -> auto& { return o.seed; }),
+      Text<O>(
+          "device", "cpu|cuda|cuda:N", [](O & o) -> auto& { return o.device; }),
   };
 }
 
@@ -221,7 +245,9 @@ Field<LfpmOptions> LfpmLayerPrefixes() {
     }
     return absl::OkStatus();
   };
-  f.get = [](const LfpmOptions& o) { return absl::StrJoin(o.layer_prefixes, ","); };
+  f.get = [](const LfpmOptions& o) {
+    return absl::StrJoin(o.layer_prefixes, ",");
+  };
   return f;
 }
 
@@ -229,57 +255,72 @@ std::vector<Field<LfpmOptions>> LfpmFields() {
   using O = LfpmOptions;
   return {
       Enum<O, LfpmMode>(
-          "mode", "full|peft", [](O& o) -> auto& { return o.mode; },
+          "mode", "full|peft", [](O & o) -> auto& { return o.mode; },
           ParseLfpmMode, LfpmModeName),
       LfpmLayerPrefixes(),
-      Integer<O, int64_t>("lora_rank", [](O& o) -> auto& { return o.lora_rank; }),
-      Number<O>("lora_alpha", [](O& o) -> auto& { return o.lora_alpha; }),
-      Number<O>("beta", [](O& o) -> auto& { return o.beta; }),
-      Number<O>("gamma", [](O& o) -> auto& { return o.gamma; }),
-      Number<O>("ctl_path_weight",
-                [](O& o) -> auto& { return o.ctl_path_weight; }),
-      Integer<O, int64_t>("path_nodes",
-                          [](O& o) -> auto& { return o.path_nodes; }),
-      Integer<O, int64_t>("steps", [](O& o) -> auto& { return o.steps; }),
-      Number<O>("learning_rate", [](O& o) -> auto& { return o.learning_rate; }),
-      Integer<O, int64_t>("batch_size",
-                          [](O& o) -> auto& { return o.batch_size; }),
-      Boolean<O>("use_labels", [](O& o) -> auto& { return o.use_labels; }),
-      Integer<O, int64_t>("report_examples",
-                          [](O& o) -> auto& { return o.report_examples; }),
-      Integer<O, uint64_t>("seed", [](O& o) -> auto& { return o.seed; }),
-      Text<O>("device", "cpu|cuda|cuda:N",
-              [](O& o) -> auto& { return o.device; }),
+      Integer<O, int64_t>(
+          "lora_rank", [](O & o) -> auto& { return o.lora_rank; }),
+      Number<O>(
+          "lora_alpha", [](O & o) -> auto& { return o.lora_alpha; }),
+      Number<O>(
+          "beta", [](O & o) -> auto& { return o.beta; }),
+      Number<O>(
+          "gamma", [](O & o) -> auto& { return o.gamma; }),
+      Number<O>(
+          "ctl_path_weight", [](O & o) -> auto& { return o.ctl_path_weight; }),
+      Integer<O, int64_t>(
+          "path_nodes", [](O & o) -> auto& { return o.path_nodes; }),
+      Integer<O, int64_t>(
+          "steps", [](O & o) -> auto& { return o.steps; }),
+      Number<O>(
+          "learning_rate", [](O & o) -> auto& { return o.learning_rate; }),
+      Integer<O, int64_t>(
+          "batch_size", [](O & o) -> auto& { return o.batch_size; }),
+      Boolean<O>(
+          "use_labels", [](O & o) -> auto& { return o.use_labels; }),
+      Integer<O, int64_t>(
+          "report_examples", [](O & o) -> auto& { return o.report_examples; }),
+      Integer<O, uint64_t>(
+          "seed", [](O & o) -> auto& { return o.seed; }),
+      Text<O>(
+          "device", "cpu|cuda|cuda:N", [](O & o) -> auto& { return o.device; }),
       Enum<O, TriggerTargeting>(
           "trigger.targeting", "easiest_class|untargeted",
-          [](O& o) -> auto& { return o.triggers.targeting; },
+          [](O & o) -> auto& { return o.triggers.targeting; },
           ParseTriggerTargeting, TriggerTargetingName),
       Integer<O, int64_t>(
           "trigger.targets_per_task",
-          [](O& o) -> auto& { return o.triggers.targets_per_task; }),
-      Integer<O, int64_t>("trigger.scan_steps",
-                          [](O& o) -> auto& { return o.triggers.scan_steps; }),
+          [](O & o) -> auto& { return o.triggers.targets_per_task; }),
+      Integer<O, int64_t>(
+          "trigger.scan_steps",
+          [](O & o) -> auto& { return o.triggers.scan_steps; }),
       Integer<O, int64_t>(
           "trigger.scan_batch_size",
-          [](O& o) -> auto& { return o.triggers.scan_batch_size; }),
-      Number<O>("trigger.reach_threshold",
-                [](O& o) -> auto& { return o.triggers.reach_threshold; }),
+          [](O & o) -> auto& { return o.triggers.scan_batch_size; }),
+      Number<O>(
+          "trigger.reach_threshold",
+          [](O & o) -> auto& { return o.triggers.reach_threshold; }),
       Integer<O, int64_t>(
           "trigger.update_every",
-          [](O& o) -> auto& { return o.triggers.update_every; }),
+          [](O & o) -> auto& { return o.triggers.update_every; }),
       Integer<O, int64_t>(
           "trigger.steps_per_update",
-          [](O& o) -> auto& { return o.triggers.steps_per_update; }),
-      Number<O>("trigger.alpha",
-                [](O& o) -> auto& { return o.triggers.trigger_alpha; }),
-      Number<O>("trigger.learning_rate",
-                [](O& o) -> auto& { return o.triggers.learning_rate; }),
-      Number<O>("trigger.mask_l1_weight",
-                [](O& o) -> auto& { return o.triggers.mask_l1_weight; }),
-      Number<O>("trigger.initial_mask_logit",
-                [](O& o) -> auto& { return o.triggers.initial_mask_logit; }),
-      Boolean<O>("trigger.rescan_after",
-                 [](O& o) -> auto& { return o.triggers.rescan_after; }),
+          [](O & o) -> auto& { return o.triggers.steps_per_update; }),
+      Number<O>(
+          "trigger.alpha",
+          [](O & o) -> auto& { return o.triggers.trigger_alpha; }),
+      Number<O>(
+          "trigger.learning_rate",
+          [](O & o) -> auto& { return o.triggers.learning_rate; }),
+      Number<O>(
+          "trigger.mask_l1_weight",
+          [](O & o) -> auto& { return o.triggers.mask_l1_weight; }),
+      Number<O>(
+          "trigger.initial_mask_logit",
+          [](O & o) -> auto& { return o.triggers.initial_mask_logit; }),
+      Boolean<O>(
+          "trigger.rescan_after",
+          [](O & o) -> auto& { return o.triggers.rescan_after; }),
   };
 }
 
@@ -331,14 +372,12 @@ std::vector<DefenseParameterInfo> DamParameterInfo() {
   return Describe(DamFields());
 }
 std::vector<DefenseParameterInfo> LfpmParameterInfo() {
-  return Describe(LfpmFields(),
-                  {{kLfpmMergeLambdaParameter, "number", "0.3"}});
+  return Describe(LfpmFields(), {{kLfpmMergeLambdaParameter, "number", "0.3"}});
 }
 
 absl::Status ApplyAdaMergingParameters(const DefenseParameters& parameters,
                                        AdaMergingOptions* options) {
-  RETURN_IF_ERROR(
-      Apply("adamerging", AdaMergingFields(), parameters, options));
+  RETURN_IF_ERROR(Apply("adamerging", AdaMergingFields(), parameters, options));
   return ValidateAdaMergingOptions(*options);
 }
 

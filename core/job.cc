@@ -3,8 +3,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <cerrno>
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <filesystem>
 #include <limits>
@@ -457,7 +457,6 @@ absl::StatusOr<JobOutput> RunDataFreeMerge(const JobSpec& spec,
   return output;
 }
 
-
 // ---- data-dependent methods (AdaMerging, DAM, LFPM) -------------------------
 
 struct DefenseOptions {
@@ -492,8 +491,7 @@ absl::StatusOr<DefenseOptions> DefenseOptionsFromSpec(const JobSpec& spec) {
 }
 
 JobProgress ToJobProgress(const TrainingProgress& progress) {
-  return {progress.phase, progress.step, progress.total_steps,
-          progress.losses};
+  return {progress.phase, progress.step, progress.total_steps, progress.losses};
 }
 
 // EvaluateJobProbes runs the spec's probe sets on the task-arithmetic merge
@@ -512,13 +510,14 @@ absl::Status EvaluateJobProbes(const JobSpec& spec,
     ASSIGN_OR_RETURN(std::string path, resolve(spec.probes[i].digest));
     absl::StatusOr<ProbeSet> probe = LoadProbeSet(spec.probes[i].task, path);
     if (!probe.ok()) {
-      return absl::Status(probe.status().code(),
-                          absl::StrCat("probes[", i, "]: ",
-                                       probe.status().message()));
+      return absl::Status(
+          probe.status().code(),
+          absl::StrCat("probes[", i, "]: ", probe.status().message()));
     }
     probes.push_back(*std::move(probe));
   }
-  const std::string before_path = absl::StrCat(work_dir, "/probe-before.safetensors");
+  const std::string before_path =
+      absl::StrCat(work_dir, "/probe-before.safetensors");
   MergeOptions before_options = spec.merge;
   before_options.method = MergeMethod::kTaskArithmetic;
   before_options.lambda = before_lambda;
@@ -532,8 +531,9 @@ absl::Status EvaluateJobProbes(const JobSpec& spec,
   std::error_code ignored;
   std::filesystem::remove_all(before_path, ignored);
   if (!before.ok()) return before.status();
-  ASSIGN_OR_RETURN(std::vector<ProbeResult> after,
-                   EvaluateProbes(architecture_path, output.model_path, probes));
+  ASSIGN_OR_RETURN(
+      std::vector<ProbeResult> after,
+      EvaluateProbes(architecture_path, output.model_path, probes));
   double asr_before = 0, asr_after = 0, acc_before = 0, acc_after = 0;
   json per_task = json::array();
   for (size_t i = 0; i < probes.size(); ++i) {
@@ -586,9 +586,8 @@ absl::StatusOr<JobOutput> RunDataDependent(const JobSpec& spec,
   const json provenance = SpecToJsonValue(spec);
   const std::map<std::string, std::string> metadata = {
       {"mergeguard.method", std::string(JobMethodName(spec.method))},
-      {"mergeguard.parameters", provenance.value("defense_parameters",
-                                                 json::object())
-                                    .dump()},
+      {"mergeguard.parameters",
+       provenance.value("defense_parameters", json::object()).dump()},
       {"mergeguard.architecture", spec.architecture},
       {"mergeguard.base_sha256", spec.base_digest},
       {"mergeguard.inputs", provenance["inputs"].dump()},
@@ -608,8 +607,8 @@ absl::StatusOr<JobOutput> RunDataDependent(const JobSpec& spec,
 
   std::vector<DataDependentTask> tasks;
   for (const MergeInput& input : inputs) {
-    tasks.push_back({{input.name, input.path, ""},
-                     calibration_paths.at(input.name)});
+    tasks.push_back(
+        {{input.name, input.path, ""}, calibration_paths.at(input.name)});
   }
   json report_json = provenance;
   report_json["server_version"] = context.server_version;
@@ -701,8 +700,8 @@ absl::StatusOr<JobOutput> RunDataDependent(const JobSpec& spec,
   if (!spec.probes.empty()) {
     absl::Status probed = EvaluateJobProbes(
         spec, resolve, architecture_path, base_path, inputs,
-        spec.method == JobMethod::kLfpm ? options.merge_lambda : 0.3,
-        context, work_dir, output, report_json);
+        spec.method == JobMethod::kLfpm ? options.merge_lambda : 0.3, context,
+        work_dir, output, report_json);
     if (!probed.ok()) {
       ::unlink(output.model_path.c_str());
       return probed;
@@ -865,8 +864,9 @@ absl::Status ValidateJobSpec(const JobSpec& spec) {
     const CalibrationRef& ref = spec.probes[i];
     const std::string field = absl::StrCat("probes[", i, "]");
     if (IsDataFreeMerge(spec.method)) {
-      return FieldError(field, "probe sets are evaluated for adamerging, dam "
-                               "and lfpm jobs only");
+      return FieldError(field,
+                        "probe sets are evaluated for adamerging, dam "
+                        "and lfpm jobs only");
     }
     if (!names.count(ref.task)) {
       return FieldError(
@@ -874,9 +874,9 @@ absl::Status ValidateJobSpec(const JobSpec& spec) {
           absl::StrCat("\"", ref.task, "\" is not the name of an input"));
     }
     if (!probed.insert(ref.task).second) {
-      return FieldError(absl::StrCat(field, ".task"),
-                        absl::StrCat("task \"", ref.task,
-                                     "\" has more than one probe set"));
+      return FieldError(
+          absl::StrCat(field, ".task"),
+          absl::StrCat("task \"", ref.task, "\" has more than one probe set"));
     }
     RETURN_IF_ERROR(CheckDigest(absl::StrCat(field, ".sha256"), ref.digest));
   }
@@ -897,11 +897,10 @@ absl::Status ValidateJobSpec(const JobSpec& spec) {
     for (size_t i = 0; i < spec.inputs.size(); ++i) {
       const JobInputSpec& input = spec.inputs[i];
       if (!calibrated.count(input.name)) {
-        return FieldError(
-            "calibration",
-            absl::StrCat("method ", JobMethodName(spec.method),
-                         " needs a calibration set for task \"", input.name,
-                         "\""));
+        return FieldError("calibration",
+                          absl::StrCat("method ", JobMethodName(spec.method),
+                                       " needs a calibration set for task \"",
+                                       input.name, "\""));
       }
       if (input.is_lora()) {
         // A data-dependent method runs each task's head, which an adapter
@@ -914,8 +913,9 @@ absl::Status ValidateJobSpec(const JobSpec& spec) {
       }
     }
     if (spec.base_digest.empty()) {
-      return FieldError("base_sha256", absl::StrCat("is required for method ",
-                                                    JobMethodName(spec.method)));
+      return FieldError(
+          "base_sha256",
+          absl::StrCat("is required for method ", JobMethodName(spec.method)));
     }
     RETURN_IF_ERROR(DefenseOptionsFromSpec(spec).status());
   } else if (!spec.defense_parameters.empty()) {

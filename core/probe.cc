@@ -49,7 +49,8 @@ absl::StatusOr<ProbeSet> LoadProbeSet(const std::string& task,
   }
   if (position.defined()) {
     if (position.numel() != 2 || position.scalar_type() != torch::kLong) {
-      return ProbeError(path, "`trigger_position` must be two int64 (row, col)");
+      return ProbeError(path,
+                        "`trigger_position` must be two int64 (row, col)");
     }
     probe.trigger.kind = TriggerKind::kPatch;
     probe.trigger.row = position[0].item<int64_t>();
@@ -76,9 +77,9 @@ absl::Status SaveProbeSet(const std::string& path, const ProbeSet& probe) {
       {"trigger_pattern", probe.trigger.pattern.to(torch::kFloat32)},
   };
   if (probe.trigger.kind == TriggerKind::kPatch) {
-    tensors.push_back({"trigger_position",
-                       torch::tensor({probe.trigger.row, probe.trigger.col},
-                                     torch::kLong)});
+    tensors.push_back(
+        {"trigger_position",
+         torch::tensor({probe.trigger.row, probe.trigger.col}, torch::kLong)});
   } else {
     tensors.push_back(
         {"trigger_blend_alpha",
@@ -104,8 +105,10 @@ absl::StatusOr<std::vector<ProbeResult>> EvaluateProbes(
         HeadFromTensors(tensors, absl::StrCat(probe.task, "/head."));
     if (!head.ok()) {
       return absl::FailedPreconditionError(
-          absl::StrCat("probe of task ", probe.task, ": the model has no head "
-                       "for it: ", head.status().message()));
+          absl::StrCat("probe of task ", probe.task,
+                       ": the model has no head "
+                       "for it: ",
+                       head.status().message()));
     }
     if (probe.target < 0 || probe.target >= head->NumClasses()) {
       return absl::FailedPreconditionError(absl::StrCat(

@@ -283,8 +283,9 @@ TEST_F(CliServerDefenseTest, ProbeSetReachesReportAndMetrics) {
   probe.trigger.col = 2;
   probe.target = 2;
   ASSERT_TRUE(SaveProbeSet(dir_ + "/alpha_probe.safetensors", probe).ok());
-  std::string yaml = "method: dam\narchitecture: tiny\nbase: base.safetensors\n"
-                     "models:\n";
+  std::string yaml =
+      "method: dam\narchitecture: tiny\nbase: base.safetensors\n"
+      "models:\n";
   for (const std::string& task : testing::DefenseWorldTasks()) {
     yaml += "  - {name: " + task + ", path: " + task +
             ".safetensors, calibration: " + task + "_cal.safetensors" +

@@ -179,6 +179,18 @@ TEST_F(CliTest, HelpNamesDataDependentMethods) {
   }
 }
 
+TEST_F(CliTest, EverySubcommandHasHelpWithAnExample) {
+  for (const char* command : {"merge", "upload", "submit", "watch", "download",
+                              "run", "jobs", "cancel", "health", "params"}) {
+    CommandResult r = RunCli(std::string(command) + " --help");
+    EXPECT_EQ(r.exit_code, 0) << command;
+    EXPECT_THAT(r.output,
+                HasSubstr("Usage: mergeguard " + std::string(command)))
+        << command;
+    EXPECT_THAT(r.output, HasSubstr("xample")) << command << ": " << r.output;
+  }
+}
+
 TEST_F(CliTest, ParamsListsDefaults) {
   CommandResult r = RunCli("params lfpm");
   ASSERT_EQ(r.exit_code, 0) << r.output;
@@ -280,19 +292,22 @@ TEST_F(CliTest, LocalLfpmRepairsAGivenMergedModel) {
   for (const std::string& task : testing::DefenseWorldTasks()) {
     models += "  - {name: " + task + ", path: " + task + ".safetensors}\n";
   }
-  WriteText("ta.yaml", "method: task_arithmetic\nbase: base.safetensors\n"
-                       "models:\n" + models);
+  WriteText("ta.yaml",
+            "method: task_arithmetic\nbase: base.safetensors\n"
+            "models:\n" +
+                models);
   CommandResult ta = RunCli("merge --config " + (dir_ / "ta.yaml").string() +
                             " --out " + (dir_ / "ta").string());
   ASSERT_EQ(ta.exit_code, 0) << ta.output;
   std::string tasks;
   for (const std::string& task : testing::DefenseWorldTasks()) {
-    tasks += "  - {name: " + task + ", calibration: " + task +
-             "_cal.safetensors}\n";
+    tasks +=
+        "  - {name: " + task + ", calibration: " + task + "_cal.safetensors}\n";
   }
   WriteText("lfpm.yaml",
             "method: lfpm\narchitecture: tiny.pt\n"
-            "merged: ta/model.safetensors\nmodels:\n" + tasks +
+            "merged: ta/model.safetensors\nmodels:\n" +
+                tasks +
                 "threads: 1\nparameters: {steps: 2, batch_size: 4, "
                 "path_nodes: 2, report_examples: 8, trigger: {scan_steps: 2, "
                 "scan_batch_size: 4, rescan_after: false}}\n");
@@ -312,8 +327,7 @@ TEST_F(CliTest, LocalLfpmRepairsAGivenMergedModel) {
   ASSERT_FALSE(tau.empty());
   for (const auto& [key, delta] : tau) {
     ASSERT_TRUE(merged.count(key) && repaired.count(key)) << key;
-    EXPECT_TRUE(torch::allclose(merged[key] + delta, repaired[key], 1e-5,
-                                1e-6))
+    EXPECT_TRUE(torch::allclose(merged[key] + delta, repaired[key], 1e-5, 1e-6))
         << key;
   }
   EXPECT_TRUE(repaired.count("alpha/head.weight"));
@@ -323,9 +337,8 @@ TEST_F(CliTest, MergedIsOnlyForLfpm) {
   WriteText("job.yaml",
             "method: dam\narchitecture: tiny.pt\nmerged: m.safetensors\n"
             "models: [a.safetensors]\n");
-  CommandResult r =
-      RunCli("merge --config " + (dir_ / "job.yaml").string() + " --out " +
-             (dir_ / "out").string());
+  CommandResult r = RunCli("merge --config " + (dir_ / "job.yaml").string() +
+                           " --out " + (dir_ / "out").string());
   EXPECT_NE(r.exit_code, 0);
   EXPECT_THAT(r.output, HasSubstr("only lfpm repairs a merged model"));
 }

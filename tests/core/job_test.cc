@@ -15,9 +15,9 @@
 #include "core/probe.h"
 #include "core/sha256.h"
 #include "core/tensor_views.h"
-#include "tests/core/defense_fixtures.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/core/defense_fixtures.h"
 
 namespace mergeguard {
 namespace {
@@ -122,7 +122,8 @@ TEST(ValidateJobSpecTest, DefensesNeedArchitectureAndCalibration) {
   spec.method = JobMethod::kDam;
   EXPECT_THAT(Error(spec), HasSubstr("architecture: is required"));
   spec.architecture = "resnet";
-  EXPECT_THAT(Error(spec), HasSubstr("needs a calibration set for task \"mnist\""));
+  EXPECT_THAT(Error(spec),
+              HasSubstr("needs a calibration set for task \"mnist\""));
   spec.calibration = {{"mnist", Sha256Hex("c1")}, {"svhn", Sha256Hex("c2")}};
   // svhn is a LoRA adapter: no head to run.
   EXPECT_THAT(Error(spec), HasSubstr("inputs[1].lora: method dam needs full"));
@@ -197,8 +198,7 @@ TEST(DefenseParametersTest, InfoListsEveryNameWithItsDefault) {
   }
   for (const DefenseParameterInfo& p : LfpmParameterInfo()) {
     LfpmOptions options;
-    EXPECT_TRUE(
-        ApplyLfpmParameters({{p.name, p.default_value}}, &options).ok())
+    EXPECT_TRUE(ApplyLfpmParameters({{p.name, p.default_value}}, &options).ok())
         << p.name;
   }
   LfpmOptions lfpm;
@@ -418,8 +418,8 @@ TEST_F(DataDependentJobTest, ProbeSetsReportBeforeAndAfter) {
   absl::StatusOr<JobOutput> output = Run();
   ASSERT_TRUE(output.ok()) << output.status();
   for (const char* key :
-       {kMetricProbeAsrBefore, kMetricProbeAsrAfter,
-        kMetricProbeAccuracyBefore, kMetricProbeAccuracyAfter}) {
+       {kMetricProbeAsrBefore, kMetricProbeAsrAfter, kMetricProbeAccuracyBefore,
+        kMetricProbeAccuracyAfter}) {
     ASSERT_TRUE(output->metrics.count(key)) << key;
     EXPECT_GE(output->metrics.at(key), 0.0) << key;
     EXPECT_LE(output->metrics.at(key), 1.0) << key;
@@ -428,9 +428,8 @@ TEST_F(DataDependentJobTest, ProbeSetsReportBeforeAndAfter) {
   // probe accuracy directly.
   MergeOptions ta;
   ta.lambda = 0.3;
-  std::vector<MergeInput> inputs = {
-      {"task0", paths_[Sha256Hex("task0")], 1.0},
-      {"task1", paths_[Sha256Hex("task1")], 1.0}};
+  std::vector<MergeInput> inputs = {{"task0", paths_[Sha256Hex("task0")], 1.0},
+                                    {"task1", paths_[Sha256Hex("task1")], 1.0}};
   ASSERT_TRUE(
       Merge(paths_[Sha256Hex("base")], inputs, dir_.Path("ta.safetensors"), ta)
           .ok());
