@@ -6,7 +6,6 @@
 #include <cerrno>
 #include <nlohmann/json.hpp>
 
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "core/adamerging.h"
@@ -169,25 +168,13 @@ absl::StatusOr<LocalMergeResult> RunDataDependent(
     case JobMethod::kLfpm: {
       LfpmOptions o;
       RETURN_IF_ERROR(ApplyLfpmParameters(parameters, &o));
-      double merge_lambda = 0.3;
-      if (auto it = parameters.find(kLfpmMergeLambdaParameter);
-          it != parameters.end() &&
-          !absl::SimpleAtod(it->second, &merge_lambda)) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "parameters.", kLfpmMergeLambdaParameter, ": expected a number"));
-      }
+      ASSIGN_OR_RETURN(double merge_lambda, LfpmMergeLambda(parameters));
       o.threads = config.options.threads;
       o.is_cancelled = hooks.is_cancelled;
       o.metadata = metadata;
       if (hooks.on_progress) {
         o.on_progress = [&hooks](const LfpmProgress& p) {
-          hooks.on_progress({"lfpm",
-                             p.step,
-                             p.steps,
-                             {{"loss", p.loss},
-                              {"clean", p.clean_loss},
-                              {"backdoor", p.backdoor_loss},
-                              {"ctl", p.ctl_loss}}});
+          hooks.on_progress({"lfpm", p.step, p.steps, LfpmProgressLosses(p)});
         };
       }
       LfpmJob job;

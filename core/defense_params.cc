@@ -24,7 +24,8 @@ struct Field {
   std::string name;
   std::string type;
   std::function<absl::Status(absl::string_view, Options&)> set;
-  std::function<std::string(const Options&)> get;
+  // Takes a copy: the field accessors return mutable references.
+  std::function<std::string(Options)> get;
 };
 
 absl::Status ParameterError(absl::string_view name, absl::string_view what,
@@ -48,9 +49,7 @@ Field<Options> Number(std::string name,
     field(o) = value;
     return absl::OkStatus();
   };
-  f.get = [field](const Options& o) {
-    return absl::StrCat(field(const_cast<Options&>(o)));
-  };
+  f.get = [field](Options o) { return absl::StrCat(field(o)); };
   return f;
 }
 
@@ -67,9 +66,7 @@ Field<Options> Integer(std::string name, std::function<Int&(Options&)> field) {
     field(o) = value;
     return absl::OkStatus();
   };
-  f.get = [field](const Options& o) {
-    return absl::StrCat(field(const_cast<Options&>(o)));
-  };
+  f.get = [field](Options o) { return absl::StrCat(field(o)); };
   return f;
 }
 
@@ -89,9 +86,7 @@ Field<Options> Boolean(std::string name, std::function<bool&(Options&)> field) {
     }
     return absl::OkStatus();
   };
-  f.get = [field](const Options& o) {
-    return field(const_cast<Options&>(o)) ? "true" : "false";
-  };
+  f.get = [field](Options o) { return field(o) ? "true" : "false"; };
   return f;
 }
 
@@ -114,9 +109,7 @@ Field<Options> Enum(std::string name, std::string words,
     field(o) = *value;
     return absl::OkStatus();
   };
-  f.get = [field, print](const Options& o) {
-    return std::string(print(field(const_cast<Options&>(o))));
-  };
+  f.get = [field, print](Options o) { return std::string(print(field(o))); };
   return f;
 }
 
@@ -130,7 +123,7 @@ Field<Options> Text(std::string name, std::string type,
     field(o) = std::string(text);
     return absl::OkStatus();
   };
-  f.get = [field](const Options& o) { return field(const_cast<Options&>(o)); };
+  f.get = [field](Options o) { return field(o); };
   return f;
 }
 
@@ -245,9 +238,7 @@ Field<LfpmOptions> LfpmLayerPrefixes() {
     }
     return absl::OkStatus();
   };
-  f.get = [](const LfpmOptions& o) {
-    return absl::StrJoin(o.layer_prefixes, ",");
-  };
+  f.get = [](LfpmOptions o) { return absl::StrJoin(o.layer_prefixes, ","); };
   return f;
 }
 
@@ -372,7 +363,8 @@ std::vector<DefenseParameterInfo> DamParameterInfo() {
   return Describe(DamFields());
 }
 std::vector<DefenseParameterInfo> LfpmParameterInfo() {
-  return Describe(LfpmFields(), {{kLfpmMergeLambdaParameter, "number", "0.3"}});
+  return Describe(LfpmFields(), {{kLfpmMergeLambdaParameter, "number",
+                                  absl::StrCat(kLfpmDefaultMergeLambda)}});
 }
 
 absl::Status ApplyAdaMergingParameters(const DefenseParameters& parameters,
@@ -391,16 +383,27 @@ absl::Status ApplyLfpmParameters(const DefenseParameters& parameters,
                                  LfpmOptions* options) {
   RETURN_IF_ERROR(Apply("lfpm", LfpmFields(), parameters, options,
                         {kLfpmMergeLambdaParameter}));
-  if (auto it = parameters.find(kLfpmMergeLambdaParameter);
-      it != parameters.end()) {
-    double lambda = 0;
-    if (!absl::SimpleAtod(it->second, &lambda) || !std::isfinite(lambda)) {
-      return ParameterError(kLfpmMergeLambdaParameter, "a finite number",
-                            it->second);
-    }
-  }
+  RETURN_IF_ERROR(LfpmMergeLambda(parameters).status());
   RETURN_IF_ERROR(ValidateLfpmOptions(*options));
   return ParseDevice(options->device).status();
+}
+
+absl::StatusOr<double> LfpmMergeLambda(const DefenseParameters& parameters) {
+  auto it = parameters.find(kLfpmMergeLambdaParameter);
+  if (it == parameters.end()) return kLfpmDefaultMergeLambda;
+  double lambda = 0;
+  if (!absl::SimpleAtod(it->second, &lambda) || !std::isfinite(lambda)) {
+    return ParameterError(kLfpmMergeLambdaParameter, "a finite number",
+                          it->second);
+  }
+  return lambda;
+}
+
+std::map<std::string, double> LfpmProgressLosses(const LfpmProgress& progress) {
+  return {{"loss", progress.loss},
+          {"clean", progress.clean_loss},
+          {"backdoor", progress.backdoor_loss},
+          {"ctl", progress.ctl_loss}};
 }
 
 }  // namespace mergeguard

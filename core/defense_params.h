@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "core/adamerging.h"
 #include "core/dam.h"
@@ -50,6 +51,15 @@ absl::Status ApplyLfpmParameters(const DefenseParameters& parameters,
 // LFPM in a job first merges the tasks with task arithmetic; this parameter
 // sets that merge's lambda (default 0.3) and is not an LfpmOptions field.
 inline constexpr char kLfpmMergeLambdaParameter[] = "merge_lambda";
+inline constexpr double kLfpmDefaultMergeLambda = 0.3;
+
+// LfpmMergeLambda returns the merge_lambda parameter, or the default;
+// INVALID_ARGUMENT naming it when it is not a finite number.
+absl::StatusOr<double> LfpmMergeLambda(const DefenseParameters& parameters);
+
+// LfpmProgressLosses names one LFPM step's losses as job progress reports
+// them ("loss", "clean", "backdoor", "ctl").
+std::map<std::string, double> LfpmProgressLosses(const LfpmProgress& progress);
 
 }  // namespace mergeguard
 

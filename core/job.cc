@@ -463,8 +463,9 @@ struct DefenseOptions {
   AdaMergingOptions adamerging;
   DamOptions dam;
   LfpmOptions lfpm;
-  // LFPM repairs the task-arithmetic merge of the inputs made with this.
-  double merge_lambda = 0.3;
+  // Lambda of the task-arithmetic merge LFPM repairs, and the "before"
+  // model of probe sets for every method.
+  double merge_lambda = kLfpmDefaultMergeLambda;
 };
 
 absl::StatusOr<DefenseOptions> DefenseOptionsFromSpec(const JobSpec& spec) {
@@ -477,13 +478,11 @@ absl::StatusOr<DefenseOptions> DefenseOptionsFromSpec(const JobSpec& spec) {
     case JobMethod::kDam:
       RETURN_IF_ERROR(ApplyDamParameters(p, &o.dam));
       break;
-    case JobMethod::kLfpm:
+    case JobMethod::kLfpm: {
       RETURN_IF_ERROR(ApplyLfpmParameters(p, &o.lfpm));
-      if (auto it = p.find(kLfpmMergeLambdaParameter); it != p.end()) {
-        // ApplyLfpmParameters checked that it parses.
-        o.merge_lambda = std::stod(it->second);
-      }
+      ASSIGN_OR_RETURN(o.merge_lambda, LfpmMergeLambda(p));
       break;
+    }
     default:
       break;
   }
@@ -651,13 +650,7 @@ absl::StatusOr<JobOutput> RunDataDependent(const JobSpec& spec,
       o.metadata = metadata;
       if (context.on_progress) {
         o.on_progress = [&context](const LfpmProgress& p) {
-          context.on_progress({"lfpm",
-                               p.step,
-                               p.steps,
-                               {{"loss", p.loss},
-                                {"clean", p.clean_loss},
-                                {"backdoor", p.backdoor_loss},
-                                {"ctl", p.ctl_loss}}});
+          context.on_progress({"lfpm", p.step, p.steps, LfpmProgressLosses(p)});
         };
       }
       LfpmJob job;
@@ -700,8 +693,7 @@ absl::StatusOr<JobOutput> RunDataDependent(const JobSpec& spec,
   if (!spec.probes.empty()) {
     absl::Status probed = EvaluateJobProbes(
         spec, resolve, architecture_path, base_path, inputs,
-        spec.method == JobMethod::kLfpm ? options.merge_lambda : 0.3, context,
-        work_dir, output, report_json);
+        options.merge_lambda, context, work_dir, output, report_json);
     if (!probed.ok()) {
       ::unlink(output.model_path.c_str());
       return probed;
