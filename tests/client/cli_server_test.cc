@@ -13,6 +13,7 @@
 #include "core/probe.h"
 #include "core/sha256.h"
 #include "core/tensor_views.h"
+#include "tests/client/cli_runner.h"
 #include "tests/client/defense_world.h"
 #include "tests/server/server_process.h"
 
@@ -22,26 +23,8 @@ namespace {
 using ::testing::HasSubstr;
 namespace fs = std::filesystem;
 
-struct CommandResult {
-  int exit_code = -1;
-  std::string output;
-};
-
-CommandResult RunCli(const std::string& args, const std::string& env = "") {
-  std::string command = env + " " + std::string(MERGEGUARD_BINARY_DIR) +
-                        "/bin/mergeguard " + args + " 2>&1 </dev/null";
-  CommandResult result;
-  FILE* pipe = popen(command.c_str(), "r");
-  if (pipe == nullptr) return result;
-  char buffer[4096];
-  size_t n;
-  while ((n = fread(buffer, 1, sizeof(buffer), pipe)) > 0) {
-    result.output.append(buffer, n);
-  }
-  int status = pclose(pipe);
-  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return result;
-}
+using ::mergeguard::testing::CommandResult;
+using ::mergeguard::testing::RunCli;
 
 class CliServerTest : public ::testing::Test {
  protected:

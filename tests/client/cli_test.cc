@@ -12,6 +12,7 @@
 #include <sstream>
 
 #include "core/tensor_views.h"
+#include "tests/client/cli_runner.h"
 #include "tests/client/defense_world.h"
 
 namespace mergeguard {
@@ -20,29 +21,9 @@ namespace {
 using ::testing::HasSubstr;
 namespace fs = std::filesystem;
 
-struct CommandResult {
-  int exit_code = -1;
-  std::string output;  // stdout and stderr together
-};
-
-CommandResult RunShell(const std::string& command) {
-  CommandResult result;
-  FILE* pipe = popen(command.c_str(), "r");
-  if (pipe == nullptr) return result;
-  char buffer[4096];
-  size_t n;
-  while ((n = fread(buffer, 1, sizeof(buffer), pipe)) > 0) {
-    result.output.append(buffer, n);
-  }
-  int status = pclose(pipe);
-  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return result;
-}
-
-CommandResult RunCli(const std::string& args) {
-  return RunShell(std::string(MERGEGUARD_BINARY_DIR) + "/bin/mergeguard " +
-                  args + " 2>&1");
-}
+using ::mergeguard::testing::CommandResult;
+using ::mergeguard::testing::RunCli;
+using ::mergeguard::testing::RunShell;
 
 class CliTest : public ::testing::Test {
  protected:

@@ -33,6 +33,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "tests/client/cli_runner.h"
 #include "tests/client/defense_world.h"
 #include "tests/server/server_process.h"
 
@@ -314,17 +315,9 @@ class DeployPrometheusScrapeTest : public ::testing::Test {
         MERGEGUARD_BINARY_DIR, "/bin/mergeguard run --config ", job, " --out ",
         dir_, "/", method, "_out --server ", server_->target(), " --token ",
         kAcmeToken, " 2>&1 </dev/null");
-    std::pair<int, std::string> result = {-1, ""};
-    FILE* pipe = ::popen(command.c_str(), "r");
-    if (pipe == nullptr) return result;
-    char buffer[4096];
-    size_t n;
-    while ((n = std::fread(buffer, 1, sizeof(buffer), pipe)) > 0) {
-      result.second.append(buffer, n);
-    }
-    const int status = ::pclose(pipe);
-    result.first = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-    return result;
+    ::mergeguard::testing::CommandResult result =
+        ::mergeguard::testing::RunShell(command);
+    return {result.exit_code, result.output};
   }
 
   std::string dir_;
