@@ -29,6 +29,11 @@ int64_t LabeledImages::size() const {
 
 absl::StatusOr<LabeledImages> LoadLabeledImages(const std::string& path) {
   ASSIGN_OR_RETURN(NamedTensors tensors, LoadTensorsFromPath(path));
+  return LabeledImagesFromTensors(tensors, path);
+}
+
+absl::StatusOr<LabeledImages> LabeledImagesFromTensors(
+    const NamedTensors& tensors, const std::string& path) {
   const torch::Tensor* inputs = FindTensor(tensors, "inputs");
   const torch::Tensor* labels = FindTensor(tensors, "labels");
   if (inputs == nullptr || labels == nullptr) {

@@ -32,6 +32,10 @@ struct LabeledImages {
 // tensors are missing, mistyped or of different lengths, or a label is
 // negative.
 absl::StatusOr<LabeledImages> LoadLabeledImages(const std::string& path);
+// LabeledImagesFromTensors checks and converts a loaded labeled set the same
+// way, for files that hold more than the set; `path` names it in errors.
+absl::StatusOr<LabeledImages> LabeledImagesFromTensors(
+    const NamedTensors& tensors, const std::string& path);
 // SaveLabeledImages writes `images` to `path` atomically; uint8 inputs stay
 // uint8, anything else is stored as float32.
 absl::Status SaveLabeledImages(const std::string& path,

@@ -22,8 +22,8 @@ absl::StatusOr<ProbeSet> LoadProbeSet(const std::string& task,
                                       const std::string& path) {
   ProbeSet probe;
   probe.task = task;
-  ASSIGN_OR_RETURN(probe.images, LoadLabeledImages(path));
   ASSIGN_OR_RETURN(NamedTensors tensors, LoadTensorsFromPath(path));
+  ASSIGN_OR_RETURN(probe.images, LabeledImagesFromTensors(tensors, path));
   std::map<std::string, torch::Tensor> by_name(tensors.begin(), tensors.end());
   auto get = [&](const std::string& name) -> torch::Tensor {
     auto it = by_name.find(name);
