@@ -73,6 +73,7 @@ commands:
       Data-free merge throughput against a plain copy, and peak RSS.
   service-transfer --target HOST:PORT --token T [--tls-ca FILE] [--mb MB]
         [--repetitions N] [--iperf3 PATH] [--iperf3-port P] [--scratch-dir D]
+        [--upload-only]
       Upload and download throughput of a running server, next to iperf3's
       raw TCP loopback throughput measured in the same run.
   service-load --target HOST:PORT --token T [--tls-ca FILE] [--clients N]
@@ -434,7 +435,7 @@ absl::Status RunServiceTransfer(int argc, char** argv) {
                                              {"target", "token", "tls-ca", "mb",
                                               "repetitions", "iperf3",
                                               "iperf3-port", "scratch-dir"},
-                                             {}));
+                                             {"upload-only"}));
   TransferBenchOptions options;
   ASSIGN_OR_RETURN(options.target, flags.Required("target"));
   ASSIGN_OR_RETURN(options.token, flags.Required("token"));
@@ -446,6 +447,7 @@ absl::Status RunServiceTransfer(int argc, char** argv) {
   options.iperf3 = flags.Get("iperf3", options.iperf3);
   RETURN_IF_ERROR(flags.Number("iperf3-port", &options.iperf3_port));
   options.scratch_dir = flags.Get("scratch-dir", options.scratch_dir);
+  options.upload_only = flags.Has("upload-only");
   ASSIGN_OR_RETURN(TransferBenchReport report, RunTransferBench(options));
   std::cout << FormatTransferBenchReport(report);
   return absl::OkStatus();

@@ -117,14 +117,20 @@ absl::StatusOr<TransferBenchReport> RunTransferBench(
                    SanitizerClient::Create(client_options));
   TransferBenchReport report;
   report.bytes = options.bytes;
-  const std::string bytes = PseudoRandomBytes(options.bytes);
-  const std::string sha256 = Sha256Hex(bytes);
+  std::string bytes = PseudoRandomBytes(options.bytes);
+  std::string sha256;
 
   std::vector<double> upload, download, download_to_file;
   for (int i = 0; i < std::max(1, options.repetitions); ++i) {
+    // New content each time: the store keeps content once, so a repeated
+    // digest would measure deduplication rather than a transfer.
+    if (!sha256.empty()) client->DeleteArtifact(sha256).IgnoreError();
+    if (!bytes.empty()) bytes[0] = static_cast<char>(i);
+    sha256 = Sha256Hex(bytes);
     absl::Time start = absl::Now();
     RETURN_IF_ERROR(UploadFromMemory(*client, bytes, sha256));
     upload.push_back(MegabytesPerSecond(bytes.size(), absl::Now() - start));
+    if (options.upload_only) continue;
 
     start = absl::Now();
     uint64_t received = 0;
@@ -148,8 +154,10 @@ absl::StatusOr<TransferBenchReport> RunTransferBench(
     ::unlink(path.c_str());
   }
   report.upload_mb_per_s = Median(upload);
-  report.download_mb_per_s = Median(download);
-  report.download_to_file_mb_per_s = Median(download_to_file);
+  if (!options.upload_only) {
+    report.download_mb_per_s = Median(download);
+    report.download_to_file_mb_per_s = Median(download_to_file);
+  }
   if (!options.iperf3.empty()) {
     ASSIGN_OR_RETURN(report.tcp_mb_per_s, IperfLoopback(options));
     report.upload_ratio = report.upload_mb_per_s / report.tcp_mb_per_s;

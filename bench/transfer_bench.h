@@ -32,6 +32,8 @@ struct TransferBenchOptions {
   int iperf3_seconds = 3;
   // Where the download-to-file measurement writes.
   std::string scratch_dir = "/tmp";
+  // Skips the downloads, so a profiler sees the upload path alone.
+  bool upload_only = false;
 };
 
 // TransferBenchReport holds throughputs in MB/s (1e6 bytes per second).

@@ -49,6 +49,7 @@ __attribute__((target("sha,sse4.1"))) void CompressShaNi(uint32_t* state,
     const __m128i abef_saved = abef;
     const __m128i cdgh_saved = cdgh;
     __m128i w[16];
+#pragma GCC unroll 16
     for (int g = 0; g < 16; ++g) {
       if (g < 4) {
         w[g] = _mm_shuffle_epi8(

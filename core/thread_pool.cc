@@ -50,6 +50,9 @@ void ThreadPool::WorkerLoop() {
       queue_.pop_front();
     }
     fn();
+    // Destroy the task (and whatever it captured) before it stops counting
+    // as in flight: a destructor may schedule more work, which Wait must see.
+    fn = nullptr;
     absl::MutexLock lock(&mu_);
     --in_flight_;
   }

@@ -92,9 +92,11 @@ class UploadPipeline : public std::enable_shared_from_this<UploadPipeline> {
   UploadPipeline(const UploadPipeline&) = delete;
   UploadPipeline& operator=(const UploadPipeline&) = delete;
 
-  // Append queues `chunk`. It returns true when the caller may read the next
-  // chunk now; otherwise the pipeline calls `on_room` (from an I/O thread)
-  // once it has room again or has failed.
+  // Append hashes `chunk` on the caller's thread, then queues it for
+  // writing. It returns true when the caller may read the next chunk now;
+  // otherwise the pipeline calls `on_room` (from an I/O thread) once it has
+  // room again or has failed. Calls must not overlap (one reader per
+  // stream), and Commit must follow the last one.
   bool Append(std::string chunk);
   // status returns the first write error (e.g. RESOURCE_EXHAUSTED when the
   // disk filled up), or OK.
@@ -131,10 +133,12 @@ class UploadPipeline : public std::enable_shared_from_this<UploadPipeline> {
   const std::function<void()> on_room_;
 
   std::atomic<bool> slot_released_{false};
+  // Fed by Append on the reader's thread, read by Finalize after Commit
+  // (ordered by mu_): hashing there overlaps it with the writes below.
+  Sha256 hasher_;
   // Touched only by the single Drain task running at a time.
   int fd_ = -1;
   std::string temp_path_;
-  Sha256 hasher_;
   uint64_t written_bytes_ = 0;
 
   mutable absl::Mutex mu_;

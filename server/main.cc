@@ -1,6 +1,7 @@
 // mergeguard-server: the gRPC model-sanitization service. Flags become a
 // ServerOptions; SIGTERM/SIGINT drain the server within --drain_timeout.
 
+#include <malloc.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -108,6 +109,13 @@ int main(int argc, char** argv) {
       "mergeguard-server --store_dir=DIR --tokens_file=FILE [--port=50051] "
       "[--metrics_port=9464] [--tls_cert=PEM --tls_key=PEM]");
   absl::ParseCommandLine(argc, argv);
+
+  // Keep 1 MiB transfer chunks in the heap instead of mmap: each mmap'd
+  // chunk is a fresh run of pages the kernel must fault in and zero, which
+  // cost about 15% of upload throughput (docs/BENCHMARKS.md). Freed memory
+  // above 128 MiB still goes back to the system.
+  mallopt(M_MMAP_THRESHOLD, 32 << 20);
+  mallopt(M_TRIM_THRESHOLD, 128 << 20);
 
   // Block the shutdown signals in every thread; main waits for them below.
   sigset_t signals;
