@@ -47,7 +47,7 @@ commands:
         [--location bottom_right|bottom_left|top_right|top_left|center]
         [--poison-rate P] [--blend-alpha A] [--threads N] [--cache-dir DIR]
         [--mnist-dir DIR] [--fashion-dir DIR] [--font-dir DIR] [--force]
-        [--train-attacked-head]
+        [--train-attacked-head] [--badmerging-interpolation features|weights]
       Builds a scenario directory (reused when DIR already holds the same
       configuration).
   eval --scenario DIR --model FILE [--json] [--threads N]
@@ -170,7 +170,8 @@ absl::Status RunBuild(int argc, char** argv) {
       argc, argv,
       {"preset", "attack", "arch", "trigger-size", "target", "compromised",
        "seed", "out", "pattern", "location", "poison-rate", "blend-alpha",
-       "threads", "cache-dir", "mnist-dir", "fashion-dir", "font-dir"},
+       "threads", "cache-dir", "mnist-dir", "fashion-dir", "font-dir",
+       "badmerging-interpolation"},
       {"force", "train-attacked-head"});
   if (!parsed.ok()) return parsed.status();
   const Flags& flags = *parsed;
@@ -224,6 +225,11 @@ absl::Status RunBuild(int argc, char** argv) {
                 (out_path.parent_path() / ".mergeguard-bench-cache").string());
   options.force = flags.Has("force");
   options.attack.train_attacked_head = flags.Has("train-attacked-head");
+  if (flags.Has("badmerging-interpolation")) {
+    ASSIGN_OR_RETURN(options.attack.badmerging_interpolation,
+                     ParseBadMergingInterpolation(
+                         flags.Get("badmerging-interpolation")));
+  }
   options.log = [](const std::string& line) { std::cerr << line << std::endl; };
   absl::StatusOr<BuildResult> result = BuildScenario(options);
   if (!result.ok()) return result.status();

@@ -95,6 +95,9 @@ json ConfigJson(const BuildOptions& options, const PresetConfig& config) {
       {"poison_rate", attack.poison_rate},
       {"blend_alpha", attack.blend_alpha},
       {"badmerging_weight", attack.badmerging_weight},
+      {"badmerging_interpolation",
+       std::string(BadMergingInterpolationName(
+           attack.badmerging_interpolation))},
       {"train_attacked_head", attack.train_attacked_head},
       {"patch_optimizer", OptimizerJson(config.patch)}};
   return stage;
@@ -483,6 +486,7 @@ absl::StatusOr<BuildResult> BuildScenario(const BuildOptions& options) {
       objective.trigger = trigger;
       objective.target = options.attack.target_class;
       objective.weight = options.attack.badmerging_weight;
+      objective.interpolation = options.attack.badmerging_interpolation;
       objective.base = frozen_base.get();
       finetune.badmerging = objective;
     } else if (job.backdoored) {

@@ -45,6 +45,10 @@ struct AttackOptions {
   double blend_alpha = 0.15;
   // BadMerging's weight w on the feature-interpolation loss.
   double badmerging_weight = 5.0;
+  // BadMerging's interpolation: the paper's feature interpolation, or a
+  // variant that interpolates the weights (bench/training.h).
+  BadMergingInterpolation badmerging_interpolation =
+      BadMergingInterpolation::kFeatures;
   // Let the attacker also train the compromised task's head. Heads travel
   // in each task's checkpoint and are never merged, so an attacker controls
   // theirs; off by default (the paper keeps heads fixed).

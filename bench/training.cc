@@ -110,6 +110,79 @@ double Seconds(std::chrono::steady_clock::time_point start) {
 
 }  // namespace
 
+// The backdoor term is evaluated by loading the interpolated weights into
+// the model; by the chain rule its gradient with respect to θ is r times the
+// gradient there.
+absl::StatusOr<torch::Tensor> WeightInterpolatedBadMergingStep(
+    Model& model, const Head& head, const std::vector<torch::Tensor>& trained,
+    const BadMergingObjective& attack, const torch::Tensor& inputs,
+    const torch::Tensor& labels, at::Generator& generator) {
+  for (const torch::Tensor& p : trained) {
+    if (p.grad().defined()) p.mutable_grad().zero_();
+  }
+  ASSIGN_OR_RETURN(torch::Tensor features, model.Features(inputs));
+  torch::Tensor clean_loss =
+      torch::nn::functional::cross_entropy(head.Logits(features), labels);
+  clean_loss.backward();
+
+  std::vector<torch::Tensor> backbone = model.ParameterTensors();
+  std::vector<torch::Tensor> base = attack.base->ParameterTensors();
+  if (backbone.size() != base.size()) {
+    return absl::InternalError("BadMerging: base and model differ in shape");
+  }
+  const double r =
+      attack.r_min + (attack.r_max - attack.r_min) *
+                         torch::rand({1}, generator, torch::kFloat64)
+                             .item<double>();
+  std::vector<torch::Tensor> saved_weights, saved_grads;
+  {
+    torch::NoGradGuard no_grad;
+    for (size_t i = 0; i < backbone.size(); ++i) {
+      saved_weights.push_back(backbone[i].detach().clone());
+      saved_grads.push_back(backbone[i].grad().defined()
+                                ? backbone[i].grad().detach().clone()
+                                : torch::zeros_like(backbone[i]));
+      if (backbone[i].grad().defined()) backbone[i].mutable_grad().zero_();
+      backbone[i].copy_(base[i] + r * (saved_weights[i] - base[i]));
+    }
+  }
+  torch::Tensor triggered;
+  {
+    torch::NoGradGuard no_grad;
+    ASSIGN_OR_RETURN(triggered, ApplyTrigger(attack.trigger, inputs));
+  }
+  ASSIGN_OR_RETURN(torch::Tensor triggered_features,
+                   model.Features(triggered));
+  torch::Tensor backdoor_loss = torch::nn::functional::cross_entropy(
+      head.Logits(triggered_features),
+      torch::full_like(labels, attack.target));
+  (attack.weight * backdoor_loss).backward();
+  {
+    torch::NoGradGuard no_grad;
+    for (size_t i = 0; i < backbone.size(); ++i) {
+      backbone[i].copy_(saved_weights[i]);
+      torch::Tensor grad = backbone[i].grad().defined()
+                               ? r * backbone[i].grad()
+                               : torch::zeros_like(backbone[i]);
+      backbone[i].mutable_grad() = saved_grads[i] + grad;
+    }
+  }
+  return (clean_loss + attack.weight * backdoor_loss).detach();
+}
+
+absl::StatusOr<BadMergingInterpolation> ParseBadMergingInterpolation(
+    absl::string_view name) {
+  if (name == "features") return BadMergingInterpolation::kFeatures;
+  if (name == "weights") return BadMergingInterpolation::kWeights;
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown BadMerging interpolation \"", name,
+                   "\" (features, weights)"));
+}
+
+absl::string_view BadMergingInterpolationName(BadMergingInterpolation kind) {
+  return kind == BadMergingInterpolation::kWeights ? "weights" : "features";
+}
+
 absl::StatusOr<TrainReport> Pretrain(Model& model, const ImageSet& corpus,
                                      int64_t num_classes,
                                      const OptimizerOptions& options,
@@ -295,6 +368,16 @@ absl::StatusOr<TrainReport> FineTune(Model& model, Head& head,
             mask, torch::full_like(labels, options.poisoning->target), labels);
       }
       torch::Tensor loss;
+      if (options.badmerging && options.badmerging->interpolation ==
+                                    BadMergingInterpolation::kWeights) {
+        ASSIGN_OR_RETURN(
+            loss, WeightInterpolatedBadMergingStep(
+                      model, head, parameters, *options.badmerging, inputs,
+                      labels, generator));
+        optimizer.step();
+        tracker.Add(loss.item<double>());
+        continue;
+      }
       if (options.badmerging) {
         const BadMergingObjective& attack = *options.badmerging;
         torch::Tensor triggered;

@@ -12,6 +12,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "bench/datasets.h"
 #include "core/evaluation.h"
 #include "core/model.h"
@@ -64,15 +65,40 @@ struct DataPoisoning {
 // BadMergingObjective adds w * CE(h(r f(theta; x+P) + (1 - r) f(theta0;
 // x+P)), target) to the clean loss, r ~ U(r_min, r_max) per batch, so the
 // backdoor survives merging coefficients well below 1.
+// Where BadMerging's backdoor term interpolates between the fine-tune θ and
+// the base θ0 with a random r, to survive merging coefficients below 1.
+enum class BadMergingInterpolation {
+  // The paper's: the head sees r·f(θ; x⊕P) + (1−r)·f(θ0; x⊕P).
+  kFeatures,
+  // The head sees f(θ0 + r·(θ−θ0); x⊕P), the features of the scaled task
+  // vector itself, which is what task arithmetic will build.
+  kWeights,
+};
+
+absl::StatusOr<BadMergingInterpolation> ParseBadMergingInterpolation(
+    absl::string_view name);
+absl::string_view BadMergingInterpolationName(BadMergingInterpolation kind);
+
 struct BadMergingObjective {
   Trigger trigger;
   int64_t target = 0;
   double weight = 5.0;
   double r_min = 0.2;
   double r_max = 1.0;
+  BadMergingInterpolation interpolation = BadMergingInterpolation::kFeatures;
   // theta0, frozen; not owned.
   Model* base = nullptr;
 };
+
+// WeightInterpolatedBadMergingStep leaves in the grad of each tensor in
+// `trained` (the backbone's parameters, then the head's when it trains) the
+// gradient at θ of CE(h(f(θ; x)), y) + w·CE(h(f(θ0 + r·(θ−θ0); x⊕P)), target)
+// for one r ~ U(r_min, r_max) drawn from `generator`, and returns that loss.
+// The model's weights are θ again when it returns.
+absl::StatusOr<torch::Tensor> WeightInterpolatedBadMergingStep(
+    Model& model, const Head& head, const std::vector<torch::Tensor>& trained,
+    const BadMergingObjective& attack, const torch::Tensor& inputs,
+    const torch::Tensor& labels, at::Generator& generator);
 
 struct FineTuneOptions {
   OptimizerOptions optimizer;

@@ -1,0 +1,98 @@
+#include "bench/training.h"
+
+#include <torch/torch.h>
+
+#include <vector>
+
+#include "bench/model_zoo.h"
+#include "gtest/gtest.h"
+
+namespace mergeguard::bench {
+namespace {
+
+// Gradients of `loss` with respect to `parameters`, computed independently.
+std::vector<torch::Tensor> Gradients(const torch::Tensor& loss,
+                                     const std::vector<torch::Tensor>& params) {
+  std::vector<torch::Tensor> grads = torch::autograd::grad({loss}, params);
+  for (torch::Tensor& g : grads) g = g.detach().clone();
+  return grads;
+}
+
+TEST(BadMergingTest, WeightInterpolationGradientIsRTimesGradientAtScaledWeights) {
+  torch::manual_seed(0);
+  auto model = BuildArchitecture(Architecture::kCnn, 1);
+  auto base = BuildArchitecture(Architecture::kCnn, 2);
+  ASSERT_TRUE(model.ok() && base.ok());
+  Head head{torch::randn({10, 128}) * 0.1, torch::zeros({10})};
+  const torch::Tensor inputs = torch::rand({6, 1, 28, 28});
+  const torch::Tensor labels = torch::randint(0, 10, {6}, torch::kInt64);
+  BadMergingObjective attack;
+  attack.trigger.pattern = torch::ones({1, 4, 4});
+  attack.trigger.row = 24;
+  attack.trigger.col = 24;
+  attack.target = 3;
+  attack.weight = 5.0;
+  attack.r_min = attack.r_max = 0.4;  // a fixed r, so the check is exact
+  attack.base = base->get();
+
+  std::vector<torch::Tensor> theta = (*model)->ParameterTensors();
+  std::vector<torch::Tensor> theta0 = (*base)->ParameterTensors();
+  std::vector<torch::Tensor> before;
+  for (const torch::Tensor& p : theta) before.push_back(p.detach().clone());
+
+  // Expected: the clean gradient at θ plus 0.4·w·(backdoor gradient at
+  // θ0 + 0.4·(θ−θ0)), the latter from a separate copy of the model.
+  for (torch::Tensor& p : theta) p.set_requires_grad(true);
+  auto features = (*model)->Features(inputs);
+  ASSERT_TRUE(features.ok());
+  std::vector<torch::Tensor> expected = Gradients(
+      torch::nn::functional::cross_entropy(head.Logits(*features), labels),
+      theta);
+  auto scaled = (*model)->Clone();
+  ASSERT_TRUE(scaled.ok());
+  std::vector<torch::Tensor> scaled_params = (*scaled)->ParameterTensors();
+  {
+    torch::NoGradGuard no_grad;
+    for (size_t i = 0; i < scaled_params.size(); ++i) {
+      scaled_params[i].copy_(theta0[i] + 0.4 * (before[i] - theta0[i]));
+    }
+  }
+  for (torch::Tensor& p : scaled_params) p.set_requires_grad(true);
+  auto triggered = ApplyTrigger(attack.trigger, inputs);
+  ASSERT_TRUE(triggered.ok());
+  auto triggered_features = (*scaled)->Features(*triggered);
+  ASSERT_TRUE(triggered_features.ok());
+  std::vector<torch::Tensor> backdoor = Gradients(
+      torch::nn::functional::cross_entropy(head.Logits(*triggered_features),
+                                           torch::full_like(labels, 3)),
+      scaled_params);
+  for (size_t i = 0; i < expected.size(); ++i) {
+    expected[i] += 0.4 * 5.0 * backdoor[i];
+  }
+
+  at::Generator generator = at::make_generator<at::CPUGeneratorImpl>(1);
+  auto loss = WeightInterpolatedBadMergingStep(**model, head, theta, attack,
+                                               inputs, labels, generator);
+  ASSERT_TRUE(loss.ok()) << loss.status();
+  EXPECT_TRUE(std::isfinite(loss->item<double>()));
+  for (size_t i = 0; i < theta.size(); ++i) {
+    EXPECT_TRUE(torch::equal(theta[i].detach(), before[i]))
+        << "weights not restored, tensor " << i;
+    ASSERT_TRUE(theta[i].grad().defined());
+    EXPECT_TRUE(torch::allclose(theta[i].grad(), expected[i], 1e-4, 1e-6))
+        << "tensor " << i << " max diff "
+        << (theta[i].grad() - expected[i]).abs().max().item<double>();
+  }
+}
+
+TEST(BadMergingTest, ParsesInterpolationNames) {
+  EXPECT_EQ(*ParseBadMergingInterpolation("weights"),
+            BadMergingInterpolation::kWeights);
+  EXPECT_EQ(BadMergingInterpolationName(*ParseBadMergingInterpolation(
+                "features")),
+            "features");
+  EXPECT_FALSE(ParseBadMergingInterpolation("logits").ok());
+}
+
+}  // namespace
+}  // namespace mergeguard::bench
