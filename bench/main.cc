@@ -48,6 +48,7 @@ commands:
         [--poison-rate P] [--blend-alpha A] [--threads N] [--cache-dir DIR]
         [--mnist-dir DIR] [--fashion-dir DIR] [--font-dir DIR] [--force]
         [--train-attacked-head] [--badmerging-interpolation features|weights]
+        [--badmerging-weight W]
       Builds a scenario directory (reused when DIR already holds the same
       configuration).
   eval --scenario DIR --model FILE [--json] [--threads N]
@@ -171,7 +172,7 @@ absl::Status RunBuild(int argc, char** argv) {
       {"preset", "attack", "arch", "trigger-size", "target", "compromised",
        "seed", "out", "pattern", "location", "poison-rate", "blend-alpha",
        "threads", "cache-dir", "mnist-dir", "fashion-dir", "font-dir",
-       "badmerging-interpolation"},
+       "badmerging-interpolation", "badmerging-weight"},
       {"force", "train-attacked-head"});
   if (!parsed.ok()) return parsed.status();
   const Flags& flags = *parsed;
@@ -195,6 +196,8 @@ absl::Status RunBuild(int argc, char** argv) {
   RETURN_IF_ERROR(flags.Number("seed", &options.seed));
   RETURN_IF_ERROR(flags.Number("poison-rate", &options.attack.poison_rate));
   RETURN_IF_ERROR(flags.Number("blend-alpha", &options.attack.blend_alpha));
+  RETURN_IF_ERROR(
+      flags.Number("badmerging-weight", &options.attack.badmerging_weight));
   RETURN_IF_ERROR(flags.Number("threads", &options.threads));
   if (flags.Has("compromised")) {
     options.attack.compromised =
