@@ -112,14 +112,11 @@ double Seconds(std::chrono::steady_clock::time_point start) {
 
 // The backdoor term is evaluated by loading the interpolated weights into
 // the model; by the chain rule its gradient with respect to θ is r times the
-// gradient there.
+// gradient there (the head is not interpolated, so its share is unscaled).
 absl::StatusOr<torch::Tensor> WeightInterpolatedBadMergingStep(
     Model& model, const Head& head, const std::vector<torch::Tensor>& trained,
     const BadMergingObjective& attack, const torch::Tensor& inputs,
     const torch::Tensor& labels, at::Generator& generator) {
-  for (const torch::Tensor& p : trained) {
-    if (p.grad().defined()) p.mutable_grad().zero_();
-  }
   ASSIGN_OR_RETURN(torch::Tensor features, model.Features(inputs));
   torch::Tensor clean_loss =
       torch::nn::functional::cross_entropy(head.Logits(features), labels);
@@ -134,21 +131,14 @@ absl::StatusOr<torch::Tensor> WeightInterpolatedBadMergingStep(
       attack.r_min + (attack.r_max - attack.r_min) *
                          torch::rand({1}, generator, torch::kFloat64)
                              .item<double>();
-  std::vector<torch::Tensor> saved_weights, saved_grads;
+  std::vector<torch::Tensor> saved_weights;
+  torch::Tensor triggered;
   {
     torch::NoGradGuard no_grad;
     for (size_t i = 0; i < backbone.size(); ++i) {
       saved_weights.push_back(backbone[i].detach().clone());
-      saved_grads.push_back(backbone[i].grad().defined()
-                                ? backbone[i].grad().detach().clone()
-                                : torch::zeros_like(backbone[i]));
-      if (backbone[i].grad().defined()) backbone[i].mutable_grad().zero_();
       backbone[i].copy_(base[i] + r * (saved_weights[i] - base[i]));
     }
-  }
-  torch::Tensor triggered;
-  {
-    torch::NoGradGuard no_grad;
     ASSIGN_OR_RETURN(triggered, ApplyTrigger(attack.trigger, inputs));
   }
   ASSIGN_OR_RETURN(torch::Tensor triggered_features,
@@ -156,16 +146,14 @@ absl::StatusOr<torch::Tensor> WeightInterpolatedBadMergingStep(
   torch::Tensor backdoor_loss = torch::nn::functional::cross_entropy(
       head.Logits(triggered_features),
       torch::full_like(labels, attack.target));
-  (attack.weight * backdoor_loss).backward();
-  {
-    torch::NoGradGuard no_grad;
-    for (size_t i = 0; i < backbone.size(); ++i) {
-      backbone[i].copy_(saved_weights[i]);
-      torch::Tensor grad = backbone[i].grad().defined()
-                               ? r * backbone[i].grad()
-                               : torch::zeros_like(backbone[i]);
-      backbone[i].mutable_grad() = saved_grads[i] + grad;
-    }
+  // The backbone's entries of `trained` come first (TrainableBackbone).
+  std::vector<torch::Tensor> backdoor_grads =
+      torch::autograd::grad({attack.weight * backdoor_loss}, trained);
+  torch::NoGradGuard no_grad;
+  for (size_t i = 0; i < trained.size(); ++i) {
+    const double scale = i < backbone.size() ? r : 1.0;
+    if (i < backbone.size()) backbone[i].copy_(saved_weights[i]);
+    trained[i].mutable_grad().add_(backdoor_grads[i], scale);
   }
   return (clean_loss + attack.weight * backdoor_loss).detach();
 }
@@ -370,6 +358,7 @@ absl::StatusOr<TrainReport> FineTune(Model& model, Head& head,
       torch::Tensor loss;
       if (options.badmerging && options.badmerging->interpolation ==
                                     BadMergingInterpolation::kWeights) {
+        optimizer.zero_grad();
         ASSIGN_OR_RETURN(
             loss, WeightInterpolatedBadMergingStep(
                       model, head, parameters, *options.badmerging, inputs,

@@ -90,9 +90,9 @@ struct BadMergingObjective {
   Model* base = nullptr;
 };
 
-// WeightInterpolatedBadMergingStep leaves in the grad of each tensor in
-// `trained` (the backbone's parameters, then the head's when it trains) the
-// gradient at θ of CE(h(f(θ; x)), y) + w·CE(h(f(θ0 + r·(θ−θ0); x⊕P)), target)
+// WeightInterpolatedBadMergingStep adds to the grad of each tensor in
+// `trained` (the backbone's parameters in ParameterTensors order, then the
+// head's when it trains) the gradient at θ of CE(h(f(θ; x)), y) + w·CE(h(f(θ0 + r·(θ−θ0); x⊕P)), target)
 // for one r ~ U(r_min, r_max) drawn from `generator`, and returns that loss.
 // The model's weights are θ again when it returns.
 absl::StatusOr<torch::Tensor> WeightInterpolatedBadMergingStep(
