@@ -48,7 +48,8 @@ commands:
         [--poison-rate P] [--blend-alpha A] [--threads N] [--cache-dir DIR]
         [--mnist-dir DIR] [--fashion-dir DIR] [--font-dir DIR] [--force]
         [--train-attacked-head] [--badmerging-interpolation features|weights]
-        [--badmerging-weight W]
+        [--badmerging-weight W] [--badmerging-clean-weight C]
+        [--badmerging-max-norm R] [--finetune-steps N] [--finetune-lr X]
       Builds a scenario directory (reused when DIR already holds the same
       configuration).
   eval --scenario DIR --model FILE [--json] [--threads N]
@@ -167,13 +168,31 @@ class Flags {
 };
 
 absl::Status RunBuild(int argc, char** argv) {
-  absl::StatusOr<Flags> parsed = Flags::Parse(
-      argc, argv,
-      {"preset", "attack", "arch", "trigger-size", "target", "compromised",
-       "seed", "out", "pattern", "location", "poison-rate", "blend-alpha",
-       "threads", "cache-dir", "mnist-dir", "fashion-dir", "font-dir",
-       "badmerging-interpolation", "badmerging-weight"},
-      {"force", "train-attacked-head"});
+  absl::StatusOr<Flags> parsed = Flags::Parse(argc, argv,
+                                              {"preset",
+                                               "attack",
+                                               "arch",
+                                               "trigger-size",
+                                               "target",
+                                               "compromised",
+                                               "seed",
+                                               "out",
+                                               "pattern",
+                                               "location",
+                                               "poison-rate",
+                                               "blend-alpha",
+                                               "threads",
+                                               "cache-dir",
+                                               "mnist-dir",
+                                               "fashion-dir",
+                                               "font-dir",
+                                               "badmerging-interpolation",
+                                               "badmerging-weight",
+                                               "badmerging-clean-weight",
+                                               "badmerging-max-norm",
+                                               "finetune-steps",
+                                               "finetune-lr"},
+                                              {"force", "train-attacked-head"});
   if (!parsed.ok()) return parsed.status();
   const Flags& flags = *parsed;
   BuildOptions options;
@@ -198,6 +217,19 @@ absl::Status RunBuild(int argc, char** argv) {
   RETURN_IF_ERROR(flags.Number("blend-alpha", &options.attack.blend_alpha));
   RETURN_IF_ERROR(
       flags.Number("badmerging-weight", &options.attack.badmerging_weight));
+  RETURN_IF_ERROR(flags.Number("badmerging-clean-weight",
+                               &options.attack.badmerging_clean_weight));
+  RETURN_IF_ERROR(
+      flags.Number("badmerging-max-norm", &options.attack.badmerging_max_norm));
+  RETURN_IF_ERROR(flags.Number("finetune-steps", &options.finetune_steps));
+  RETURN_IF_ERROR(flags.Number("finetune-lr", &options.finetune_learning_rate));
+  if (options.attack.badmerging_clean_weight < 0.0 ||
+      options.attack.badmerging_max_norm < 0.0 || options.finetune_steps < 0 ||
+      options.finetune_learning_rate < 0.0) {
+    return absl::InvalidArgumentError(
+        "--badmerging-clean-weight, --badmerging-max-norm, --finetune-steps "
+        "and --finetune-lr must not be negative");
+  }
   RETURN_IF_ERROR(flags.Number("threads", &options.threads));
   if (flags.Has("compromised")) {
     options.attack.compromised =
@@ -229,9 +261,9 @@ absl::Status RunBuild(int argc, char** argv) {
   options.force = flags.Has("force");
   options.attack.train_attacked_head = flags.Has("train-attacked-head");
   if (flags.Has("badmerging-interpolation")) {
-    ASSIGN_OR_RETURN(options.attack.badmerging_interpolation,
-                     ParseBadMergingInterpolation(
-                         flags.Get("badmerging-interpolation")));
+    ASSIGN_OR_RETURN(
+        options.attack.badmerging_interpolation,
+        ParseBadMergingInterpolation(flags.Get("badmerging-interpolation")));
   }
   options.log = [](const std::string& line) { std::cerr << line << std::endl; };
   absl::StatusOr<BuildResult> result = BuildScenario(options);

@@ -95,11 +95,18 @@ json ConfigJson(const BuildOptions& options, const PresetConfig& config) {
       {"poison_rate", attack.poison_rate},
       {"blend_alpha", attack.blend_alpha},
       {"badmerging_weight", attack.badmerging_weight},
-      {"badmerging_interpolation",
-       std::string(BadMergingInterpolationName(
-           attack.badmerging_interpolation))},
+      {"badmerging_interpolation", std::string(BadMergingInterpolationName(
+                                       attack.badmerging_interpolation))},
       {"train_attacked_head", attack.train_attacked_head},
       {"patch_optimizer", OptimizerJson(config.patch)}};
+  // Written only when set, so scenarios built before these options existed
+  // keep their configuration hash.
+  if (attack.badmerging_clean_weight > 0.0) {
+    stage["attack"]["badmerging_clean_weight"] = attack.badmerging_clean_weight;
+  }
+  if (attack.badmerging_max_norm > 0.0) {
+    stage["attack"]["badmerging_max_norm"] = attack.badmerging_max_norm;
+  }
   return stage;
 }
 
@@ -280,10 +287,19 @@ PresetConfig GetPresetConfig(Preset preset, Architecture architecture) {
   return config;
 }
 
+PresetConfig ResolvedConfig(const BuildOptions& options) {
+  PresetConfig config = GetPresetConfig(options.preset, options.architecture);
+  if (options.finetune_steps > 0) {
+    config.finetune.steps = options.finetune_steps;
+  }
+  if (options.finetune_learning_rate > 0.0) {
+    config.finetune.learning_rate = options.finetune_learning_rate;
+  }
+  return config;
+}
+
 std::string ConfigHash(const BuildOptions& options) {
-  return Sha256Hex(
-      ConfigJson(options, GetPresetConfig(options.preset, options.architecture))
-          .dump());
+  return Sha256Hex(ConfigJson(options, ResolvedConfig(options)).dump());
 }
 
 absl::StatusOr<BuildResult> BuildScenario(const BuildOptions& options) {
@@ -296,8 +312,7 @@ absl::StatusOr<BuildResult> BuildScenario(const BuildOptions& options) {
   if (options.out_dir.empty()) {
     return absl::InvalidArgumentError("no output directory (--out)");
   }
-  const PresetConfig config =
-      GetPresetConfig(options.preset, options.architecture);
+  const PresetConfig config = ResolvedConfig(options);
   const json config_json = ConfigJson(options, config);
   const std::string config_hash = Sha256Hex(config_json.dump());
   const std::vector<std::string> compromised =
@@ -487,6 +502,8 @@ absl::StatusOr<BuildResult> BuildScenario(const BuildOptions& options) {
       objective.target = options.attack.target_class;
       objective.weight = options.attack.badmerging_weight;
       objective.interpolation = options.attack.badmerging_interpolation;
+      objective.clean_weight = options.attack.badmerging_clean_weight;
+      objective.max_norm = options.attack.badmerging_max_norm;
       objective.base = frozen_base.get();
       finetune.badmerging = objective;
     } else if (job.backdoored) {

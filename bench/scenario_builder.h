@@ -49,6 +49,9 @@ struct AttackOptions {
   // variant that interpolates the weights (bench/training.h).
   BadMergingInterpolation badmerging_interpolation =
       BadMergingInterpolation::kFeatures;
+  // BadMergingObjective::clean_weight and ::max_norm (0 = off).
+  double badmerging_clean_weight = 0.0;
+  double badmerging_max_norm = 0.0;
   // Let the attacker also train the compromised task's head. Heads travel
   // in each task's checkpoint and are never merged, so an attacker controls
   // theirs; off by default (the paper keeps heads fixed).
@@ -85,6 +88,9 @@ struct BuildOptions {
   Architecture architecture = Architecture::kCnn;
   AttackOptions attack;
   uint64_t seed = 0;
+  // Overrides of the preset's fine-tuning schedule; 0 keeps the preset's.
+  int64_t finetune_steps = 0;
+  double finetune_learning_rate = 0.0;
   // The scenario directory to write.
   std::string out_dir;
   // Threads in all (0 = hardware concurrency). Fine-tunes run in parallel,
@@ -101,6 +107,9 @@ struct BuildOptions {
   // Progress lines (to stderr in the CLI); may be empty.
   std::function<void(const std::string&)> log;
 };
+
+// ResolvedConfig is the preset's configuration with `options`' overrides.
+PresetConfig ResolvedConfig(const BuildOptions& options);
 
 struct BuildResult {
   Scenario scenario;

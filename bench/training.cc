@@ -110,6 +110,22 @@ double Seconds(std::chrono::steady_clock::time_point start) {
 
 }  // namespace
 
+void ProjectTaskVector(Model& model, Model& base, double max_norm) {
+  torch::NoGradGuard no_grad;
+  std::vector<torch::Tensor> weights = model.ParameterTensors();
+  std::vector<torch::Tensor> base_weights = base.ParameterTensors();
+  double squared = 0.0;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    squared += (weights[i] - base_weights[i]).pow(2).sum().item<double>();
+  }
+  const double norm = std::sqrt(squared);
+  if (norm <= max_norm) return;
+  const double scale = max_norm / norm;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    weights[i].copy_(base_weights[i] + scale * (weights[i] - base_weights[i]));
+  }
+}
+
 // The backdoor term is evaluated by loading the interpolated weights into
 // the model; by the chain rule its gradient with respect to θ is r times the
 // gradient there (the head is not interpolated, so its share is unscaled).
@@ -128,9 +144,9 @@ absl::StatusOr<torch::Tensor> WeightInterpolatedBadMergingStep(
     return absl::InternalError("BadMerging: base and model differ in shape");
   }
   const double r =
-      attack.r_min + (attack.r_max - attack.r_min) *
-                         torch::rand({1}, generator, torch::kFloat64)
-                             .item<double>();
+      attack.r_min +
+      (attack.r_max - attack.r_min) *
+          torch::rand({1}, generator, torch::kFloat64).item<double>();
   std::vector<torch::Tensor> saved_weights;
   torch::Tensor triggered;
   {
@@ -141,30 +157,42 @@ absl::StatusOr<torch::Tensor> WeightInterpolatedBadMergingStep(
     }
     ASSIGN_OR_RETURN(triggered, ApplyTrigger(attack.trigger, inputs));
   }
-  ASSIGN_OR_RETURN(torch::Tensor triggered_features,
-                   model.Features(triggered));
-  torch::Tensor backdoor_loss = torch::nn::functional::cross_entropy(
-      head.Logits(triggered_features),
-      torch::full_like(labels, attack.target));
+  // One forward pass at θr for the triggered batch and, when the clean
+  // term is on, the clean one.
+  const bool clean_term = attack.clean_weight > 0.0;
+  const int64_t b = inputs.size(0);
+  ASSIGN_OR_RETURN(
+      torch::Tensor interpolated_features,
+      model.Features(clean_term ? torch::cat({triggered, inputs}) : triggered));
+  torch::Tensor interpolated_loss =
+      attack.weight * torch::nn::functional::cross_entropy(
+                          head.Logits(interpolated_features.slice(0, 0, b)),
+                          torch::full_like(labels, attack.target));
+  if (clean_term) {
+    interpolated_loss =
+        interpolated_loss +
+        attack.clean_weight *
+            torch::nn::functional::cross_entropy(
+                head.Logits(interpolated_features.slice(0, b)), labels);
+  }
   // The backbone's entries of `trained` come first (TrainableBackbone).
-  std::vector<torch::Tensor> backdoor_grads =
-      torch::autograd::grad({attack.weight * backdoor_loss}, trained);
+  std::vector<torch::Tensor> interpolated_grads =
+      torch::autograd::grad({interpolated_loss}, trained);
   torch::NoGradGuard no_grad;
   for (size_t i = 0; i < trained.size(); ++i) {
     const double scale = i < backbone.size() ? r : 1.0;
     if (i < backbone.size()) backbone[i].copy_(saved_weights[i]);
-    trained[i].mutable_grad().add_(backdoor_grads[i], scale);
+    trained[i].mutable_grad().add_(interpolated_grads[i], scale);
   }
-  return (clean_loss + attack.weight * backdoor_loss).detach();
+  return (clean_loss + interpolated_loss).detach();
 }
 
 absl::StatusOr<BadMergingInterpolation> ParseBadMergingInterpolation(
     absl::string_view name) {
   if (name == "features") return BadMergingInterpolation::kFeatures;
   if (name == "weights") return BadMergingInterpolation::kWeights;
-  return absl::InvalidArgumentError(
-      absl::StrCat("unknown BadMerging interpolation \"", name,
-                   "\" (features, weights)"));
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown BadMerging interpolation \"", name, "\" (features, weights)"));
 }
 
 absl::string_view BadMergingInterpolationName(BadMergingInterpolation kind) {
@@ -359,11 +387,14 @@ absl::StatusOr<TrainReport> FineTune(Model& model, Head& head,
       if (options.badmerging && options.badmerging->interpolation ==
                                     BadMergingInterpolation::kWeights) {
         optimizer.zero_grad();
-        ASSIGN_OR_RETURN(
-            loss, WeightInterpolatedBadMergingStep(
-                      model, head, parameters, *options.badmerging, inputs,
-                      labels, generator));
+        ASSIGN_OR_RETURN(loss, WeightInterpolatedBadMergingStep(
+                                   model, head, parameters, *options.badmerging,
+                                   inputs, labels, generator));
         optimizer.step();
+        if (options.badmerging->max_norm > 0.0) {
+          ProjectTaskVector(model, *options.badmerging->base,
+                            options.badmerging->max_norm);
+        }
         tracker.Add(loss.item<double>());
         continue;
       }
@@ -398,6 +429,10 @@ absl::StatusOr<TrainReport> FineTune(Model& model, Head& head,
       optimizer.zero_grad();
       loss.backward();
       optimizer.step();
+      if (options.badmerging && options.badmerging->max_norm > 0.0) {
+        ProjectTaskVector(model, *options.badmerging->base,
+                          options.badmerging->max_norm);
+      }
       tracker.Add(loss.item<double>());
     }
     FreezeBackbone(model);

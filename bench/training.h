@@ -62,9 +62,6 @@ struct DataPoisoning {
   double rate = 0.1;
 };
 
-// BadMergingObjective adds w * CE(h(r f(theta; x+P) + (1 - r) f(theta0;
-// x+P)), target) to the clean loss, r ~ U(r_min, r_max) per batch, so the
-// backdoor survives merging coefficients well below 1.
 // Where BadMerging's backdoor term interpolates between the fine-tune θ and
 // the base θ0 with a random r, to survive merging coefficients below 1.
 enum class BadMergingInterpolation {
@@ -86,19 +83,33 @@ struct BadMergingObjective {
   double r_min = 0.2;
   double r_max = 1.0;
   BadMergingInterpolation interpolation = BadMergingInterpolation::kFeatures;
+  // kWeights only: weight c of a clean term CE(h(f(θ0 + r·τ; x)), y) at the
+  // same interpolated weights, so the scaled task vector keeps its own task
+  // (0 = the plain variant).
+  double clean_weight = 0.0;
+  // When > 0, the backbone's task vector θ−θ0 is projected onto the L2 ball
+  // of this radius after every step: a task vector no larger than a clean
+  // fine-tune's interferes less with the other tasks once merged.
+  double max_norm = 0.0;
   // theta0, frozen; not owned.
   Model* base = nullptr;
 };
 
 // WeightInterpolatedBadMergingStep adds to the grad of each tensor in
 // `trained` (the backbone's parameters in ParameterTensors order, then the
-// head's when it trains) the gradient at θ of CE(h(f(θ; x)), y) + w·CE(h(f(θ0 + r·(θ−θ0); x⊕P)), target)
-// for one r ~ U(r_min, r_max) drawn from `generator`, and returns that loss.
+// head's when it trains) the gradient at θ of
+//   CE(h(f(θ; x)), y) + w·CE(h(f(θr; x⊕P)), target) + c·CE(h(f(θr; x)), y),
+// θr = θ0 + r·(θ−θ0), for one r ~ U(r_min, r_max) drawn from `generator`,
+// and returns that loss.
 // The model's weights are θ again when it returns.
 absl::StatusOr<torch::Tensor> WeightInterpolatedBadMergingStep(
     Model& model, const Head& head, const std::vector<torch::Tensor>& trained,
     const BadMergingObjective& attack, const torch::Tensor& inputs,
     const torch::Tensor& labels, at::Generator& generator);
+
+// ProjectTaskVector scales the backbone's task vector θ−θ0 (`model` minus
+// `base`) down to L2 norm `max_norm` when it is longer.
+void ProjectTaskVector(Model& model, Model& base, double max_norm);
 
 struct FineTuneOptions {
   OptimizerOptions optimizer;

@@ -18,7 +18,9 @@ std::vector<torch::Tensor> Gradients(const torch::Tensor& loss,
   return grads;
 }
 
-TEST(BadMergingTest, WeightInterpolationGradientIsRTimesGradientAtScaledWeights) {
+// Checks WeightInterpolatedBadMergingStep's gradient, with a clean term at
+// the interpolated weights of weight `clean_weight` (0 = none).
+void CheckWeightInterpolationGradient(double clean_weight) {
   torch::manual_seed(0);
   auto model = BuildArchitecture(Architecture::kCnn, 1);
   auto base = BuildArchitecture(Architecture::kCnn, 2);
@@ -33,6 +35,7 @@ TEST(BadMergingTest, WeightInterpolationGradientIsRTimesGradientAtScaledWeights)
   attack.target = 3;
   attack.weight = 5.0;
   attack.r_min = attack.r_max = 0.4;  // a fixed r, so the check is exact
+  attack.clean_weight = clean_weight;
   attack.base = base->get();
 
   std::vector<torch::Tensor> theta = (*model)->ParameterTensors();
@@ -40,8 +43,9 @@ TEST(BadMergingTest, WeightInterpolationGradientIsRTimesGradientAtScaledWeights)
   std::vector<torch::Tensor> before;
   for (const torch::Tensor& p : theta) before.push_back(p.detach().clone());
 
-  // Expected: the clean gradient at θ plus 0.4·w·(backdoor gradient at
-  // θ0 + 0.4·(θ−θ0)), the latter from a separate copy of the model.
+  // Expected: the clean gradient at θ plus 0.4·(w·backdoor gradient +
+  // c·clean gradient) at θ0 + 0.4·(θ−θ0), the latter from a separate copy
+  // of the model.
   for (torch::Tensor& p : theta) p.set_requires_grad(true);
   auto features = (*model)->Features(inputs);
   ASSERT_TRUE(features.ok());
@@ -62,12 +66,16 @@ TEST(BadMergingTest, WeightInterpolationGradientIsRTimesGradientAtScaledWeights)
   ASSERT_TRUE(triggered.ok());
   auto triggered_features = (*scaled)->Features(*triggered);
   ASSERT_TRUE(triggered_features.ok());
-  std::vector<torch::Tensor> backdoor = Gradients(
-      torch::nn::functional::cross_entropy(head.Logits(*triggered_features),
-                                           torch::full_like(labels, 3)),
+  auto scaled_clean_features = (*scaled)->Features(inputs);
+  ASSERT_TRUE(scaled_clean_features.ok());
+  std::vector<torch::Tensor> interpolated = Gradients(
+      5.0 * torch::nn::functional::cross_entropy(
+                head.Logits(*triggered_features), torch::full_like(labels, 3)) +
+          clean_weight * torch::nn::functional::cross_entropy(
+                             head.Logits(*scaled_clean_features), labels),
       scaled_params);
   for (size_t i = 0; i < expected.size(); ++i) {
-    expected[i] += 0.4 * 5.0 * backdoor[i];
+    expected[i] += 0.4 * interpolated[i];
   }
 
   at::Generator generator = at::make_generator<at::CPUGeneratorImpl>(1);
@@ -85,12 +93,47 @@ TEST(BadMergingTest, WeightInterpolationGradientIsRTimesGradientAtScaledWeights)
   }
 }
 
+TEST(BadMergingTest,
+     WeightInterpolationGradientIsRTimesGradientAtScaledWeights) {
+  CheckWeightInterpolationGradient(0.0);
+}
+
+TEST(BadMergingTest, CleanTermAtInterpolatedWeightsJoinsTheGradient) {
+  CheckWeightInterpolationGradient(0.7);
+}
+
+TEST(BadMergingTest, ProjectionBoundsTheTaskVectorAndKeepsItsDirection) {
+  auto model = BuildArchitecture(Architecture::kCnn, 1);
+  auto base = BuildArchitecture(Architecture::kCnn, 2);
+  ASSERT_TRUE(model.ok() && base.ok());
+  std::vector<torch::Tensor> theta = (*model)->ParameterTensors();
+  std::vector<torch::Tensor> theta0 = (*base)->ParameterTensors();
+  auto task_vector = [&] {
+    std::vector<torch::Tensor> tau;
+    for (size_t i = 0; i < theta.size(); ++i) {
+      tau.push_back((theta[i] - theta0[i]).flatten());
+    }
+    return torch::cat(tau);
+  };
+  const torch::Tensor before = task_vector();
+  const double norm = before.norm().item<double>();
+  ASSERT_GT(norm, 1.0);
+
+  ProjectTaskVector(**model, **base, 2.0 * norm);  // inside: unchanged
+  EXPECT_TRUE(torch::equal(task_vector(), before));
+
+  ProjectTaskVector(**model, **base, 0.5 * norm);
+  const torch::Tensor after = task_vector();
+  EXPECT_NEAR(after.norm().item<double>(), 0.5 * norm, 1e-3 * norm);
+  EXPECT_TRUE(torch::allclose(after, 0.5 * before, 1e-4, 1e-6));
+}
+
 TEST(BadMergingTest, ParsesInterpolationNames) {
   EXPECT_EQ(*ParseBadMergingInterpolation("weights"),
             BadMergingInterpolation::kWeights);
-  EXPECT_EQ(BadMergingInterpolationName(*ParseBadMergingInterpolation(
-                "features")),
-            "features");
+  EXPECT_EQ(
+      BadMergingInterpolationName(*ParseBadMergingInterpolation("features")),
+      "features");
   EXPECT_FALSE(ParseBadMergingInterpolation("logits").ok());
 }
 
