@@ -291,6 +291,9 @@ std::vector<Field<LfpmOptions>> LfpmFields() {
       Number<O>(
           "trigger.reach_threshold",
           [](O & o) -> auto& { return o.triggers.reach_threshold; }),
+      Number<O>(
+          "trigger.anomaly_gate",
+          [](O & o) -> auto& { return o.triggers.anomaly_gate; }),
       Integer<O, int64_t>(
           "trigger.update_every",
           [](O & o) -> auto& { return o.triggers.update_every; }),

@@ -130,6 +130,9 @@ struct TaskState {
   // Mean ‖f(θm; x)‖² over the set: scales the CTL path term.
   double feature_scale = 1.0;
   SurrogateTriggers triggers;
+  // False when the anomaly gate rules the task out: its triggers are then
+  // never unlearned nor re-mined.
+  bool unlearn = true;
 };
 
 struct LossParts {
@@ -481,7 +484,8 @@ struct LfpmProblemForTesting::State {
                      Success(task, task.triggers, options.report_examples));
     int64_t count = 0;
     for (size_t j = 0; j < success.size(); ++j) {
-      const bool on = success[j] >= options.triggers.reach_threshold;
+      const bool on =
+          task.unlearn && success[j] >= options.triggers.reach_threshold;
       task.triggers.active[j] = on ? 1.0 : 0.0;
       count += on ? 1 : 0;
     }
@@ -564,11 +568,12 @@ absl::Status ValidateOptions(const LfpmOptions& options) {
       t.update_every < 1 || t.steps_per_update < 0 ||
       !(t.trigger_alpha >= 0.0 && t.trigger_alpha <= 1.0) ||
       !(t.learning_rate > 0.0) || !(t.mask_l1_weight >= 0.0) ||
-      !(t.reach_threshold >= 0.0 && t.reach_threshold <= 1.0)) {
+      !(t.reach_threshold >= 0.0 && t.reach_threshold <= 1.0) ||
+      !(t.anomaly_gate >= 0.0)) {
     return absl::InvalidArgumentError(
         "LFPM trigger options: targets_per_task >= 1, scan_batch_size >= 1, "
         "update_every >= 1, steps >= 0, trigger_alpha and reach_threshold in "
-        "[0, 1], learning_rate > 0, mask_l1_weight >= 0");
+        "[0, 1], learning_rate > 0, mask_l1_weight >= 0, anomaly_gate >= 0");
   }
   if (options.threads < 0) {
     return absl::InvalidArgumentError("LFPM threads must be >= 0");
@@ -806,6 +811,10 @@ absl::StatusOr<LfpmResult> Run(const Model& architecture,
                                   options.triggers.scan_steps,
                                   options.batch_size));
     }
+    // With fewer than 3 classes there is no index to gate on.
+    task.unlearn = options.triggers.anomaly_gate <= 0.0 ||
+                   anomaly.class_norms.size() < 3 ||
+                   anomaly.anomaly_index > options.triggers.anomaly_gate;
     report.anomaly_merged.push_back(std::move(anomaly));
   }
   // The gate before the first step: θm is installed (τab = 0).
@@ -828,6 +837,7 @@ absl::StatusOr<LfpmResult> Run(const Model& architecture,
       RETURN_IF_ERROR(state->InstallDetached(options.triggers.trigger_alpha));
       active = 0;
       for (TaskState& task : state->tasks) {
+        if (!task.unlearn) continue;
         RETURN_IF_ERROR(state->Mine(task, task.triggers,
                                     options.triggers.steps_per_update,
                                     options.batch_size));
@@ -1089,6 +1099,7 @@ json OptionsJson(const LfpmOptions& o) {
             {"scan_steps", t.scan_steps},
             {"scan_batch_size", t.scan_batch_size},
             {"reach_threshold", t.reach_threshold},
+            {"anomaly_gate", t.anomaly_gate},
             {"update_every", t.update_every},
             {"steps_per_update", t.steps_per_update},
             {"trigger_alpha", t.trigger_alpha},

@@ -45,6 +45,9 @@ enum class TriggerTargeting {
 absl::string_view TriggerTargetingName(TriggerTargeting targeting);
 absl::StatusOr<TriggerTargeting> ParseTriggerTargeting(absl::string_view name);
 
+// Anomaly index above which a task's scan flags it (Neural Cleanse's 2).
+inline constexpr double kLfpmAnomalyThreshold = 2.0;
+
 // LfpmTriggerOptions tunes surrogate trigger mining: x' = (1−M)⊙x + M⊙P with
 // M = sigmoid(mask logits) [1, H, W] and P = sigmoid(pattern logits)
 // [C, H, W].
@@ -66,6 +69,13 @@ struct LfpmTriggerOptions {
   // calibration inputs against θ(trigger_alpha), checked after the scan and
   // after every online update. 0 unlearns every trigger always.
   double reach_threshold = 0.8;
+  // Anomaly gate: a task's triggers are unlearned (and re-mined online)
+  // only when its scan on θm gives an anomaly index above this. Universal
+  // adversarial patches reach like a backdoor on every task of the default
+  // scenario, so reach alone gates nothing there; what sets a backdoor's
+  // target apart is a mask much smaller than the task's other classes'
+  // (docs/lfpm.md, "Anomaly gate"). 0 turns the gate off.
+  double anomaly_gate = kLfpmAnomalyThreshold;
   // Online mining: every `update_every` outer steps, `steps_per_update` Adam
   // steps on the triggers against θ(trigger_alpha), so the repair keeps
   // facing the strongest trigger it can find.
@@ -202,7 +212,6 @@ struct LfpmAnomaly {
   double anomaly_index = 0.0;
   bool suspicious = false;
 };
-inline constexpr double kLfpmAnomalyThreshold = 2.0;
 
 // LfpmAnomalyIndex returns the anomaly index of `norms` (formula above);
 // 0 for fewer than 3 classes.
@@ -229,7 +238,8 @@ struct LfpmReport {
   // J per outer step.
   std::vector<double> loss_curve;
   // Per outer step: how many triggers (over all tasks) were unlearned, i.e.
-  // reached `reach_threshold` at the last gate (docs/lfpm.md, "Reach gate").
+  // passed the anomaly gate and reached `reach_threshold` at the last gate
+  // (docs/lfpm.md, "Reach gate").
   std::vector<int64_t> active_triggers;
 };
 

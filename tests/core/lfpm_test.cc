@@ -409,6 +409,31 @@ TEST(LfpmTest, ReportHasPathCurveTriggersAndAnomalies) {
   EXPECT_EQ(untargeted->report.triggers[0].targets, (std::vector<int64_t>{-1}));
 }
 
+TEST(LfpmTest, AnomalyGateKeepsUnflaggedTasksFromUnlearning) {
+  auto model = TinyModel();
+  LfpmOptions options = FastOptions(LfpmMode::kFull);
+  options.triggers.reach_threshold = 0.0;  // reach alone lets every trigger in
+
+  options.triggers.anomaly_gate = 0.0;  // off: both tasks' triggers unlearned
+  auto ungated = RunLfpm(*model, MergedTensors(), Tasks(), options);
+  ASSERT_TRUE(ungated.ok()) << ungated.status();
+  EXPECT_EQ(ungated->report.active_triggers,
+            std::vector<int64_t>(options.steps, 2));
+
+  // No task's index is this large: nothing is unlearned, so the backdoor
+  // term vanishes from every step's loss.
+  options.triggers.anomaly_gate = 1e9;
+  auto gated = RunLfpm(*model, MergedTensors(), Tasks(), options);
+  ASSERT_TRUE(gated.ok()) << gated.status();
+  EXPECT_EQ(gated->report.active_triggers,
+            std::vector<int64_t>(options.steps, 0));
+  EXPECT_NE(gated->report.loss_curve, ungated->report.loss_curve);
+
+  options.triggers.anomaly_gate = -1.0;
+  EXPECT_EQ(RunLfpm(*model, MergedTensors(), Tasks(), options).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST(LfpmTest, JobWritesRepairedModelTauAndReport) {
   auto model = TinyModel();
   const std::string dir = TempPath("job");
