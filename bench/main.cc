@@ -66,6 +66,12 @@ commands:
       ta,ties; --defenses runs all six in one run. K=V pairs are the job
       file's parameters (`mergeguard params METHOD` lists them), e.g.
       --dam steps=200,backdoor_loss=consistency.
+  lfpm --scenario DIR [--modes full,peft] [--lfpm K=V,..] [--threads N]
+       [--work-dir DIR] [--no-clean-repair] [--no-adaptive] [--json]
+      TA and LFPM rows as in `table`, plus what only LFPM has: the path
+      curve, the mined triggers, the anomaly index per task, seconds per
+      outer step, and the adaptive check (BadMerging's patch re-optimized
+      against the repaired model, and against TA for reference).
   probe --scenario DIR --out DIR [--examples N]
       Writes a probe set (core/probe.h) per compromised task: its held-out
       test inputs with the scenario's trigger and target, for jobs'
@@ -470,6 +476,40 @@ absl::Status RunTableCommand(int argc, char** argv) {
   return absl::OkStatus();
 }
 
+absl::Status RunLfpmCommand(int argc, char** argv) {
+  ASSIGN_OR_RETURN(
+      Flags flags,
+      Flags::Parse(argc, argv,
+                   {"scenario", "threads", "work-dir", "modes", "lfpm"},
+                   {"json", "no-clean-repair", "no-adaptive"}));
+  ASSIGN_OR_RETURN(std::string dir, flags.Required("scenario"));
+  ASSIGN_OR_RETURN(Scenario scenario, LoadScenario(dir));
+  LfpmRowOptions options;
+  RETURN_IF_ERROR(flags.Number("threads", &options.eval.threads));
+  ASSIGN_OR_RETURN(DefenseParameters lfpm_params,
+                   ParseKeyValues(flags, "lfpm"));
+  if (lfpm_params.count(kLfpmMergeLambdaParameter)) {
+    return absl::InvalidArgumentError(
+        "--lfpm merge_lambda: LFPM repairs the TA row's merge (lambda 0.3)");
+  }
+  options.lfpm.threads = options.eval.threads;
+  RETURN_IF_ERROR(ApplyLfpmParameters(lfpm_params, &options.lfpm));
+  options.modes.clear();
+  for (absl::string_view mode : absl::StrSplit(flags.Get("modes", "full,peft"),
+                                               ',', absl::SkipEmpty())) {
+    ASSIGN_OR_RETURN(LfpmMode parsed, ParseLfpmMode(mode));
+    options.modes.push_back(parsed);
+  }
+  options.repair_clean_merge = !flags.Has("no-clean-repair");
+  options.adaptive_check = !flags.Has("no-adaptive");
+  options.work_dir = flags.Get("work-dir");
+  ASSIGN_OR_RETURN(LfpmRows rows, RunLfpmRows(scenario, options));
+  std::cout << (flags.Has("json") ? LfpmRowsToJson(scenario, rows)
+                                  : LfpmRowsToText(scenario, rows))
+            << std::endl;
+  return absl::OkStatus();
+}
+
 #ifdef MERGEGUARD_BENCH_HAS_SERVICE
 absl::Status RunServiceTransfer(int argc, char** argv) {
   ASSIGN_OR_RETURN(Flags flags, Flags::Parse(argc, argv,
@@ -600,6 +640,8 @@ int Main(int argc, char** argv) {
     status = RunEval(argc, argv);
   } else if (command == "table") {
     status = RunTableCommand(argc, argv);
+  } else if (command == "lfpm") {
+    status = RunLfpmCommand(argc, argv);
   } else if (command == "probe") {
     status = RunProbeExport(argc, argv);
 #ifdef MERGEGUARD_BENCH_HAS_SERVICE
