@@ -128,6 +128,44 @@ TEST(BadMergingTest, ProjectionBoundsTheTaskVectorAndKeepsItsDirection) {
   EXPECT_TRUE(torch::allclose(after, 0.5 * before, 1e-4, 1e-6));
 }
 
+// The adaptive check (bench/lfpm_rows.cc) relies on OptimizeUniversalPatch
+// actually moving a patch toward the target on a given model.
+TEST(UniversalPatchTest, OptimizationRaisesTheTargetRate) {
+  torch::manual_seed(4);
+  auto model = BuildArchitecture(Architecture::kCnn, 3);
+  ASSERT_TRUE(model.ok());
+  Head head{torch::randn({10, 128}) * 0.3, torch::zeros({10})};
+  ImageSet train{
+      torch::randint(0, 256, {128, 28, 28}, torch::kInt64).to(torch::kUInt8),
+      torch::randint(0, 10, {128}, torch::kInt64)};
+  Trigger initial;
+  initial.pattern = torch::full({1, 6, 6}, 0.5);
+  initial.row = 20;
+  initial.col = 20;
+  const int64_t target = 7;
+  auto target_rate = [&](const Trigger& trigger) {
+    torch::NoGradGuard no_grad;
+    auto triggered = ApplyTrigger(trigger, train.Inputs(torch::Tensor()));
+    EXPECT_TRUE(triggered.ok());
+    auto features = (*model)->Features(*triggered);
+    EXPECT_TRUE(features.ok());
+    return (head.Logits(*features).argmax(1) == target)
+        .to(torch::kFloat64)
+        .mean()
+        .item<double>();
+  };
+  OptimizerOptions options{/*steps=*/60, /*batch_size=*/32,
+                           /*learning_rate=*/0.05, /*weight_decay=*/0.0,
+                           /*warmup_fraction=*/0.0};
+  auto adapted = OptimizeUniversalPatch(**model, head, train, initial, target,
+                                        options, /*seed=*/1);
+  ASSERT_TRUE(adapted.ok()) << adapted.status();
+  EXPECT_FALSE(torch::equal(adapted->pattern, initial.pattern));
+  EXPECT_GE(adapted->pattern.min().item<double>(), 0.0);
+  EXPECT_LE(adapted->pattern.max().item<double>(), 1.0);
+  EXPECT_GT(target_rate(*adapted), target_rate(initial));
+}
+
 TEST(BadMergingTest, ParsesInterpolationNames) {
   EXPECT_EQ(*ParseBadMergingInterpolation("weights"),
             BadMergingInterpolation::kWeights);
