@@ -2,6 +2,7 @@
 
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -72,19 +73,28 @@ absl::StatusOr<std::vector<AdaptiveAttack>> AdaptiveAttacks(
                           calibration.labels};
         }));
     const int64_t target = scenario.attack->target_class;
-    ASSIGN_OR_RETURN(
-        Trigger adapted,
-        OptimizeUniversalPatch(*model, head, attacker_data, trigger, target,
-                               options.adaptive_patch, options.adaptive_seed));
     AdaptiveAttack attack;
     attack.task = name;
     attack.target = target;
     ASSIGN_OR_RETURN(AttackResult original,
                      EvaluateAttack(*model, head, test, trigger, target, eval));
-    ASSIGN_OR_RETURN(AttackResult adaptive,
-                     EvaluateAttack(*model, head, test, adapted, target, eval));
     attack.original_asr = original.asr;
-    attack.adaptive_asr = adaptive.asr;
+    // Two starts: the scenario's patch, and mid-grey. The learned patch is
+    // saturated (every pixel 0 or 1), so projected Adam started there can
+    // stay on that vertex even when another patch does better; the stronger
+    // of the two is the attacker's result.
+    Trigger grey = trigger;
+    grey.pattern = torch::full_like(trigger.pattern, 0.5);
+    for (const Trigger* start : {&trigger, &grey}) {
+      ASSIGN_OR_RETURN(Trigger adapted,
+                       OptimizeUniversalPatch(
+                           *model, head, attacker_data, *start, target,
+                           options.adaptive_patch, options.adaptive_seed));
+      ASSIGN_OR_RETURN(
+          AttackResult adaptive,
+          EvaluateAttack(*model, head, test, adapted, target, eval));
+      attack.adaptive_asr = std::max(attack.adaptive_asr, adaptive.asr);
+    }
     attacks.push_back(attack);
   }
   return attacks;

@@ -56,7 +56,8 @@ struct LfpmRowOptions {
 struct AdaptiveAttack {
   std::string task;
   int64_t target = 0;
-  // ASR of the scenario's own trigger and of the re-optimized patch.
+  // ASR of the scenario's own trigger, and the higher test ASR of the patch
+  // re-optimized from two starts (the scenario's patch and mid-grey).
   double original_asr = 0.0;
   double adaptive_asr = 0.0;
 };
