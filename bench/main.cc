@@ -378,6 +378,21 @@ RowProducer Measured(RowProducer producer, Cost* cost) {
   return producer;
 }
 
+// LfpmOptionsFromFlags applies `--lfpm K=V,..` to LFPM's defaults. LFPM
+// always repairs the TA row's merge, so merge_lambda is refused.
+absl::StatusOr<LfpmOptions> LfpmOptionsFromFlags(const Flags& flags,
+                                                 int threads) {
+  ASSIGN_OR_RETURN(DefenseParameters params, ParseKeyValues(flags, "lfpm"));
+  if (params.count(kLfpmMergeLambdaParameter)) {
+    return absl::InvalidArgumentError(
+        "--lfpm merge_lambda: LFPM repairs the TA row's merge (lambda 0.3)");
+  }
+  LfpmOptions lfpm;
+  lfpm.threads = threads;
+  RETURN_IF_ERROR(ApplyLfpmParameters(params, &lfpm));
+  return lfpm;
+}
+
 absl::StatusOr<std::vector<RowProducer>> TableProducers(const Flags& flags,
                                                         int threads) {
   std::string methods = flags.Get("methods", "ta,ties");
@@ -387,22 +402,13 @@ absl::StatusOr<std::vector<RowProducer>> TableProducers(const Flags& flags,
   ASSIGN_OR_RETURN(DefenseParameters ada_params,
                    ParseKeyValues(flags, "adamerging"));
   ASSIGN_OR_RETURN(DefenseParameters dam_params, ParseKeyValues(flags, "dam"));
-  ASSIGN_OR_RETURN(DefenseParameters lfpm_params,
-                   ParseKeyValues(flags, "lfpm"));
   AdaMergingOptions adamerging;
   adamerging.threads = threads;
   RETURN_IF_ERROR(ApplyAdaMergingParameters(ada_params, &adamerging));
   DamOptions dam;
   dam.threads = threads;
   RETURN_IF_ERROR(ApplyDamParameters(dam_params, &dam));
-  if (lfpm_params.count(kLfpmMergeLambdaParameter)) {
-    return absl::InvalidArgumentError(
-        "--lfpm merge_lambda: the table's LFPM repairs its TA row's merge "
-        "(lambda 0.3)");
-  }
-  LfpmOptions lfpm;
-  lfpm.threads = threads;
-  RETURN_IF_ERROR(ApplyLfpmParameters(lfpm_params, &lfpm));
+  ASSIGN_OR_RETURN(LfpmOptions lfpm, LfpmOptionsFromFlags(flags, threads));
 
   std::vector<RowProducer> producers;
   const std::vector<RowProducer> undefended = UndefendedProducers();
@@ -486,14 +492,8 @@ absl::Status RunLfpmCommand(int argc, char** argv) {
   ASSIGN_OR_RETURN(Scenario scenario, LoadScenario(dir));
   LfpmRowOptions options;
   RETURN_IF_ERROR(flags.Number("threads", &options.eval.threads));
-  ASSIGN_OR_RETURN(DefenseParameters lfpm_params,
-                   ParseKeyValues(flags, "lfpm"));
-  if (lfpm_params.count(kLfpmMergeLambdaParameter)) {
-    return absl::InvalidArgumentError(
-        "--lfpm merge_lambda: LFPM repairs the TA row's merge (lambda 0.3)");
-  }
-  options.lfpm.threads = options.eval.threads;
-  RETURN_IF_ERROR(ApplyLfpmParameters(lfpm_params, &options.lfpm));
+  ASSIGN_OR_RETURN(options.lfpm,
+                   LfpmOptionsFromFlags(flags, options.eval.threads));
   options.modes.clear();
   for (absl::string_view mode : absl::StrSplit(flags.Get("modes", "full,peft"),
                                                ',', absl::SkipEmpty())) {

@@ -384,21 +384,14 @@ absl::StatusOr<TrainReport> FineTune(Model& model, Head& head,
             mask, torch::full_like(labels, options.poisoning->target), labels);
       }
       torch::Tensor loss;
+      optimizer.zero_grad();
       if (options.badmerging && options.badmerging->interpolation ==
                                     BadMergingInterpolation::kWeights) {
-        optimizer.zero_grad();
+        // Accumulates its own gradients (two points of the weights).
         ASSIGN_OR_RETURN(loss, WeightInterpolatedBadMergingStep(
                                    model, head, parameters, *options.badmerging,
                                    inputs, labels, generator));
-        optimizer.step();
-        if (options.badmerging->max_norm > 0.0) {
-          ProjectTaskVector(model, *options.badmerging->base,
-                            options.badmerging->max_norm);
-        }
-        tracker.Add(loss.item<double>());
-        continue;
-      }
-      if (options.badmerging) {
+      } else if (options.badmerging) {
         const BadMergingObjective& attack = *options.badmerging;
         torch::Tensor triggered;
         torch::Tensor base_features;
@@ -421,13 +414,13 @@ absl::StatusOr<TrainReport> FineTune(Model& model, Head& head,
                attack.weight * torch::nn::functional::cross_entropy(
                                    head.Logits(mixed),
                                    torch::full_like(labels, attack.target));
+        loss.backward();
       } else {
         ASSIGN_OR_RETURN(torch::Tensor features, model.Features(inputs));
         loss =
             torch::nn::functional::cross_entropy(head.Logits(features), labels);
+        loss.backward();
       }
-      optimizer.zero_grad();
-      loss.backward();
       optimizer.step();
       if (options.badmerging && options.badmerging->max_norm > 0.0) {
         ProjectTaskVector(model, *options.badmerging->base,
