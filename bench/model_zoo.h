@@ -20,10 +20,16 @@ enum class Architecture {
   // conv(1->32)-pool-conv(32->64)-pool-conv(64->128)-pool-fc(1152->128):
   // about 0.24M parameters.
   kCnn,
-  // 7x7 patches (16 tokens), width 128, 4 pre-LayerNorm blocks with 4 heads
-  // and MLP width 256, mean-pooled and normalized: about 0.54M parameters.
+  // A 3x3 conv stem (1->32, GELU), then 7x7 patches (16 tokens), width 128,
+  // 4 pre-LayerNorm blocks with 4 heads and MLP width 256, mean-pooled and
+  // normalized: about 0.74M parameters.
   kVit,
 };
+
+// ArchitectureRevision changes whenever an architecture's definition does;
+// it keys the scenario cache, so a base built from an older definition is
+// never reused. Revision 1 of the ViT had no stem.
+int ArchitectureRevision(Architecture architecture);
 
 absl::StatusOr<Architecture> ParseArchitecture(absl::string_view name);
 absl::string_view ArchitectureName(Architecture architecture);

@@ -55,12 +55,18 @@ json DataJson(const DataOptions& data) {
 // BaseJson covers what shapes the pretrained base; TaskStageJson adds what
 // shapes the probes and clean fine-tunes. Each keys its own cache level.
 json BaseJson(const BuildOptions& options, const PresetConfig& config) {
-  return {{"build_version", kBuildVersion},
-          {"preset", std::string(PresetName(options.preset))},
-          {"architecture", std::string(ArchitectureName(options.architecture))},
-          {"seed", options.seed},
-          {"data", DataJson(config.data)},
-          {"pretrain", OptimizerJson(config.pretrain)}};
+  json base = {
+      {"build_version", kBuildVersion},
+      {"preset", std::string(PresetName(options.preset))},
+      {"architecture", std::string(ArchitectureName(options.architecture))},
+      {"seed", options.seed},
+      {"data", DataJson(config.data)},
+      {"pretrain", OptimizerJson(config.pretrain)}};
+  // Written only past revision 1, so scenarios built before revisions
+  // existed keep their hash.
+  const int revision = ArchitectureRevision(options.architecture);
+  if (revision > 1) base["architecture_revision"] = revision;
+  return base;
 }
 
 json TaskStageJson(const BuildOptions& options, const PresetConfig& config) {

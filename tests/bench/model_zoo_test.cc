@@ -29,10 +29,13 @@ TEST(ModelZooTest, VitSizeAndShapes) {
   EXPECT_GE((*model)->NumParameters(), 500000);
   EXPECT_LE((*model)->NumParameters(), 1000000);
   int blocks = 0;
+  bool has_stem = false;
   for (const ParameterInfo& info : (*model)->Parameters()) {
     if (info.name.find(".norm1.weight") != std::string::npos) ++blocks;
+    has_stem |= info.name == "stem.weight";
   }
   EXPECT_GE(blocks, 4);  // pre-LayerNorm transformer blocks
+  EXPECT_TRUE(has_stem);  // revision 2: the conv stem before the patchify
   auto features = (*model)->Features(torch::rand({2, 1, 28, 28}));
   ASSERT_TRUE(features.ok()) << features.status();
   EXPECT_EQ(features->sizes(), (std::vector<int64_t>{2, 128}));
