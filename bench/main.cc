@@ -50,6 +50,7 @@ commands:
         [--train-attacked-head] [--badmerging-interpolation features|weights]
         [--badmerging-weight W] [--badmerging-clean-weight C]
         [--badmerging-max-norm R] [--finetune-steps N] [--finetune-lr X]
+        [--finetune-train-head] [--pretrain-steps N]
       Builds a scenario directory (reused when DIR already holds the same
       configuration).
   eval --scenario DIR --model FILE [--json] [--threads N]
@@ -174,31 +175,33 @@ class Flags {
 };
 
 absl::Status RunBuild(int argc, char** argv) {
-  absl::StatusOr<Flags> parsed = Flags::Parse(argc, argv,
-                                              {"preset",
-                                               "attack",
-                                               "arch",
-                                               "trigger-size",
-                                               "target",
-                                               "compromised",
-                                               "seed",
-                                               "out",
-                                               "pattern",
-                                               "location",
-                                               "poison-rate",
-                                               "blend-alpha",
-                                               "threads",
-                                               "cache-dir",
-                                               "mnist-dir",
-                                               "fashion-dir",
-                                               "font-dir",
-                                               "badmerging-interpolation",
-                                               "badmerging-weight",
-                                               "badmerging-clean-weight",
-                                               "badmerging-max-norm",
-                                               "finetune-steps",
-                                               "finetune-lr"},
-                                              {"force", "train-attacked-head"});
+  absl::StatusOr<Flags> parsed =
+      Flags::Parse(argc, argv,
+                   {"preset",
+                    "attack",
+                    "arch",
+                    "trigger-size",
+                    "target",
+                    "compromised",
+                    "seed",
+                    "out",
+                    "pattern",
+                    "location",
+                    "poison-rate",
+                    "blend-alpha",
+                    "threads",
+                    "cache-dir",
+                    "mnist-dir",
+                    "fashion-dir",
+                    "font-dir",
+                    "badmerging-interpolation",
+                    "badmerging-weight",
+                    "badmerging-clean-weight",
+                    "badmerging-max-norm",
+                    "finetune-steps",
+                    "finetune-lr",
+                    "pretrain-steps"},
+                   {"force", "train-attacked-head", "finetune-train-head"});
   if (!parsed.ok()) return parsed.status();
   const Flags& flags = *parsed;
   BuildOptions options;
@@ -229,12 +232,14 @@ absl::Status RunBuild(int argc, char** argv) {
       flags.Number("badmerging-max-norm", &options.attack.badmerging_max_norm));
   RETURN_IF_ERROR(flags.Number("finetune-steps", &options.finetune_steps));
   RETURN_IF_ERROR(flags.Number("finetune-lr", &options.finetune_learning_rate));
+  RETURN_IF_ERROR(flags.Number("pretrain-steps", &options.pretrain_steps));
+  options.finetune_train_head = flags.Has("finetune-train-head");
   if (options.attack.badmerging_clean_weight < 0.0 ||
       options.attack.badmerging_max_norm < 0.0 || options.finetune_steps < 0 ||
-      options.finetune_learning_rate < 0.0) {
+      options.finetune_learning_rate < 0.0 || options.pretrain_steps < 0) {
     return absl::InvalidArgumentError(
-        "--badmerging-clean-weight, --badmerging-max-norm, --finetune-steps "
-        "and --finetune-lr must not be negative");
+        "--badmerging-clean-weight, --badmerging-max-norm, --finetune-steps, "
+        "--finetune-lr and --pretrain-steps must not be negative");
   }
   RETURN_IF_ERROR(flags.Number("threads", &options.threads));
   if (flags.Has("compromised")) {

@@ -301,6 +301,9 @@ PresetConfig ResolvedConfig(const BuildOptions& options) {
   if (options.finetune_learning_rate > 0.0) {
     config.finetune.learning_rate = options.finetune_learning_rate;
   }
+  if (options.finetune_train_head) config.train_head = true;
+  if (options.pretrain_steps > 0)
+    config.pretrain.steps = options.pretrain_steps;
   return config;
 }
 

@@ -91,6 +91,11 @@ struct BuildOptions {
   // Overrides of the preset's fine-tuning schedule; 0 keeps the preset's.
   int64_t finetune_steps = 0;
   double finetune_learning_rate = 0.0;
+  // Train every task's head with its backbone during fine-tuning (the
+  // preset keeps heads at their linear probe, as the paper does).
+  bool finetune_train_head = false;
+  // Override of the preset's pretraining steps; 0 keeps the preset's.
+  int64_t pretrain_steps = 0;
   // The scenario directory to write.
   std::string out_dir;
   // Threads in all (0 = hardware concurrency). Fine-tunes run in parallel,

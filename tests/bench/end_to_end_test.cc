@@ -211,6 +211,27 @@ TEST(BenchEndToEndTest, BuildEvalTableAndReuseTinyScenario) {
   fs::remove_all(root);
 }
 
+// Schedule overrides reach the resolved configuration and its hash, so a
+// scenario built with them never reuses the preset's cached stages.
+TEST(BenchEndToEndTest, ScheduleOverridesChangeConfigAndHash) {
+  const BuildOptions preset =
+      TinyOptions(fs::temp_directory_path(), "never-built");
+  const PresetConfig preset_config = ResolvedConfig(preset);
+  EXPECT_FALSE(preset_config.train_head);
+
+  BuildOptions train_head = preset;
+  train_head.finetune_train_head = true;
+  EXPECT_TRUE(ResolvedConfig(train_head).train_head);
+  EXPECT_NE(ConfigHash(train_head), ConfigHash(preset));
+
+  BuildOptions pretrain = preset;
+  pretrain.pretrain_steps = preset_config.pretrain.steps * 2;
+  EXPECT_EQ(ResolvedConfig(pretrain).pretrain.steps,
+            preset_config.pretrain.steps * 2);
+  EXPECT_NE(ConfigHash(pretrain), ConfigHash(preset));
+  EXPECT_NE(ConfigHash(pretrain), ConfigHash(train_head));
+}
+
 // Without the stage cache, the same seed gives the same bytes.
 TEST(BenchEndToEndTest, SeededBuildsAreReproducible) {
   const fs::path root = NewRoot();
