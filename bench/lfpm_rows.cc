@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <random>
 #include <sstream>
 
@@ -176,6 +177,17 @@ absl::StatusOr<LfpmRows> RunLfpmRows(const Scenario& scenario,
   };
 
   auto run = [&]() -> absl::StatusOr<LfpmRows> {
+    std::map<std::string, LfpmKnownTrigger> known_triggers;
+    if (options.known_trigger) {
+      if (!scenario.attack.has_value()) {
+        return absl::FailedPreconditionError(
+            "--known-trigger needs a scenario with an attack");
+      }
+      ASSIGN_OR_RETURN(Trigger trigger, LoadScenarioTrigger(scenario));
+      for (const std::string& task : scenario.attack->tasks) {
+        known_triggers[task] = {trigger, scenario.attack->target_class};
+      }
+    }
     LfpmRows rows;
     rows.ta.method = "TA";
     for (bool backdoored : {false, true}) {
@@ -207,6 +219,7 @@ absl::StatusOr<LfpmRows> RunLfpmRows(const Scenario& scenario,
                          ScenarioLfpmCalibration(
                              scenario, ScenarioInputs(scenario, backdoored)));
         job.output_path = out;
+        job.known_triggers = known_triggers;
         LfpmOptions lfpm = options.lfpm;
         lfpm.mode = mode;
         lfpm.metadata["mergeguard.scenario"] = scenario.name;

@@ -40,6 +40,11 @@ struct LfpmRowOptions {
   bool repair_clean_merge = true;
   // Re-optimize the patch against the repaired model (patch triggers only).
   bool adaptive_check = true;
+  // Oracle diagnostic: hand LFPM the attack's own trigger and target for
+  // each compromised task (LfpmKnownTrigger) instead of mining one, to tell
+  // a miner that misses the backdoor from an unlearning step that cannot
+  // remove it.
+  bool known_trigger = false;
   // The adaptive attacker's patch optimization, on the compromised task's
   // calibration set, starting from the scenario's patch.
   OptimizerOptions adaptive_patch = {/*steps=*/300, /*batch_size=*/64,

@@ -69,10 +69,13 @@ commands:
       --dam steps=200,backdoor_loss=consistency.
   lfpm --scenario DIR [--modes full,peft] [--lfpm K=V,..] [--threads N]
        [--work-dir DIR] [--no-clean-repair] [--no-adaptive] [--json]
+       [--known-trigger]
       TA and LFPM rows as in `table`, plus what only LFPM has: the path
       curve, the mined triggers, the anomaly index per task, seconds per
       outer step, and the adaptive check (BadMerging's patch re-optimized
       against the repaired model, and against TA for reference).
+      --known-trigger is an oracle diagnostic: LFPM is given the attack's
+      own trigger and target for each compromised task instead of mining.
   probe --scenario DIR --out DIR [--examples N]
       Writes a probe set (core/probe.h) per compromised task: its held-out
       test inputs with the scenario's trigger and target, for jobs'
@@ -490,9 +493,9 @@ absl::Status RunTableCommand(int argc, char** argv) {
 absl::Status RunLfpmCommand(int argc, char** argv) {
   ASSIGN_OR_RETURN(
       Flags flags,
-      Flags::Parse(argc, argv,
-                   {"scenario", "threads", "work-dir", "modes", "lfpm"},
-                   {"json", "no-clean-repair", "no-adaptive"}));
+      Flags::Parse(
+          argc, argv, {"scenario", "threads", "work-dir", "modes", "lfpm"},
+          {"json", "no-clean-repair", "no-adaptive", "known-trigger"}));
   ASSIGN_OR_RETURN(std::string dir, flags.Required("scenario"));
   ASSIGN_OR_RETURN(Scenario scenario, LoadScenario(dir));
   LfpmRowOptions options;
@@ -507,6 +510,7 @@ absl::Status RunLfpmCommand(int argc, char** argv) {
   }
   options.repair_clean_merge = !flags.Has("no-clean-repair");
   options.adaptive_check = !flags.Has("no-adaptive");
+  options.known_trigger = flags.Has("known-trigger");
   options.work_dir = flags.Get("work-dir");
   ASSIGN_OR_RETURN(LfpmRows rows, RunLfpmRows(scenario, options));
   std::cout << (flags.Has("json") ? LfpmRowsToJson(scenario, rows)

@@ -133,7 +133,50 @@ struct TaskState {
   // False when the anomaly gate rules the task out: its triggers are then
   // never unlearned nor re-mined.
   bool unlearn = true;
+  // The caller's known trigger is the task's only trigger: always active,
+  // never re-mined (LfpmKnownTrigger).
+  bool known = false;
 };
+
+// KnownTriggers turns a caller's trigger into the mask-and-pattern form
+// x' = (1−M)⊙x + M⊙P: M is 1 on a patch and 0 elsewhere (the blend weight
+// everywhere for a blend). Logits are clamped so that sigmoid gives M and P
+// back to within 1e-6.
+absl::StatusOr<SurrogateTriggers> KnownTriggers(
+    const LfpmKnownTrigger& known, const std::vector<int64_t>& input_shape,
+    int64_t num_classes, const torch::Device& device) {
+  RETURN_IF_ERROR(ValidateTrigger(known.trigger, input_shape));
+  if (known.target < -1 || known.target >= num_classes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("target must be -1 (untargeted) or a class in [0, ",
+                     num_classes, "); got ", known.target));
+  }
+  const Trigger& trigger = known.trigger;
+  const int64_t c = input_shape[0], h = input_shape[1], w = input_shape[2];
+  torch::Tensor mask = torch::zeros({1, 1, h, w});
+  torch::Tensor pattern = torch::zeros({1, c, h, w});
+  if (trigger.kind == TriggerKind::kPatch) {
+    const int64_t size = trigger.pattern.size(1);
+    mask.slice(2, trigger.row, trigger.row + size)
+        .slice(3, trigger.col, trigger.col + size)
+        .fill_(1.0);
+    pattern.slice(2, trigger.row, trigger.row + size)
+        .slice(3, trigger.col, trigger.col + size)
+        .copy_(trigger.pattern.to(torch::kFloat32).unsqueeze(0));
+  } else {
+    mask.fill_(trigger.blend_alpha);
+    pattern.copy_(trigger.pattern.to(torch::kFloat32).unsqueeze(0));
+  }
+  auto logits = [&](const torch::Tensor& values) {
+    return torch::logit(values.clamp(1e-6, 1.0 - 1e-6)).to(device);
+  };
+  SurrogateTriggers triggers;
+  triggers.targets = {known.target};
+  triggers.active = {1.0};
+  triggers.mask_logits = logits(mask);
+  triggers.pattern_logits = logits(pattern);
+  return triggers;
+}
 
 struct LossParts {
   torch::Tensor total;
@@ -478,8 +521,10 @@ struct LfpmProblemForTesting::State {
 
   // Gate marks each of `task`'s triggers active when it reaches at least
   // `reach_threshold` of the task's first `report_examples` inputs on the
-  // installed model; returns how many are active.
+  // installed model; returns how many are active. A known trigger is always
+  // active.
   absl::StatusOr<int64_t> Gate(TaskState& task) {
+    if (task.known) return task.triggers.size();
     ASSIGN_OR_RETURN(std::vector<double> success,
                      Success(task, task.triggers, options.report_examples));
     int64_t count = 0;
@@ -703,6 +748,18 @@ absl::StatusOr<std::unique_ptr<LfpmProblemForTesting::State>> CreateState(
                          ts.head.NumClasses(), ")"));
       }
     }
+    if (task.known_trigger.has_value()) {
+      absl::StatusOr<SurrogateTriggers> known =
+          KnownTriggers(*task.known_trigger, input_shape, ts.head.NumClasses(),
+                        state->device);
+      if (!known.ok()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("task \"", task.name,
+                         "\": known trigger: ", known.status().message()));
+      }
+      ts.triggers = std::move(*known);
+      ts.known = true;
+    }
     // θm's outputs on the whole set, once: the KL and CTL targets.
     std::vector<torch::Tensor> features;
     const int64_t n = ts.inputs.size(0);
@@ -787,7 +844,9 @@ absl::StatusOr<LfpmResult> Run(const Model& architecture,
   for (TaskState& task : state->tasks) {
     ASSIGN_OR_RETURN(auto scan, state->Scan(task));
     LfpmAnomaly& anomaly = scan.first;
-    if (options.triggers.targeting == TriggerTargeting::kEasiestClass) {
+    if (task.known) {
+      // The caller's trigger stays; the scan only feeds the report.
+    } else if (options.triggers.targeting == TriggerTargeting::kEasiestClass) {
       std::vector<int64_t> targets =
           state->EasiestClasses(anomaly, options.triggers.targets_per_task);
       torch::Tensor rows =
@@ -812,7 +871,7 @@ absl::StatusOr<LfpmResult> Run(const Model& architecture,
                                   options.batch_size));
     }
     // With fewer than 3 classes there is no index to gate on.
-    task.unlearn = options.triggers.anomaly_gate <= 0.0 ||
+    task.unlearn = task.known || options.triggers.anomaly_gate <= 0.0 ||
                    anomaly.class_norms.size() < 3 ||
                    anomaly.anomaly_index > options.triggers.anomaly_gate;
     report.anomaly_merged.push_back(std::move(anomaly));
@@ -837,6 +896,10 @@ absl::StatusOr<LfpmResult> Run(const Model& architecture,
       RETURN_IF_ERROR(state->InstallDetached(options.triggers.trigger_alpha));
       active = 0;
       for (TaskState& task : state->tasks) {
+        if (task.known) {
+          active += task.triggers.size();
+          continue;
+        }
         if (!task.unlearn) continue;
         RETURN_IF_ERROR(state->Mine(task, task.triggers,
                                     options.triggers.steps_per_update,
@@ -945,7 +1008,7 @@ LfpmProblemForTesting::Create(const Model& architecture,
         ASSIGN_OR_RETURN(auto state,
                          CreateState(architecture, merged, tasks, options));
         for (TaskState& task : state->tasks) {
-          task.triggers = state->NewTriggers({-1});
+          if (!task.known) task.triggers = state->NewTriggers({-1});
         }
         return std::unique_ptr<LfpmProblemForTesting>(
             new LfpmProblemForTesting(std::move(state)));
@@ -1241,9 +1304,27 @@ absl::StatusOr<LfpmReport> RunLfpmJob(const LfpmJob& job,
   absl::StatusOr<NamedTensors> merged = LoadTensorsFromPath(merged_path);
   if (!merged.ok()) return merged.status();
 
+  for (const auto& [name, known] : job.known_triggers) {
+    if (std::none_of(job.calibration.begin(), job.calibration.end(),
+                     [&](const LfpmCalibrationFile& file) {
+                       return file.task == name;
+                     })) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "known trigger for \"", name, "\", which has no calibration set"));
+    }
+  }
   std::vector<LfpmTask> tasks;
+  json known_triggers = json::array();
   for (const LfpmCalibrationFile& file : job.calibration) {
     ASSIGN_OR_RETURN(LfpmTask task, LoadLfpmCalibration(file));
+    auto known = job.known_triggers.find(file.task);
+    if (known != job.known_triggers.end()) {
+      task.known_trigger = known->second;
+      known_triggers.push_back(
+          {{"task", file.task},
+           {"kind", std::string(TriggerKindName(known->second.trigger.kind))},
+           {"target", known->second.target}});
+    }
     tasks.push_back(std::move(task));
     ASSIGN_OR_RETURN(json entry,
                      DigestEntry("calibration:" + file.task, file.path));
@@ -1261,6 +1342,9 @@ absl::StatusOr<LfpmReport> RunLfpmJob(const LfpmJob& job,
   metadata["mergeguard.version"] = std::string(MergeguardVersion());
   if (from_tasks) {
     metadata["mergeguard.lfpm.merged_by"] = "task_arithmetic";
+  }
+  if (!known_triggers.empty()) {
+    metadata["mergeguard.lfpm.known_triggers"] = known_triggers.dump();
   }
   json summary = {{"tau_norm", result.report.tau_norm},
                   {"seconds", result.report.seconds}};

@@ -10,12 +10,14 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "core/evaluation.h"
 #include "core/merge.h"
 #include "core/model.h"
 #include "core/tensor_views.h"
@@ -165,6 +167,20 @@ struct LfpmOptions {
 // ValidateLfpmOptions returns INVALID_ARGUMENT describing the bad fields.
 absl::Status ValidateLfpmOptions(const LfpmOptions& options);
 
+// LfpmKnownTrigger is a trigger the caller already suspects on one task
+// (recovered by another tool, reported by a user, or, in the benchmark's
+// oracle diagnostic, the attack's own). It takes the place of the task's
+// mined trigger: unlearned at every outer step, never re-mined, and exempt
+// from the anomaly and reach gates. The task is still scanned, for the
+// report's anomaly index.
+struct LfpmKnownTrigger {
+  // A patch or a blend (core/evaluation.h), stamped as x' = (1−M)⊙x + M⊙P:
+  // M is 1 on the patch (the blend weight everywhere for a blend).
+  Trigger trigger;
+  // The class the trigger sends inputs to; -1 for an untargeted trigger.
+  int64_t target = -1;
+};
+
 // LfpmTask is one task: its head in the merged model (`<name>/head.*`) and
 // its calibration inputs.
 struct LfpmTask {
@@ -172,6 +188,7 @@ struct LfpmTask {
   torch::Tensor inputs;  // [N, C, H, W] float32 in [0, 1]
   // [N] int64, or undefined for an unlabeled set (pseudo-labels from θm).
   torch::Tensor labels;
+  std::optional<LfpmKnownTrigger> known_trigger;
 };
 
 // LfpmPathPoint is one point of the report's path curve.
@@ -292,6 +309,9 @@ struct LfpmJob {
   std::vector<MergeInput> task_models;
   MergeOptions ta_merge;
   std::vector<LfpmCalibrationFile> calibration;
+  // Known triggers by task name (LfpmKnownTrigger); each must name a
+  // calibration task.
+  std::map<std::string, LfpmKnownTrigger> known_triggers;
   // Repaired model (required), τab alone (optional) and the JSON report
   // (optional).
   std::string output_path;

@@ -83,8 +83,8 @@ NamedTensors MergedTensors() {
 std::vector<LfpmTask> Tasks() {
   torch::manual_seed(12);
   LfpmTask a{"a", torch::rand({24, 1, 28, 28}),
-             torch::randint(0, 3, {24}, torch::kInt64)};
-  LfpmTask b{"b", torch::rand({20, 1, 28, 28}), torch::Tensor()};
+             torch::randint(0, 3, {24}, torch::kInt64), std::nullopt};
+  LfpmTask b{"b", torch::rand({20, 1, 28, 28}), torch::Tensor(), std::nullopt};
   return {a, b};
 }
 
@@ -434,6 +434,64 @@ TEST(LfpmTest, AnomalyGateKeepsUnflaggedTasksFromUnlearning) {
             absl::StatusCode::kInvalidArgument);
 }
 
+LfpmKnownTrigger KnownPatch(int64_t target) {
+  Trigger trigger;
+  trigger.kind = TriggerKind::kPatch;
+  trigger.pattern = torch::ones({1, 3, 3});
+  trigger.row = 2;
+  trigger.col = 5;
+  return {trigger, target};
+}
+
+TEST(LfpmTest, KnownTriggerReplacesMiningAndSkipsTheGates) {
+  auto model = TinyModel();
+  LfpmOptions options = FastOptions(LfpmMode::kFull);
+  // Gates no mined trigger could pass: only the known one is unlearned.
+  options.triggers.anomaly_gate = 1e9;
+  options.triggers.reach_threshold = 1.0;
+  std::vector<LfpmTask> tasks = Tasks();
+  tasks[0].known_trigger = KnownPatch(/*target=*/1);
+  auto result = RunLfpm(*model, MergedTensors(), tasks, options);
+  ASSERT_TRUE(result.ok()) << result.status();
+  const LfpmReport& report = result->report;
+  EXPECT_EQ(report.active_triggers, std::vector<int64_t>(options.steps, 1));
+  ASSERT_EQ(report.triggers.size(), 2u);
+  EXPECT_EQ(report.triggers[0].targets, (std::vector<int64_t>{1}));
+  // Never re-mined: the mask is still the 3x3 patch.
+  EXPECT_NEAR(report.triggers[0].mask_l1[0], 9.0, 1e-3);
+  // The task is still scanned for the report.
+  EXPECT_EQ(report.anomaly_merged.size(), 2u);
+  // The backdoor term is there: the run differs from one with no trigger
+  // unlearned at all.
+  auto without = RunLfpm(*model, MergedTensors(), Tasks(), options);
+  ASSERT_TRUE(without.ok()) << without.status();
+  EXPECT_EQ(without->report.active_triggers,
+            std::vector<int64_t>(options.steps, 0));
+  EXPECT_NE(without->report.loss_curve, report.loss_curve);
+
+  // A blend: M is the blend weight at every pixel.
+  tasks = Tasks();
+  Trigger blend;
+  blend.kind = TriggerKind::kBlend;
+  blend.pattern = torch::rand({1, 28, 28});
+  blend.blend_alpha = 0.25;
+  tasks[1].known_trigger = LfpmKnownTrigger{blend, -1};
+  auto blended = RunLfpm(*model, MergedTensors(), tasks, options);
+  ASSERT_TRUE(blended.ok()) << blended.status();
+  EXPECT_NEAR(blended->report.triggers[1].mask_l1[0], 0.25 * 28 * 28, 1e-2);
+
+  // Bad known triggers: a target outside the head, a patch off the image.
+  tasks = Tasks();
+  tasks[0].known_trigger = KnownPatch(/*target=*/3);  // head "a": 3 classes
+  auto status = RunLfpm(*model, MergedTensors(), tasks, options).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("known trigger"));
+  tasks[0].known_trigger = KnownPatch(0);
+  tasks[0].known_trigger->trigger.col = 26;
+  EXPECT_EQ(RunLfpm(*model, MergedTensors(), tasks, options).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST(LfpmTest, JobWritesRepairedModelTauAndReport) {
   auto model = TinyModel();
   const std::string dir = TempPath("job");
@@ -496,6 +554,24 @@ TEST(LfpmTest, JobWritesRepairedModelTauAndReport) {
   std::ifstream in(job.report_path);
   auto parsed = nlohmann::json::parse(in);
   EXPECT_EQ(parsed["steps"], 4);
+
+  // A known trigger is recorded in the provenance; one for a task without
+  // a calibration set is refused.
+  job.known_triggers["a"] = KnownPatch(0);
+  job.output_path = dir + "/known.safetensors";
+  ASSERT_TRUE(RunLfpmJob(job, FastOptions(LfpmMode::kFull)).ok());
+  auto known = SafetensorsFile::Open(job.output_path);
+  ASSERT_TRUE(known.ok()) << known.status();
+  EXPECT_THAT((*known)->layout().metadata.at("mergeguard.lfpm.known_triggers"),
+              HasSubstr("\"task\":\"a\""));
+  job.known_triggers["zzz"] = KnownPatch(0);
+  job.output_path = dir + "/unknown.safetensors";
+  auto refused = RunLfpmJob(job, FastOptions(LfpmMode::kFull)).status();
+  EXPECT_EQ(refused.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(refused.message(), HasSubstr("zzz"));
+  EXPECT_FALSE(fs::exists(job.output_path));
+  job.known_triggers.clear();
+  job.output_path = dir + "/repaired.safetensors";
 
   // Neither or both input kinds: INVALID_ARGUMENT, nothing written.
   job.merged_model_path = job.output_path;
