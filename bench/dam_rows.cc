@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "bench/run_stats.h"
+#include "bench/scenario_eval.h"
 #include "core/status_macros.h"
 
 namespace mergeguard::bench {
@@ -50,20 +51,25 @@ RowProducer AdaMergingProducer(const AdaMergingOptions& options,
       }};
 }
 
-RowProducer DamProducer(const DamOptions& options, const std::string& name) {
-  return {
-      name,
-      [options](const Scenario& scenario, const std::vector<MergeInput>& inputs,
-                const std::string& output_path) -> absl::Status {
-        ASSIGN_OR_RETURN(std::vector<DataDependentTask> tasks,
-                         ScenarioDataDependentTasks(scenario, inputs));
-        DamOptions with_scenario = options;
-        with_scenario.metadata["mergeguard.scenario"] = scenario.name;
-        return DamMergeFiles(scenario.Path(scenario.architecture.file),
-                             scenario.Path(scenario.base), tasks, output_path,
-                             with_scenario)
-            .status();
-      }};
+RowProducer DamProducer(const DamOptions& options, const std::string& name,
+                        bool known_trigger) {
+  return {name,
+          [options, known_trigger](
+              const Scenario& scenario, const std::vector<MergeInput>& inputs,
+              const std::string& output_path) -> absl::Status {
+            ASSIGN_OR_RETURN(std::vector<DataDependentTask> tasks,
+                             ScenarioDataDependentTasks(scenario, inputs));
+            DamOptions with_scenario = options;
+            with_scenario.metadata["mergeguard.scenario"] = scenario.name;
+            if (known_trigger) {
+              ASSIGN_OR_RETURN(with_scenario.known_triggers,
+                               AttackTriggers(scenario));
+            }
+            return DamMergeFiles(scenario.Path(scenario.architecture.file),
+                                 scenario.Path(scenario.base), tasks,
+                                 output_path, with_scenario)
+                .status();
+          }};
 }
 
 absl::StatusOr<std::vector<DefenseRow>> RunDefenseRows(

@@ -28,8 +28,11 @@ absl::StatusOr<std::vector<DataDependentTask>> ScenarioDataDependentTasks(
 // AdaMergingProducer and DamProducer plug the methods into RunTable.
 RowProducer AdaMergingProducer(const AdaMergingOptions& options,
                                const std::string& name = "AdaMerging");
+// With `known_trigger`, DAM gets the attack's trigger for each compromised
+// task (DamOptions::known_triggers; an oracle diagnostic).
 RowProducer DamProducer(const DamOptions& options,
-                        const std::string& name = "DAM");
+                        const std::string& name = "DAM",
+                        bool known_trigger = false);
 
 struct DefenseRowOptions {
   AdaMergingOptions adamerging;

@@ -101,6 +101,18 @@ absl::StatusOr<std::vector<AdaptiveAttack>> AdaptiveAttacks(
   return attacks;
 }
 
+// KnownTriggers is LFPM's form of the scenario's attack triggers: each
+// compromised task's trigger with the attack's target.
+absl::StatusOr<std::map<std::string, LfpmKnownTrigger>> KnownTriggers(
+    const Scenario& scenario) {
+  ASSIGN_OR_RETURN(auto triggers, AttackTriggers(scenario));
+  std::map<std::string, LfpmKnownTrigger> known;
+  for (const auto& [task, trigger] : triggers) {
+    known[task] = {trigger, scenario.attack->target_class};
+  }
+  return known;
+}
+
 json AdaptiveJson(const std::vector<AdaptiveAttack>& attacks) {
   json out = json::array();
   for (const AdaptiveAttack& a : attacks) {
@@ -129,22 +141,26 @@ absl::StatusOr<std::vector<LfpmCalibrationFile>> ScenarioLfpmCalibration(
   return files;
 }
 
-RowProducer LfpmProducer(const LfpmOptions& options, const std::string& name) {
-  return {
-      name,
-      [options](const Scenario& scenario, const std::vector<MergeInput>& inputs,
-                const std::string& output_path) -> absl::Status {
-        LfpmJob job;
-        job.architecture_path = scenario.Path(scenario.architecture.file);
-        job.base_path = scenario.Path(scenario.base);
-        job.task_models = inputs;
-        ASSIGN_OR_RETURN(job.calibration,
-                         ScenarioLfpmCalibration(scenario, inputs));
-        job.output_path = output_path;
-        LfpmOptions with_scenario = options;
-        with_scenario.metadata["mergeguard.scenario"] = scenario.name;
-        return RunLfpmJob(job, with_scenario).status();
-      }};
+RowProducer LfpmProducer(const LfpmOptions& options, const std::string& name,
+                         bool known_trigger) {
+  return {name,
+          [options, known_trigger](
+              const Scenario& scenario, const std::vector<MergeInput>& inputs,
+              const std::string& output_path) -> absl::Status {
+            LfpmJob job;
+            job.architecture_path = scenario.Path(scenario.architecture.file);
+            job.base_path = scenario.Path(scenario.base);
+            job.task_models = inputs;
+            ASSIGN_OR_RETURN(job.calibration,
+                             ScenarioLfpmCalibration(scenario, inputs));
+            job.output_path = output_path;
+            if (known_trigger) {
+              ASSIGN_OR_RETURN(job.known_triggers, KnownTriggers(scenario));
+            }
+            LfpmOptions with_scenario = options;
+            with_scenario.metadata["mergeguard.scenario"] = scenario.name;
+            return RunLfpmJob(job, with_scenario).status();
+          }};
 }
 
 double MeanAsr(const ModelEvaluation& evaluation) {
@@ -179,14 +195,7 @@ absl::StatusOr<LfpmRows> RunLfpmRows(const Scenario& scenario,
   auto run = [&]() -> absl::StatusOr<LfpmRows> {
     std::map<std::string, LfpmKnownTrigger> known_triggers;
     if (options.known_trigger) {
-      if (!scenario.attack.has_value()) {
-        return absl::FailedPreconditionError(
-            "--known-trigger needs a scenario with an attack");
-      }
-      ASSIGN_OR_RETURN(Trigger trigger, LoadScenarioTrigger(scenario));
-      for (const std::string& task : scenario.attack->tasks) {
-        known_triggers[task] = {trigger, scenario.attack->target_class};
-      }
+      ASSIGN_OR_RETURN(known_triggers, KnownTriggers(scenario));
     }
     LfpmRows rows;
     rows.ta.method = "TA";

@@ -28,8 +28,11 @@ absl::StatusOr<std::vector<LfpmCalibrationFile>> ScenarioLfpmCalibration(
     const Scenario& scenario, const std::vector<MergeInput>& inputs);
 
 // LfpmProducer plugs LFPM into RunTable: TA-merges `inputs` (core/merge.h
-// defaults, λ = 0.3), then repairs the merge with `options`.
-RowProducer LfpmProducer(const LfpmOptions& options, const std::string& name);
+// defaults, λ = 0.3), then repairs the merge with `options`. With
+// `known_trigger`, LFPM gets the attack's trigger and target for each
+// compromised task (LfpmKnownTrigger; an oracle diagnostic).
+RowProducer LfpmProducer(const LfpmOptions& options, const std::string& name,
+                         bool known_trigger = false);
 
 struct LfpmRowOptions {
   // Shared settings; `mode` is set per row from `modes`.

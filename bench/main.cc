@@ -61,12 +61,15 @@ commands:
       with the backdoored ones.
   table --scenario DIR [--json] [--threads N] [--work-dir DIR]
         [--methods ta,ties,adamerging,dam,lfpm-full,lfpm-peft | --defenses]
-        [--adamerging K=V,..] [--dam K=V,..] [--lfpm K=V,..]
+        [--adamerging K=V,..] [--dam K=V,..] [--lfpm K=V,..] [--known-trigger]
       Merges on clean-only and with-backdoor inputs: CA, BA and ASR side by
       side, then each method's cost (wall time, peak RSS). Default methods:
       ta,ties; --defenses runs all six in one run. K=V pairs are the job
       file's parameters (`mergeguard params METHOD` lists them), e.g.
-      --dam steps=200,backdoor_loss=consistency.
+      --dam steps=200,backdoor_loss=consistency. --known-trigger (an oracle
+      diagnostic) gives DAM and LFPM the attack's own trigger for each
+      compromised task instead of one they find; the DAM row is then named
+      DAM-oracle.
   lfpm --scenario DIR [--modes full,peft] [--lfpm K=V,..] [--threads N]
        [--work-dir DIR] [--no-clean-repair] [--no-adaptive] [--json]
        [--known-trigger]
@@ -429,12 +432,15 @@ absl::StatusOr<std::vector<RowProducer>> TableProducers(const Flags& flags,
     } else if (method == "adamerging") {
       producers.push_back(AdaMergingProducer(adamerging));
     } else if (method == "dam") {
-      producers.push_back(DamProducer(dam));
+      producers.push_back(
+          DamProducer(dam, flags.Has("known-trigger") ? "DAM-oracle" : "DAM",
+                      flags.Has("known-trigger")));
     } else if (method == "lfpm-full" || method == "lfpm-peft") {
       LfpmOptions options = lfpm;
       options.mode = method == "lfpm-full" ? LfpmMode::kFull : LfpmMode::kPeft;
       producers.push_back(LfpmProducer(
-          options, method == "lfpm-full" ? "LFPM-full" : "LFPM-peft"));
+          options, method == "lfpm-full" ? "LFPM-full" : "LFPM-peft",
+          flags.Has("known-trigger")));
     } else {
       return absl::InvalidArgumentError(absl::StrCat(
           "--methods: unknown method \"", method,
@@ -449,7 +455,7 @@ absl::Status RunTableCommand(int argc, char** argv) {
       Flags::Parse(argc, argv,
                    {"scenario", "threads", "work-dir", "methods", "adamerging",
                     "dam", "lfpm"},
-                   {"json", "defenses"});
+                   {"json", "defenses", "known-trigger"});
   if (!parsed.ok()) return parsed.status();
   const Flags& flags = *parsed;
   absl::StatusOr<std::string> dir = flags.Required("scenario");

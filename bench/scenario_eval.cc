@@ -158,4 +158,18 @@ std::string EvaluationToText(const ModelEvaluation& evaluation) {
   return out;
 }
 
+absl::StatusOr<std::map<std::string, Trigger>> AttackTriggers(
+    const Scenario& scenario) {
+  if (!scenario.attack.has_value()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "scenario ", scenario.name, " has no attack, so no known trigger"));
+  }
+  ASSIGN_OR_RETURN(Trigger trigger, LoadScenarioTrigger(scenario));
+  std::map<std::string, Trigger> triggers;
+  for (const std::string& task : scenario.attack->tasks) {
+    triggers[task] = trigger;
+  }
+  return triggers;
+}
+
 }  // namespace mergeguard::bench

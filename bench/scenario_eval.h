@@ -7,6 +7,7 @@
 // scenario's task checkpoint.
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -63,6 +64,12 @@ std::string EvaluationToJson(const Scenario& scenario,
                              const ModelEvaluation& evaluation);
 // EvaluationToText returns a human-readable table.
 std::string EvaluationToText(const ModelEvaluation& evaluation);
+
+// AttackTriggers returns the scenario's trigger for each compromised task,
+// for the oracle diagnostics that hand a defense the real trigger.
+// FAILED_PRECONDITION when the scenario has no attack.
+absl::StatusOr<std::map<std::string, Trigger>> AttackTriggers(
+    const Scenario& scenario);
 
 }  // namespace mergeguard::bench
 

@@ -19,7 +19,7 @@ namespace {
 using json = nlohmann::json;
 
 json OptionsJson(const DamOptions& options) {
-  return {
+  json out = {
       {"granularity", std::string(LambdaGranularityName(options.granularity))},
       {"initial_lambda", options.initial_lambda},
       {"steps", options.steps},
@@ -45,6 +45,16 @@ json OptionsJson(const DamOptions& options) {
       {"seed", options.seed},
       {"device", options.device},
   };
+  // Only when given, so that ordinary runs' provenance is unchanged.
+  if (!options.known_triggers.empty()) {
+    json known = json::array();
+    for (const auto& [task, trigger] : options.known_triggers) {
+      known.push_back({{"task", task},
+                       {"kind", std::string(TriggerKindName(trigger.kind))}});
+    }
+    out["known_triggers"] = known;
+  }
+  return out;
 }
 
 // MeanKl returns the batch mean of KL(softmax(p) || softmax(q)).
@@ -176,6 +186,9 @@ struct DamTrainer::State {
   torch::Tensor delta;            // dense: [N, C, H, W], leaf
   torch::Tensor patch_mask;       // patch: mask logits [N, 1, H, W], leaf
   torch::Tensor patch_pattern;    // patch: pattern logits [N, C, H, W], leaf
+  // Per task: the caller's known trigger as mask [1, H, W] and pattern
+  // [C, H, W], or undefined tensors for a synthesized trigger.
+  std::vector<MaskAndPattern> known;
   std::unique_ptr<torch::optim::Adam> lambda_optimizer;
   std::unique_ptr<torch::optim::Adam> s1_optimizer;
   std::unique_ptr<torch::optim::Adam> s2_optimizer;
@@ -208,6 +221,22 @@ absl::Status DamTrainer::Init(const TaskVectorSet& set,
   start_seconds_ = SteadySeconds();
   task_names_ = set.task_names;
   ASSIGN_OR_RETURN(c10::Device device, ParseDevice(options_.device));
+  std::vector<MaskAndPattern> known(task_names_.size());
+  for (const auto& [name, trigger] : options_.known_triggers) {
+    auto it = std::find(task_names_.begin(), task_names_.end(), name);
+    if (it == task_names_.end()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "known trigger for \"", name, "\", which is not a task of the set"));
+    }
+    absl::StatusOr<MaskAndPattern> stamp =
+        TriggerMaskAndPattern(trigger, model_.InputShape());
+    if (!stamp.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "known trigger for \"", name, "\": ", stamp.status().message()));
+    }
+    known[it - task_names_.begin()] = {stamp->mask.to(device),
+                                       stamp->pattern.to(device)};
+  }
   SetTorchThreads(options_.threads);
   ASSIGN_OR_RETURN(TaskVectorMerger merger,
                    TaskVectorMerger::Create(set, model_, device));
@@ -220,6 +249,7 @@ absl::Status DamTrainer::Init(const TaskVectorSet& set,
                            options_.seed * 2 + 1, device),
         options_.seed * 2);
     State& s = *state_;
+    s.known = std::move(known);
     s.lambdas =
         s.merger.InitialLambdas(options_.granularity, options_.initial_lambda);
     for (const torch::Tensor& base : s.merger.base()) {
@@ -281,6 +311,10 @@ absl::Status DamTrainer::StepImpl() {
   // parameters (the mask step).
   auto triggered_inputs = [&](const torch::Tensor& batch, int t,
                               bool detached) {
+    if (s.known[t].mask.defined()) {
+      return (1 - s.known[t].mask) * batch +
+             s.known[t].mask * s.known[t].pattern;
+    }
     if (!patch) {
       return PerturbInputs(batch, detached ? s.delta[t].detach() : s.delta[t]);
     }
@@ -349,6 +383,9 @@ absl::Status DamTrainer::StepImpl() {
     torch::Tensor patch_loss = torch::zeros({}, s.lambdas.options());
     for (int t = 0; t < num_tasks; ++t) {
       torch::Tensor batch = s.sampler.Next(t);
+      // A known trigger is not synthesized; its batch is still drawn so
+      // that the other tasks see the same batches as without it.
+      if (s.known[t].mask.defined()) continue;
       torch::Tensor pseudo_labels;
       {
         torch::NoGradGuard no_grad;
@@ -372,9 +409,12 @@ absl::Status DamTrainer::StepImpl() {
                          torch::sigmoid(s.patch_mask[t]).sum();
       }
     }
-    // Adam minimizes, so the dense trigger descends on -CE.
-    (patch ? patch_loss : -trigger_loss).backward();
-    s.delta_optimizer->step();
+    // Adam minimizes, so the dense trigger descends on -CE. With every
+    // task's trigger known there is nothing to synthesize.
+    if (trigger_loss.requires_grad()) {
+      (patch ? patch_loss : -trigger_loss).backward();
+      s.delta_optimizer->step();
+    }
     if (!patch) {
       torch::NoGradGuard no_grad;
       s.delta.copy_(ProjectPerturbation(s.delta, options_.trigger_epsilon));
@@ -560,6 +600,15 @@ DamReport DamTrainer::MakeReport(
   torch::Tensor delta = Perturbations().to(torch::kFloat64);
   torch::Tensor patch_masks = PatchMasks();
   for (size_t t = 0; t < task_names_.size(); ++t) {
+    if (s.known[t].mask.defined()) {
+      torch::Tensor d =
+          (s.known[t].mask * s.known[t].pattern).cpu().to(torch::kFloat64);
+      report.triggers.push_back(
+          {task_names_[t], d.abs().max().item<double>(),
+           d.norm().item<double>(),
+           s.known[t].mask.to(torch::kFloat64).sum().item<double>()});
+      continue;
+    }
     torch::Tensor d = delta[t];
     report.triggers.push_back(
         {task_names_[t], d.abs().max().item<double>(), d.norm().item<double>(),

@@ -21,6 +21,7 @@
 #include "absl/strings/string_view.h"
 #include "core/adamerging.h"
 #include "core/differentiable_merge.h"
+#include "core/evaluation.h"
 #include "core/model.h"
 #include "core/task_vectors.h"
 #include "core/torch_fwd.h"
@@ -165,6 +166,13 @@ struct DamOptions {
   CancellationCheck is_cancelled;
   // Extra `__metadata__` entries for file outputs (provenance).
   std::map<std::string, std::string> metadata;
+  // Triggers the caller already suspects, by task name (another tool's, a
+  // user's report, or in the benchmark's oracle diagnostic the attack's
+  // own). Such a task's trigger in L2 is this one, stamped as
+  // x' = (1 − M)⊙x + M⊙P (TriggerMaskAndPattern), instead of a synthesized
+  // one; it is never updated. Every name must be a task of the set.
+  // Default none.
+  std::map<std::string, Trigger> known_triggers;
 };
 
 // ValidateDamOptions returns INVALID_ARGUMENT naming the bad field.

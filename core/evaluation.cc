@@ -147,6 +147,33 @@ absl::StatusOr<torch::Tensor> ApplyTrigger(const Trigger& trigger,
   });
 }
 
+absl::StatusOr<MaskAndPattern> TriggerMaskAndPattern(
+    const Trigger& trigger, const std::vector<int64_t>& input_shape) {
+  RETURN_IF_ERROR(ValidateTrigger(trigger, input_shape));
+  return CallTorch(
+      "TriggerMaskAndPattern", [&]() -> absl::StatusOr<MaskAndPattern> {
+        const int64_t height = input_shape[1];
+        const int64_t width = input_shape[2];
+        torch::Tensor pattern = trigger.pattern.to(torch::kFloat32).cpu();
+        if (trigger.kind == TriggerKind::kBlend) {
+          return MaskAndPattern{
+              torch::full({1, height, width}, trigger.blend_alpha),
+              pattern.clone()};
+        }
+        const int64_t rows = pattern.size(1);
+        const int64_t cols = pattern.size(2);
+        MaskAndPattern stamp{torch::zeros({1, height, width}),
+                             torch::zeros({input_shape[0], height, width})};
+        stamp.mask.slice(1, trigger.row, trigger.row + rows)
+            .slice(2, trigger.col, trigger.col + cols)
+            .fill_(1.0);
+        stamp.pattern.slice(1, trigger.row, trigger.row + rows)
+            .slice(2, trigger.col, trigger.col + cols)
+            .copy_(pattern);
+        return stamp;
+      });
+}
+
 absl::StatusOr<TriggerLocation> ParseTriggerLocation(absl::string_view name) {
   for (TriggerLocation location :
        {TriggerLocation::kBottomRight, TriggerLocation::kBottomLeft,

@@ -76,6 +76,18 @@ absl::Status ValidateTrigger(const Trigger& trigger,
 absl::StatusOr<torch::Tensor> ApplyTrigger(const Trigger& trigger,
                                            const torch::Tensor& inputs);
 
+// TriggerMaskAndPattern is a trigger in the stamped form
+// x' = (1 − M)⊙x + M⊙P that DAM's and LFPM's own triggers take: mask M
+// [1, H, W] is 1 on a patch and 0 elsewhere (the blend weight at every
+// pixel for a blend); pattern P [C, H, W] is the patch on a zero canvas
+// (the blend pattern). Float32, on the CPU.
+struct MaskAndPattern {
+  torch::Tensor mask;
+  torch::Tensor pattern;
+};
+absl::StatusOr<MaskAndPattern> TriggerMaskAndPattern(
+    const Trigger& trigger, const std::vector<int64_t>& input_shape);
+
 // TriggerLocation names where a patch goes; ResolvePatchLocation returns the
 // top-left (row, col) of an s x s patch on an h x w image, `margin` pixels
 // from the named edges.

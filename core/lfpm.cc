@@ -138,43 +138,27 @@ struct TaskState {
   bool known = false;
 };
 
-// KnownTriggers turns a caller's trigger into the mask-and-pattern form
-// x' = (1−M)⊙x + M⊙P: M is 1 on a patch and 0 elsewhere (the blend weight
-// everywhere for a blend). Logits are clamped so that sigmoid gives M and P
+// KnownTriggers turns a caller's trigger into one surrogate trigger
+// (TriggerMaskAndPattern). Logits are clamped so that sigmoid gives M and P
 // back to within 1e-6.
 absl::StatusOr<SurrogateTriggers> KnownTriggers(
     const LfpmKnownTrigger& known, const std::vector<int64_t>& input_shape,
     int64_t num_classes, const torch::Device& device) {
-  RETURN_IF_ERROR(ValidateTrigger(known.trigger, input_shape));
   if (known.target < -1 || known.target >= num_classes) {
     return absl::InvalidArgumentError(
         absl::StrCat("target must be -1 (untargeted) or a class in [0, ",
                      num_classes, "); got ", known.target));
   }
-  const Trigger& trigger = known.trigger;
-  const int64_t c = input_shape[0], h = input_shape[1], w = input_shape[2];
-  torch::Tensor mask = torch::zeros({1, 1, h, w});
-  torch::Tensor pattern = torch::zeros({1, c, h, w});
-  if (trigger.kind == TriggerKind::kPatch) {
-    const int64_t size = trigger.pattern.size(1);
-    mask.slice(2, trigger.row, trigger.row + size)
-        .slice(3, trigger.col, trigger.col + size)
-        .fill_(1.0);
-    pattern.slice(2, trigger.row, trigger.row + size)
-        .slice(3, trigger.col, trigger.col + size)
-        .copy_(trigger.pattern.to(torch::kFloat32).unsqueeze(0));
-  } else {
-    mask.fill_(trigger.blend_alpha);
-    pattern.copy_(trigger.pattern.to(torch::kFloat32).unsqueeze(0));
-  }
+  ASSIGN_OR_RETURN(MaskAndPattern stamp,
+                   TriggerMaskAndPattern(known.trigger, input_shape));
   auto logits = [&](const torch::Tensor& values) {
     return torch::logit(values.clamp(1e-6, 1.0 - 1e-6)).to(device);
   };
   SurrogateTriggers triggers;
   triggers.targets = {known.target};
   triggers.active = {1.0};
-  triggers.mask_logits = logits(mask);
-  triggers.pattern_logits = logits(pattern);
+  triggers.mask_logits = logits(stamp.mask.unsqueeze(0));
+  triggers.pattern_logits = logits(stamp.pattern.unsqueeze(0));
   return triggers;
 }
 

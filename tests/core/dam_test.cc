@@ -199,28 +199,28 @@ TEST(DamTrainerTest, PatchTriggerMovesInputsOffTheirLabelsWithASmallMask) {
       TaskVectorMerger::Create(run.set, *run.model, c10::Device(c10::kCPU));
   ASSERT_TRUE(merger.ok());
   {
-  torch::NoGradGuard no_grad;
-  ASSERT_TRUE(merger->Install(*run.model, torch::full({3}, 0.3f), {}).ok());
-  // The triggers were trained against masked merges, so check them on the
-  // unmasked one in total, and that none makes its task's labels likelier.
-  double total_increase = 0;
-  for (int t = 0; t < 3; ++t) {
-    const torch::Tensor& x = run.calibration[t];
-    torch::Tensor m = masks[t];
-    torch::Tensor p = stamped[t] / m;  // M * P / M
-    auto clean = merger->Logits(*run.model, t, x);
-    auto triggered = merger->Logits(*run.model, t, (1 - m) * x + m * p);
-    ASSERT_TRUE(clean.ok() && triggered.ok());
-    torch::Tensor labels = clean->argmax(1);
-    const double ce_clean =
-        torch::nll_loss(torch::log_softmax(*clean, 1), labels).item<double>();
-    const double ce_triggered =
-        torch::nll_loss(torch::log_softmax(*triggered, 1), labels)
-            .item<double>();
-    EXPECT_GT(ce_triggered, ce_clean - 0.02) << "task " << t;
-    total_increase += ce_triggered - ce_clean;
-  }
-  EXPECT_GT(total_increase, 0.1);
+    torch::NoGradGuard no_grad;
+    ASSERT_TRUE(merger->Install(*run.model, torch::full({3}, 0.3f), {}).ok());
+    // The triggers were trained against masked merges, so check them on the
+    // unmasked one in total, and that none makes its task's labels likelier.
+    double total_increase = 0;
+    for (int t = 0; t < 3; ++t) {
+      const torch::Tensor& x = run.calibration[t];
+      torch::Tensor m = masks[t];
+      torch::Tensor p = stamped[t] / m;  // M * P / M
+      auto clean = merger->Logits(*run.model, t, x);
+      auto triggered = merger->Logits(*run.model, t, (1 - m) * x + m * p);
+      ASSERT_TRUE(clean.ok() && triggered.ok());
+      torch::Tensor labels = clean->argmax(1);
+      const double ce_clean =
+          torch::nll_loss(torch::log_softmax(*clean, 1), labels).item<double>();
+      const double ce_triggered =
+          torch::nll_loss(torch::log_softmax(*triggered, 1), labels)
+              .item<double>();
+      EXPECT_GT(ce_triggered, ce_clean - 0.02) << "task " << t;
+      total_increase += ce_triggered - ce_clean;
+    }
+    EXPECT_GT(total_increase, 0.1);
   }
   auto result = (*trainer)->Finish();
   ASSERT_TRUE(result.ok()) << result.status();
@@ -498,6 +498,58 @@ TEST(DamTest, OutputIsTheMaskedMergeTheModelHolds) {
   }
   // Entries the hard mask drops keep theta0.
   EXPECT_GT(result->report.final_mask_zeros, 0.0);
+}
+
+Trigger WhitePatch(int64_t row, int64_t col) {
+  Trigger trigger;
+  trigger.kind = TriggerKind::kPatch;
+  trigger.pattern = torch::ones({1, 4, 4});
+  trigger.row = row;
+  trigger.col = col;
+  return trigger;
+}
+
+TEST(DamTest, KnownTriggerReplacesSynthesisAndIsNeverUpdated) {
+  TinyWorld run;
+  DamOptions options = FastOptions();
+  options.trigger_learning_rate = 0.02;
+  options.mask_learning_rate = 0.05;
+  options.backdoor_loss = BackdoorLoss::kAnchored;
+  options.beta = 1.0;
+  auto without = RunDam(*run.model, run.set, run.calibration, options);
+  ASSERT_TRUE(without.ok()) << without.status();
+
+  options.known_triggers["task1"] = WhitePatch(3, 3);
+  auto known = RunDam(*run.model, run.set, run.calibration, options);
+  ASSERT_TRUE(known.ok()) << known.status();
+  const DamReport& report = known->report;
+  ASSERT_EQ(report.triggers.size(), 3u);
+  // task1's trigger is the 4x4 white patch, unchanged by six steps.
+  EXPECT_DOUBLE_EQ(report.triggers[1].mask_l1, 16.0);
+  EXPECT_DOUBLE_EQ(report.triggers[1].linf, 1.0);
+  EXPECT_DOUBLE_EQ(report.triggers[1].l2, 4.0);
+  // The others are still synthesized.
+  EXPECT_GT(report.triggers[0].linf, 0.0);
+  // It enters M2's loss: the even (M2) steps differ from the run without.
+  EXPECT_NE(report.mask_loss[1], without->report.mask_loss[1]);
+  auto json = nlohmann::json::parse(DamReportToJson(report, options));
+  EXPECT_EQ(json["options"]["known_triggers"][0]["task"], "task1");
+
+  // Every trigger known: nothing to synthesize, and the run still works.
+  for (const std::string& name : run.set.task_names) {
+    options.known_triggers[name] = WhitePatch(0, 0);
+  }
+  EXPECT_TRUE(RunDam(*run.model, run.set, run.calibration, options).ok());
+
+  // A name outside the set, or a patch off the image: INVALID_ARGUMENT.
+  options.known_triggers = {{"zzz", WhitePatch(0, 0)}};
+  auto status = RunDam(*run.model, run.set, run.calibration, options).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("zzz"));
+  options.known_triggers = {{"task0", WhitePatch(26, 0)}};
+  EXPECT_EQ(
+      RunDam(*run.model, run.set, run.calibration, options).status().code(),
+      absl::StatusCode::kInvalidArgument);
 }
 
 TEST(DamTest, RejectsBadOptions) {

@@ -82,6 +82,36 @@ TEST(TriggerTest, ValidationRejectsBadTriggers) {
   EXPECT_FALSE(ApplyTrigger(outside, torch::zeros({1, 1, 28, 28})).ok());
 }
 
+TEST(TriggerTest, MaskAndPatternStampLikeApplyTrigger) {
+  torch::manual_seed(4);
+  torch::Tensor inputs = torch::rand({3, 2, 10, 12});
+  Trigger patch;
+  patch.pattern = torch::rand({2, 3, 3});
+  patch.row = 6;
+  patch.col = 8;
+  Trigger blend;
+  blend.kind = TriggerKind::kBlend;
+  blend.pattern = torch::rand({2, 10, 12});
+  blend.blend_alpha = 0.2;
+  for (const Trigger& trigger : {patch, blend}) {
+    auto stamp = TriggerMaskAndPattern(trigger, {2, 10, 12});
+    ASSERT_TRUE(stamp.ok()) << stamp.status();
+    EXPECT_EQ(stamp->mask.sizes(), (std::vector<int64_t>{1, 10, 12}));
+    EXPECT_EQ(stamp->pattern.sizes(), (std::vector<int64_t>{2, 10, 12}));
+    auto applied = ApplyTrigger(trigger, inputs);
+    ASSERT_TRUE(applied.ok()) << applied.status();
+    EXPECT_TRUE(torch::allclose(
+        (1 - stamp->mask) * inputs + stamp->mask * stamp->pattern, *applied,
+        1e-6, 1e-6));
+  }
+  auto patch_stamp = TriggerMaskAndPattern(patch, {2, 10, 12});
+  EXPECT_DOUBLE_EQ(patch_stamp->mask.sum().item<double>(), 9.0);
+  // Validated like ApplyTrigger: a patch off the image is refused.
+  patch.col = 10;
+  EXPECT_EQ(TriggerMaskAndPattern(patch, {2, 10, 12}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST(TriggerTest, ResolvesNamedLocations) {
   using Location = TriggerLocation;
   EXPECT_EQ(ResolvePatchLocation(Location::kBottomRight, 4, 28, 28),
