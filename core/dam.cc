@@ -527,12 +527,17 @@ std::vector<torch::Tensor> DamTrainer::DetectionMaskLogits() const {
 torch::Tensor DamTrainer::Perturbations() const {
   torch::NoGradGuard no_grad;
   const State& s = *state_;
-  if (options_.trigger_shape == TriggerShape::kPatch) {
-    return (torch::sigmoid(s.patch_mask) * torch::sigmoid(s.patch_pattern))
-        .cpu()
-        .clone();
+  torch::Tensor perturbations =
+      options_.trigger_shape == TriggerShape::kPatch
+          ? (torch::sigmoid(s.patch_mask) * torch::sigmoid(s.patch_pattern))
+                .cpu()
+                .clone()
+          : s.delta.detach().cpu().clone();
+  for (size_t t = 0; t < s.known.size(); ++t) {
+    if (!s.known[t].mask.defined()) continue;
+    perturbations[t].copy_(s.known[t].mask * s.known[t].pattern);
   }
-  return s.delta.detach().cpu().clone();
+  return perturbations;
 }
 
 torch::Tensor DamTrainer::PatchMasks() const {
@@ -600,21 +605,15 @@ DamReport DamTrainer::MakeReport(
   torch::Tensor delta = Perturbations().to(torch::kFloat64);
   torch::Tensor patch_masks = PatchMasks();
   for (size_t t = 0; t < task_names_.size(); ++t) {
-    if (s.known[t].mask.defined()) {
-      torch::Tensor d =
-          (s.known[t].mask * s.known[t].pattern).cpu().to(torch::kFloat64);
-      report.triggers.push_back(
-          {task_names_[t], d.abs().max().item<double>(),
-           d.norm().item<double>(),
-           s.known[t].mask.to(torch::kFloat64).sum().item<double>()});
-      continue;
-    }
     torch::Tensor d = delta[t];
-    report.triggers.push_back(
-        {task_names_[t], d.abs().max().item<double>(), d.norm().item<double>(),
-         patch_masks.defined()
-             ? patch_masks[t].to(torch::kFloat64).sum().item<double>()
-             : 0.0});
+    const double mask_l1 =
+        s.known[t].mask.defined()
+            ? s.known[t].mask.to(torch::kFloat64).sum().item<double>()
+        : patch_masks.defined()
+            ? patch_masks[t].to(torch::kFloat64).sum().item<double>()
+            : 0.0;
+    report.triggers.push_back({task_names_[t], d.abs().max().item<double>(),
+                               d.norm().item<double>(), mask_l1});
   }
   report.outer_steps = steps_done_;
   report.meta_seconds = meta_seconds_;

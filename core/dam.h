@@ -265,7 +265,7 @@ class DamTrainer {
   std::vector<torch::Tensor> SharedMaskLogits() const;     // s1
   std::vector<torch::Tensor> DetectionMaskLogits() const;  // s2
   // Perturbations() is [N, C, H, W]: delta for dense triggers, M * P for
-  // patch triggers.
+  // patch triggers and for known ones (DamOptions::known_triggers).
   torch::Tensor Perturbations() const;
   // PatchMasks() is M = sigmoid(mask logits), [N, 1, H, W], for patch
   // triggers; undefined for dense ones.

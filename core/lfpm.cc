@@ -880,14 +880,12 @@ absl::StatusOr<LfpmResult> Run(const Model& architecture,
       RETURN_IF_ERROR(state->InstallDetached(options.triggers.trigger_alpha));
       active = 0;
       for (TaskState& task : state->tasks) {
-        if (task.known) {
-          active += task.triggers.size();
-          continue;
-        }
         if (!task.unlearn) continue;
-        RETURN_IF_ERROR(state->Mine(task, task.triggers,
-                                    options.triggers.steps_per_update,
-                                    options.batch_size));
+        if (!task.known) {
+          RETURN_IF_ERROR(state->Mine(task, task.triggers,
+                                      options.triggers.steps_per_update,
+                                      options.batch_size));
+        }
         ASSIGN_OR_RETURN(int64_t count, state->Gate(task));
         active += count;
       }
@@ -1250,6 +1248,16 @@ absl::StatusOr<LfpmReport> RunLfpmJob(const LfpmJob& job,
     return absl::InvalidArgumentError(
         "LFPM job needs a calibration set per task");
   }
+  // Checked before the TA merge and the loads, which it would waste.
+  for (const auto& [name, known] : job.known_triggers) {
+    if (std::none_of(job.calibration.begin(), job.calibration.end(),
+                     [&](const LfpmCalibrationFile& file) {
+                       return file.task == name;
+                     })) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "known trigger for \"", name, "\", which has no calibration set"));
+    }
+  }
   RemoveOnFailure cleanup(
       {job.output_path, job.tau_output_path, job.report_path});
 
@@ -1288,15 +1296,6 @@ absl::StatusOr<LfpmReport> RunLfpmJob(const LfpmJob& job,
   absl::StatusOr<NamedTensors> merged = LoadTensorsFromPath(merged_path);
   if (!merged.ok()) return merged.status();
 
-  for (const auto& [name, known] : job.known_triggers) {
-    if (std::none_of(job.calibration.begin(), job.calibration.end(),
-                     [&](const LfpmCalibrationFile& file) {
-                       return file.task == name;
-                     })) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "known trigger for \"", name, "\", which has no calibration set"));
-    }
-  }
   std::vector<LfpmTask> tasks;
   json known_triggers = json::array();
   for (const LfpmCalibrationFile& file : job.calibration) {

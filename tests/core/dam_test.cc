@@ -123,6 +123,27 @@ struct TinyWorld {
   std::vector<torch::Tensor> calibration = DefenseTinyCalibration(3);
 };
 
+// CleanLabelCe is the merge's cross-entropy to its own predictions on task
+// t's clean inputs, on those inputs and on their triggered copies.
+struct CleanLabelCe {
+  double clean = 0.0;
+  double triggered = 0.0;
+};
+CleanLabelCe CrossEntropyToCleanLabels(TaskVectorMerger& merger, Model& model,
+                                       int t, const torch::Tensor& x,
+                                       const torch::Tensor& triggered_x) {
+  auto clean = merger.Logits(model, t, x);
+  auto triggered = merger.Logits(model, t, triggered_x);
+  if (!clean.ok() || !triggered.ok()) {
+    ADD_FAILURE() << "logits of task " << t << " failed";
+    return {};
+  }
+  torch::Tensor labels = clean->argmax(1);
+  return {torch::nll_loss(torch::log_softmax(*clean, 1), labels).item<double>(),
+          torch::nll_loss(torch::log_softmax(*triggered, 1), labels)
+              .item<double>()};
+}
+
 TEST(DamTrainerTest, TriggersStayInsideTheEpsilonBall) {
   TinyWorld run;
   DamOptions options = FastOptions();
@@ -165,16 +186,9 @@ TEST(DamTrainerTest, TriggerStepIncreasesTheCrossEntropy) {
   ASSERT_TRUE(merger->Install(*run.model, torch::full({3}, 0.3f), {}).ok());
   for (int t = 0; t < 3; ++t) {
     const torch::Tensor& x = run.calibration[t];
-    auto clean = merger->Logits(*run.model, t, x);
-    auto triggered = merger->Logits(*run.model, t, PerturbInputs(x, delta[t]));
-    ASSERT_TRUE(clean.ok() && triggered.ok());
-    torch::Tensor labels = clean->argmax(1);
-    const double ce_clean =
-        torch::nll_loss(torch::log_softmax(*clean, 1), labels).item<double>();
-    const double ce_triggered =
-        torch::nll_loss(torch::log_softmax(*triggered, 1), labels)
-            .item<double>();
-    EXPECT_GT(ce_triggered, ce_clean + 0.05) << "task " << t;
+    const CleanLabelCe ce = CrossEntropyToCleanLabels(
+        *merger, *run.model, t, x, PerturbInputs(x, delta[t]));
+    EXPECT_GT(ce.triggered, ce.clean + 0.05) << "task " << t;
   }
 }
 
@@ -208,17 +222,10 @@ TEST(DamTrainerTest, PatchTriggerMovesInputsOffTheirLabelsWithASmallMask) {
       const torch::Tensor& x = run.calibration[t];
       torch::Tensor m = masks[t];
       torch::Tensor p = stamped[t] / m;  // M * P / M
-      auto clean = merger->Logits(*run.model, t, x);
-      auto triggered = merger->Logits(*run.model, t, (1 - m) * x + m * p);
-      ASSERT_TRUE(clean.ok() && triggered.ok());
-      torch::Tensor labels = clean->argmax(1);
-      const double ce_clean =
-          torch::nll_loss(torch::log_softmax(*clean, 1), labels).item<double>();
-      const double ce_triggered =
-          torch::nll_loss(torch::log_softmax(*triggered, 1), labels)
-              .item<double>();
-      EXPECT_GT(ce_triggered, ce_clean - 0.02) << "task " << t;
-      total_increase += ce_triggered - ce_clean;
+      const CleanLabelCe ce = CrossEntropyToCleanLabels(*merger, *run.model, t,
+                                                        x, (1 - m) * x + m * p);
+      EXPECT_GT(ce.triggered, ce.clean - 0.02) << "task " << t;
+      total_increase += ce.triggered - ce.clean;
     }
     EXPECT_GT(total_increase, 0.1);
   }
