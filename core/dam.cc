@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/defense_json.h"
+#include "core/lfpm.h"
 #include "core/status_macros.h"
 #include "core/torch_status.h"
 #include "core/version.h"
@@ -45,6 +46,11 @@ json OptionsJson(const DamOptions& options) {
       {"seed", options.seed},
       {"device", options.device},
   };
+  if (options.trigger_source != DamTriggerSource::kSynthesized) {
+    out["trigger_source"] =
+        std::string(DamTriggerSourceName(options.trigger_source));
+    out["scan_steps"] = options.scan_steps;
+  }
   // Only when given, so that ordinary runs' provenance is unchanged.
   if (!options.known_triggers.empty()) {
     json known = json::array();
@@ -53,6 +59,18 @@ json OptionsJson(const DamOptions& options) {
                        {"kind", std::string(TriggerKindName(trigger.kind))}});
     }
     out["known_triggers"] = known;
+  }
+  return out;
+}
+
+json ScannedTriggersJson(const std::vector<DamScannedTrigger>& scanned) {
+  json out = json::array();
+  for (const DamScannedTrigger& trigger : scanned) {
+    out.push_back({{"task", trigger.task},
+                   {"target_class", trigger.target_class},
+                   {"anomaly_index", trigger.anomaly_index},
+                   {"mask_l1", trigger.mask_l1},
+                   {"reach", trigger.reach}});
   }
   return out;
 }
@@ -69,6 +87,65 @@ double Fraction(const torch::Tensor& condition) {
   return condition.numel() == 0
              ? 0.0
              : condition.to(torch::kFloat64).mean().item<double>();
+}
+
+// ScanTriggers gives every task without a known trigger the easiest class's
+// trigger of LFPM's Neural-Cleanse scan (ScanLfpmTasks) on the
+// task-arithmetic merge at `initial_lambda`, which phase 1 starts from, and
+// records the scan in `report`.
+absl::Status ScanTriggers(const Model& model, const TaskVectorSet& set,
+                          const std::vector<torch::Tensor>& calibration,
+                          const DamOptions& options, const c10::Device& device,
+                          std::vector<MaskAndPattern>& known,
+                          DamReport& report) {
+  const double start = SteadySeconds();
+  std::vector<LfpmTask> tasks;
+  std::vector<int> task_index;
+  for (int t = 0; t < set.num_tasks(); ++t) {
+    if (known[t].mask.defined()) continue;
+    LfpmTask task;
+    task.name = set.task_names[t];
+    task.inputs = calibration[t];
+    tasks.push_back(std::move(task));
+    task_index.push_back(t);
+  }
+  if (tasks.empty()) return absl::OkStatus();
+  NamedTensors merged = set.constants;
+  RETURN_IF_ERROR(CallTorch("DAM scan merge", [&]() -> absl::Status {
+    torch::NoGradGuard no_grad;
+    for (int k = 0; k < set.num_tensors(); ++k) {
+      torch::Tensor theta = set.base[k].clone();
+      for (int t = 0; t < set.num_tasks(); ++t) {
+        theta.add_(set.task_vectors[t][k], options.initial_lambda);
+      }
+      merged.emplace_back(set.keys[k], std::move(theta));
+    }
+    for (int t = 0; t < set.num_tasks(); ++t) {
+      const std::string head =
+          absl::StrCat(set.task_names[t], "/", kHeadPrefix);
+      merged.emplace_back(head + "weight", set.heads[t].weight);
+      merged.emplace_back(head + "bias", set.heads[t].bias);
+    }
+    return absl::OkStatus();
+  }));
+  LfpmOptions scan;
+  scan.triggers.scan_steps = options.scan_steps;
+  scan.seed = options.seed;
+  scan.device = options.device;
+  scan.is_cancelled = options.is_cancelled;
+  ASSIGN_OR_RETURN(std::vector<LfpmTaskScan> scans,
+                   ScanLfpmTasks(model, merged, tasks, scan));
+  for (size_t i = 0; i < scans.size(); ++i) {
+    const LfpmTaskScan& found = scans[i];
+    const int64_t c = found.easiest_class;
+    known[task_index[i]] = {found.trigger.mask.to(device),
+                            found.trigger.pattern.to(device)};
+    report.scanned_triggers.push_back(
+        {found.anomaly.task, c, found.anomaly.anomaly_index,
+         found.anomaly.class_norms[c], found.anomaly.class_reach[c]});
+  }
+  report.scan_seconds = SteadySeconds() - start;
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -136,6 +213,17 @@ absl::string_view TriggerShapeName(TriggerShape shape) {
   return shape == TriggerShape::kDense ? "dense" : "patch";
 }
 
+absl::StatusOr<DamTriggerSource> ParseDamTriggerSource(absl::string_view name) {
+  if (name == "synthesized") return DamTriggerSource::kSynthesized;
+  if (name == "scan") return DamTriggerSource::kScan;
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown trigger source \"", name, "\" (synthesized, scan)"));
+}
+
+absl::string_view DamTriggerSourceName(DamTriggerSource source) {
+  return source == DamTriggerSource::kScan ? "scan" : "synthesized";
+}
+
 absl::Status ValidateDamOptions(const DamOptions& options) {
   auto bad = [](absl::string_view field, absl::string_view rule) {
     return absl::InvalidArgumentError(
@@ -172,6 +260,7 @@ absl::Status ValidateDamOptions(const DamOptions& options) {
   }
   if (options.batch_size < 1) return bad("batch_size", ">= 1");
   if (options.threads < 0) return bad("threads", ">= 0");
+  if (options.scan_steps < 1) return bad("scan_steps", ">= 1");
   return ParseDevice(options.device).status();
 }
 
@@ -238,6 +327,10 @@ absl::Status DamTrainer::Init(const TaskVectorSet& set,
                                        stamp->pattern.to(device)};
   }
   SetTorchThreads(options_.threads);
+  if (options_.trigger_source == DamTriggerSource::kScan) {
+    RETURN_IF_ERROR(ScanTriggers(model_, set, calibration, options_, device,
+                                 known, curves_));
+  }
   ASSIGN_OR_RETURN(TaskVectorMerger merger,
                    TaskVectorMerger::Create(set, model_, device));
   return CallTorch("DamTrainer::Init", [&]() -> absl::Status {
@@ -718,6 +811,8 @@ std::string DamReportToJson(const DamReport& report,
         {"mask", report.mask_loss},
         {"adamerging", report.adamerging_loss}}},
       {"triggers", triggers},
+      {"scanned_triggers", ScannedTriggersJson(report.scanned_triggers)},
+      {"scan_seconds", report.scan_seconds},
       {"outer_steps", report.outer_steps},
       {"meta_seconds", report.meta_seconds},
       {"adamerging_seconds", report.adamerging_seconds},
@@ -744,6 +839,10 @@ absl::StatusOr<DamResult> DamMergeFiles(
       {"outer_steps", result.report.outer_steps},
       {"seconds", result.report.seconds},
   };
+  if (!result.report.scanned_triggers.empty()) {
+    summary["scanned_triggers"] =
+        ScannedTriggersJson(result.report.scanned_triggers);
+  }
   std::map<std::string, std::string> metadata = {
       {"mergeguard.method", "dam"},
       {"mergeguard.options", OptionsJson(options).dump()},

@@ -94,6 +94,23 @@ enum class TriggerShape {
 absl::StatusOr<TriggerShape> ParseTriggerShape(absl::string_view name);
 absl::string_view TriggerShapeName(TriggerShape shape);
 
+// DamTriggerSource: where a task's L2 trigger comes from when the caller
+// gives none (DamOptions::known_triggers).
+enum class DamTriggerSource {
+  // Synthesized and updated every outer step, as `trigger_shape` says (the
+  // spec's and the reference's).
+  kSynthesized,
+  // Found once, before phase 1, by LFPM's Neural-Cleanse scan
+  // (ScanLfpmTasks) of the task-arithmetic merge at `initial_lambda`: the
+  // task's easiest class's mined mask and pattern, then held fixed like a
+  // known trigger. A departure from the reference (docs/dam.md, "Scanned
+  // triggers").
+  kScan,
+};
+// ParseDamTriggerSource accepts "synthesized" and "scan".
+absl::StatusOr<DamTriggerSource> ParseDamTriggerSource(absl::string_view name);
+absl::string_view DamTriggerSourceName(DamTriggerSource source);
+
 struct DamOptions {
   // One lambda per task, or per task and backbone tensor. Default task-wise.
   LambdaGranularity granularity = LambdaGranularity::kTaskWise;
@@ -173,6 +190,11 @@ struct DamOptions {
   // one; it is never updated. Every name must be a task of the set.
   // Default none.
   std::map<std::string, Trigger> known_triggers;
+  // Where the other tasks' triggers come from. Default synthesized.
+  DamTriggerSource trigger_source = DamTriggerSource::kSynthesized;
+  // trigger_source = scan: Adam steps of the scan (LFPM's `scan_steps`; the
+  // rest of the scan is LfpmTriggerOptions' defaults). Default 100.
+  int64_t scan_steps = 100;
 };
 
 // ValidateDamOptions returns INVALID_ARGUMENT naming the bad field.
@@ -204,6 +226,18 @@ struct TriggerSize {
   double mask_l1 = 0.0;
 };
 
+// DamScannedTrigger is one task's trigger from the scan (trigger_source =
+// scan), on the task-arithmetic merge it was mined against.
+struct DamScannedTrigger {
+  std::string task;
+  int64_t target_class = 0;
+  // The task's Neural-Cleanse anomaly index (LfpmAnomaly).
+  double anomaly_index = 0.0;
+  double mask_l1 = 0.0;
+  // Fraction of the task's other-class scan inputs it sends to the class.
+  double reach = 0.0;
+};
+
 // DamReport is what a DAM run learned and what it cost.
 struct DamReport {
   std::vector<std::string> task_names;
@@ -227,6 +261,9 @@ struct DamReport {
   std::vector<double> mask_loss;
   std::vector<double> adamerging_loss;
   std::vector<TriggerSize> triggers;
+  // trigger_source = scan: the scanned tasks, and the scan's seconds.
+  std::vector<DamScannedTrigger> scanned_triggers;
+  double scan_seconds = 0.0;
   int64_t outer_steps = 0;
   double meta_seconds = 0.0;
   double adamerging_seconds = 0.0;

@@ -188,6 +188,12 @@ std::vector<Field<DamOptions>> DamFields() {
           "trigger_shape", "dense|patch",
           [](O & o) -> auto& { return o.trigger_shape; }, ParseTriggerShape,
           TriggerShapeName),
+      Enum<O, DamTriggerSource>(
+          "trigger_source", "synthesized|scan",
+          [](O & o) -> auto& { return o.trigger_source; },
+          ParseDamTriggerSource, DamTriggerSourceName),
+      Integer<O, int64_t>(
+          "scan_steps", [](O & o) -> auto& { return o.scan_steps; }),
       Number<O>(
           "trigger_epsilon", [](O & o) -> auto& { return o.trigger_epsilon; }),
       Number<O>(

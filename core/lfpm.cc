@@ -1065,6 +1065,31 @@ absl::StatusOr<LfpmResult> RunLfpm(const Model& architecture,
   });
 }
 
+absl::StatusOr<std::vector<LfpmTaskScan>> ScanLfpmTasks(
+    const Model& architecture, const NamedTensors& model,
+    const std::vector<LfpmTask>& tasks, const LfpmOptions& options) {
+  return CallTorch(
+      "LFPM scan", [&]() -> absl::StatusOr<std::vector<LfpmTaskScan>> {
+        ASSIGN_OR_RETURN(auto state, lfpm_internal::CreateState(
+                                         architecture, model, tasks, options));
+        std::vector<LfpmTaskScan> scans;
+        for (lfpm_internal::TaskState& task : state->tasks) {
+          ASSIGN_OR_RETURN(auto scan, state->Scan(task));
+          LfpmTaskScan out;
+          out.easiest_class = state->EasiestClasses(scan.first, 1).front();
+          torch::NoGradGuard no_grad;
+          out.trigger.mask =
+              torch::sigmoid(scan.second.mask_logits[out.easiest_class]).cpu();
+          out.trigger.pattern =
+              torch::sigmoid(scan.second.pattern_logits[out.easiest_class])
+                  .cpu();
+          out.anomaly = std::move(scan.first);
+          scans.push_back(std::move(out));
+        }
+        return scans;
+      });
+}
+
 // ---------------------------------------------------------------------------
 // JSON and files.
 

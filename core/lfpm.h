@@ -284,6 +284,26 @@ absl::StatusOr<LfpmResult> RunLfpm(const Model& architecture,
                                    const std::vector<LfpmTask>& tasks,
                                    const LfpmOptions& options);
 
+// LfpmTaskScan is one task's Neural-Cleanse scan, the pass RunLfpm starts
+// with: the anomaly test and the easiest class's trigger (the reached class
+// with the smallest mask, LfpmTriggerOptions::reach_threshold).
+struct LfpmTaskScan {
+  LfpmAnomaly anomaly;
+  int64_t easiest_class = 0;
+  // That class's mined trigger, x' = (1−M)⊙x + M⊙P: M [1, H, W] and
+  // P [C, H, W], on the CPU.
+  MaskAndPattern trigger;
+};
+
+// ScanLfpmTasks runs the scan of RunLfpm on `model` (backbone plus
+// `<task>/head.*` for every task) with `options.triggers` (scan_steps,
+// scan_batch_size, learning_rate, mask_l1_weight, reach_threshold), seed,
+// device and threads; nothing is repaired. Unlabeled tasks are scanned
+// against the model's own predictions. Errors as RunLfpm's.
+absl::StatusOr<std::vector<LfpmTaskScan>> ScanLfpmTasks(
+    const Model& architecture, const NamedTensors& model,
+    const std::vector<LfpmTask>& tasks, const LfpmOptions& options);
+
 // LfpmCalibrationFile names one task's calibration set: a safetensors file
 // with `inputs` [N, C, H, W] (float32 in [0, 1], or uint8 read as /255) and
 // optionally `labels` [N] int64.

@@ -559,6 +559,60 @@ TEST(DamTest, KnownTriggerReplacesSynthesisAndIsNeverUpdated) {
       absl::StatusCode::kInvalidArgument);
 }
 
+TEST(DamTest, ScannedTriggersComeFromTheScanAndStayFixed) {
+  TinyWorld run;
+  DamOptions options = FastOptions();
+  options.trigger_source = DamTriggerSource::kScan;
+  options.scan_steps = 4;
+  options.known_triggers["task1"] = WhitePatch(3, 3);
+  auto result = RunDam(*run.model, run.set, run.calibration, options);
+  ASSERT_TRUE(result.ok()) << result.status();
+  const DamReport& report = result->report;
+  // task1's trigger is given, so only the other two are scanned.
+  ASSERT_EQ(report.scanned_triggers.size(), 2u);
+  EXPECT_EQ(report.scanned_triggers[0].task, "task0");
+  EXPECT_EQ(report.scanned_triggers[1].task, "task2");
+  EXPECT_GT(report.scan_seconds, 0.0);
+  ASSERT_EQ(report.triggers.size(), 3u);
+  EXPECT_DOUBLE_EQ(report.triggers[1].mask_l1, 16.0);
+  // L2 used the scanned mask, unchanged by the outer steps.
+  EXPECT_NEAR(report.triggers[0].mask_l1, report.scanned_triggers[0].mask_l1,
+              1e-3);
+  EXPECT_NEAR(report.triggers[2].mask_l1, report.scanned_triggers[1].mask_l1,
+              1e-3);
+  for (const DamScannedTrigger& scanned : report.scanned_triggers) {
+    EXPECT_GE(scanned.target_class, 0);
+    EXPECT_LT(scanned.target_class, run.set.heads[0].NumClasses());
+    EXPECT_GE(scanned.reach, 0.0);
+    EXPECT_LE(scanned.reach, 1.0);
+  }
+  // The same seed gives the same scan.
+  auto again = RunDam(*run.model, run.set, run.calibration, options);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->report.scanned_triggers[0].mask_l1,
+            report.scanned_triggers[0].mask_l1);
+  auto json = nlohmann::json::parse(DamReportToJson(report, options));
+  EXPECT_EQ(json["options"]["trigger_source"], "scan");
+  EXPECT_EQ(json["scanned_triggers"].size(), 2u);
+
+  // Synthesized (the default) scans nothing and says nothing about it.
+  options.trigger_source = DamTriggerSource::kSynthesized;
+  auto synthesized = RunDam(*run.model, run.set, run.calibration, options);
+  ASSERT_TRUE(synthesized.ok()) << synthesized.status();
+  EXPECT_TRUE(synthesized->report.scanned_triggers.empty());
+  json = nlohmann::json::parse(DamReportToJson(synthesized->report, options));
+  EXPECT_FALSE(json["options"].contains("trigger_source"));
+
+  options.trigger_source = DamTriggerSource::kScan;
+  options.scan_steps = 0;
+  auto status = RunDam(*run.model, run.set, run.calibration, options).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("scan_steps"));
+  EXPECT_EQ(*ParseDamTriggerSource("scan"), DamTriggerSource::kScan);
+  EXPECT_EQ(ParseDamTriggerSource("oracle").status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST(DamTest, RejectsBadOptions) {
   TinyWorld run;
   DamOptions options = FastOptions();

@@ -409,6 +409,38 @@ TEST(LfpmTest, ReportHasPathCurveTriggersAndAnomalies) {
   EXPECT_EQ(untargeted->report.triggers[0].targets, (std::vector<int64_t>{-1}));
 }
 
+TEST(LfpmTest, ScanIsThePassRunLfpmStartsWith) {
+  auto model = TinyModel();
+  LfpmOptions options = FastOptions(LfpmMode::kFull);
+  options.steps = 1;
+  auto run = RunLfpm(*model, MergedTensors(), Tasks(), options);
+  ASSERT_TRUE(run.ok()) << run.status();
+  auto scans = ScanLfpmTasks(*model, MergedTensors(), Tasks(), options);
+  ASSERT_TRUE(scans.ok()) << scans.status();
+  ASSERT_EQ(scans->size(), 2u);
+  for (size_t i = 0; i < scans->size(); ++i) {
+    const LfpmTaskScan& scan = (*scans)[i];
+    const LfpmAnomaly& started = run->report.anomaly_merged[i];
+    EXPECT_EQ(scan.anomaly.task, started.task);
+    EXPECT_EQ(scan.anomaly.class_norms, started.class_norms);
+    EXPECT_EQ(scan.anomaly.anomaly_index, started.anomaly_index);
+    // The repair's trigger was seeded from the same class.
+    EXPECT_EQ(scan.easiest_class, run->report.triggers[i].targets[0]);
+    EXPECT_EQ(scan.trigger.mask.sizes(), (torch::IntArrayRef{1, 28, 28}));
+    EXPECT_EQ(scan.trigger.pattern.sizes(), (torch::IntArrayRef{1, 28, 28}));
+    EXPECT_NEAR(scan.trigger.mask.sum().item<double>(),
+                scan.anomaly.class_norms[scan.easiest_class], 1e-3);
+    EXPECT_GE(scan.trigger.pattern.min().item<double>(), 0.0);
+    EXPECT_LE(scan.trigger.pattern.max().item<double>(), 1.0);
+  }
+  // Bad input is refused as RunLfpm refuses it.
+  std::vector<LfpmTask> tasks = Tasks();
+  tasks[0].inputs = torch::rand({4, 1, 5, 5});
+  EXPECT_EQ(
+      ScanLfpmTasks(*model, MergedTensors(), tasks, options).status().code(),
+      absl::StatusCode::kInvalidArgument);
+}
+
 TEST(LfpmTest, AnomalyGateKeepsUnflaggedTasksFromUnlearning) {
   auto model = TinyModel();
   LfpmOptions options = FastOptions(LfpmMode::kFull);
