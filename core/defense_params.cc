@@ -321,6 +321,9 @@ std::vector<Field<LfpmOptions>> LfpmFields() {
       Boolean<O>(
           "trigger.rescan_after",
           [](O & o) -> auto& { return o.triggers.rescan_after; }),
+      Boolean<O>(
+          "trigger.pin_scan_trigger",
+          [](O & o) -> auto& { return o.triggers.pin_scan_trigger; }),
   };
 }
 

@@ -107,6 +107,9 @@ struct SurrogateTriggers {
   // while it still reaches `reach_threshold` of the inputs (docs/lfpm.md,
   // "Reach gate").
   std::vector<double> active;
+  // Per trigger: never moved by mining (its gradient is zeroed, so Adam
+  // leaves it where it is) and exempt from the reach gate.
+  std::vector<bool> pinned;
   std::unique_ptr<torch::optim::Adam> optimizer;
 
   bool AnyActive() const {
@@ -477,6 +480,13 @@ struct LfpmProblemForTesting::State {
                      options.triggers.mask_l1_weight);
       triggers.optimizer->zero_grad();
       loss.backward();
+      for (int64_t j = 0; j < triggers.size(); ++j) {
+        if (j < static_cast<int64_t>(triggers.pinned.size()) &&
+            triggers.pinned[j]) {
+          triggers.mask_logits.mutable_grad()[j].zero_();
+          triggers.pattern_logits.mutable_grad()[j].zero_();
+        }
+      }
       triggers.optimizer->step();
     }
     return absl::OkStatus();
@@ -513,8 +523,11 @@ struct LfpmProblemForTesting::State {
                      Success(task, task.triggers, options.report_examples));
     int64_t count = 0;
     for (size_t j = 0; j < success.size(); ++j) {
+      const bool pinned =
+          j < task.triggers.pinned.size() && task.triggers.pinned[j];
       const bool on =
-          task.unlearn && success[j] >= options.triggers.reach_threshold;
+          task.unlearn &&
+          (pinned || success[j] >= options.triggers.reach_threshold);
       task.triggers.active[j] = on ? 1.0 : 0.0;
       count += on ? 1 : 0;
     }
@@ -833,11 +846,20 @@ absl::StatusOr<LfpmResult> Run(const Model& architecture,
     } else if (options.triggers.targeting == TriggerTargeting::kEasiestClass) {
       std::vector<int64_t> targets =
           state->EasiestClasses(anomaly, options.triggers.targets_per_task);
+      // Pinned copies follow the online triggers: same classes, same start.
+      const size_t online = targets.size();
+      if (options.triggers.pin_scan_trigger) {
+        for (size_t j = 0; j < online; ++j) targets.push_back(targets[j]);
+      }
       torch::Tensor rows =
           torch::tensor(targets, torch::kInt64).to(state->device);
       torch::NoGradGuard no_grad;
       task.triggers.targets = targets;
       task.triggers.active.assign(targets.size(), 1.0);
+      task.triggers.pinned.assign(targets.size(), false);
+      for (size_t j = online; j < targets.size(); ++j) {
+        task.triggers.pinned[j] = true;
+      }
       task.triggers.mask_logits = scan.second.mask_logits.index_select(0, rows)
                                       .detach()
                                       .clone()
@@ -1176,7 +1198,8 @@ json OptionsJson(const LfpmOptions& o) {
             {"learning_rate", t.learning_rate},
             {"mask_l1_weight", t.mask_l1_weight},
             {"initial_mask_logit", t.initial_mask_logit},
-            {"rescan_after", t.rescan_after}}}};
+            {"rescan_after", t.rescan_after},
+            {"pin_scan_trigger", t.pin_scan_trigger}}}};
 }
 
 const torch::Tensor* FindTensor(const NamedTensors& tensors,

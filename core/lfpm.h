@@ -94,6 +94,14 @@ struct LfpmTriggerOptions {
   double mask_l1_weight = 0.03;
   // Initial mask logit (sigmoid(-3) ≈ 0.05 per pixel).
   double initial_mask_logit = -3.0;
+  // Targeted mode: also keep each task's scan trigger (mined on θm) as it
+  // was, unlearned at every outer step while the task passes the anomaly
+  // gate, next to the trigger that online mining updates. The online
+  // trigger drifts towards whatever still fools θ(trigger_alpha) and the
+  // reach gate drops it once it stops reaching; the pinned copy keeps the
+  // repair on the trigger that fooled θm (docs/lfpm.md, "Pinned scan
+  // triggers").
+  bool pin_scan_trigger = false;
   // Re-run the scan on the repaired model for the report's "after" anomaly
   // index (costs one more scan).
   bool rescan_after = true;

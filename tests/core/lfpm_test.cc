@@ -466,6 +466,40 @@ TEST(LfpmTest, AnomalyGateKeepsUnflaggedTasksFromUnlearning) {
             absl::StatusCode::kInvalidArgument);
 }
 
+TEST(LfpmTest, PinnedScanTriggerStaysFixedAndActive) {
+  auto model = TinyModel();
+  LfpmOptions options = FastOptions(LfpmMode::kFull);
+  options.triggers.pin_scan_trigger = true;
+  options.triggers.anomaly_gate = 0.0;
+  // No mined trigger reaches every input here: only the pinned copies are
+  // unlearned.
+  options.triggers.reach_threshold = 1.0;
+  auto result = RunLfpm(*model, MergedTensors(), Tasks(), options);
+  ASSERT_TRUE(result.ok()) << result.status();
+  const LfpmReport& report = result->report;
+  EXPECT_EQ(report.active_triggers, std::vector<int64_t>(options.steps, 2));
+  ASSERT_EQ(report.triggers.size(), 2u);
+  for (size_t i = 0; i < report.triggers.size(); ++i) {
+    const LfpmTriggerReport& t = report.triggers[i];
+    ASSERT_EQ(t.targets.size(), 2u);
+    EXPECT_EQ(t.targets[0], t.targets[1]);
+    // The pinned copy is the scan's trigger, untouched by online mining;
+    // the online one moved.
+    const double scanned = report.anomaly_merged[i].class_norms[t.targets[1]];
+    EXPECT_NEAR(t.mask_l1[1], scanned, 1e-3);
+    EXPECT_GT(std::abs(t.mask_l1[0] - scanned), 1e-4);
+  }
+  auto options_json = nlohmann::json::parse(LfpmOptionsToJson(options));
+  EXPECT_EQ(options_json["triggers"]["pin_scan_trigger"], true);
+
+  // The anomaly gate still rules: a task it stops has no trigger unlearned.
+  options.triggers.anomaly_gate = 1e9;
+  auto gated = RunLfpm(*model, MergedTensors(), Tasks(), options);
+  ASSERT_TRUE(gated.ok()) << gated.status();
+  EXPECT_EQ(gated->report.active_triggers,
+            std::vector<int64_t>(options.steps, 0));
+}
+
 LfpmKnownTrigger KnownPatch(int64_t target) {
   Trigger trigger;
   trigger.kind = TriggerKind::kPatch;
