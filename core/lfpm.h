@@ -99,8 +99,8 @@ struct LfpmTriggerOptions {
   // gate, next to the trigger that online mining updates. The online
   // trigger drifts towards whatever still fools θ(trigger_alpha) and the
   // reach gate drops it once it stops reaching; the pinned copy keeps the
-  // repair on the trigger that fooled θm (docs/lfpm.md, "Pinned scan
-  // triggers").
+  // repair on the trigger that fooled θm (docs/lfpm.md, "Online mining on
+  // the ViT, and fixed scan triggers").
   bool pin_scan_trigger = false;
   // Re-run the scan on the repaired model for the report's "after" anomaly
   // index (costs one more scan).
