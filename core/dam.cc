@@ -842,6 +842,7 @@ absl::StatusOr<DamResult> DamMergeFiles(
   if (!result.report.scanned_triggers.empty()) {
     summary["scanned_triggers"] =
         ScannedTriggersJson(result.report.scanned_triggers);
+    summary["scan_seconds"] = result.report.scan_seconds;
   }
   std::map<std::string, std::string> metadata = {
       {"mergeguard.method", "dam"},
