@@ -94,8 +94,9 @@ double Fraction(const torch::Tensor& condition) {
 // task-arithmetic merge at `initial_lambda`, which phase 1 starts from, and
 // records the scan in `report`.
 absl::Status ScanTriggers(const Model& model, const TaskVectorSet& set,
+                          const TaskVectorMerger& merger,
                           const std::vector<torch::Tensor>& calibration,
-                          const DamOptions& options, const c10::Device& device,
+                          const DamOptions& options,
                           std::vector<MaskAndPattern>& known,
                           DamReport& report) {
   const double start = SteadySeconds();
@@ -110,24 +111,13 @@ absl::Status ScanTriggers(const Model& model, const TaskVectorSet& set,
     task_index.push_back(t);
   }
   if (tasks.empty()) return absl::OkStatus();
-  NamedTensors merged = set.constants;
-  RETURN_IF_ERROR(CallTorch("DAM scan merge", [&]() -> absl::Status {
-    torch::NoGradGuard no_grad;
-    for (int k = 0; k < set.num_tensors(); ++k) {
-      torch::Tensor theta = set.base[k].clone();
-      for (int t = 0; t < set.num_tasks(); ++t) {
-        theta.add_(set.task_vectors[t][k], options.initial_lambda);
-      }
-      merged.emplace_back(set.keys[k], std::move(theta));
-    }
-    for (int t = 0; t < set.num_tasks(); ++t) {
-      const std::string head =
-          absl::StrCat(set.task_names[t], "/", kHeadPrefix);
-      merged.emplace_back(head + "weight", set.heads[t].weight);
-      merged.emplace_back(head + "bias", set.heads[t].bias);
-    }
-    return absl::OkStatus();
-  }));
+  ASSIGN_OR_RETURN(
+      NamedTensors merged,
+      CallTorch("DAM scan merge", [&]() -> absl::StatusOr<NamedTensors> {
+        torch::Tensor lambdas =
+            merger.InitialLambdas(options.granularity, options.initial_lambda);
+        return MergedModelTensors(set, merger.MergedBackbone(lambdas, {}));
+      }));
   LfpmOptions scan;
   scan.triggers.scan_steps = options.scan_steps;
   scan.seed = options.seed;
@@ -138,8 +128,8 @@ absl::Status ScanTriggers(const Model& model, const TaskVectorSet& set,
   for (size_t i = 0; i < scans.size(); ++i) {
     const LfpmTaskScan& found = scans[i];
     const int64_t c = found.easiest_class;
-    known[task_index[i]] = {found.trigger.mask.to(device),
-                            found.trigger.pattern.to(device)};
+    known[task_index[i]] = {found.trigger.mask.to(merger.device()),
+                            found.trigger.pattern.to(merger.device())};
     report.scanned_triggers.push_back(
         {found.anomaly.task, c, found.anomaly.anomaly_index,
          found.anomaly.class_norms[c], found.anomaly.class_reach[c]});
@@ -327,12 +317,12 @@ absl::Status DamTrainer::Init(const TaskVectorSet& set,
                                        stamp->pattern.to(device)};
   }
   SetTorchThreads(options_.threads);
-  if (options_.trigger_source == DamTriggerSource::kScan) {
-    RETURN_IF_ERROR(ScanTriggers(model_, set, calibration, options_, device,
-                                 known, curves_));
-  }
   ASSIGN_OR_RETURN(TaskVectorMerger merger,
                    TaskVectorMerger::Create(set, model_, device));
+  if (options_.trigger_source == DamTriggerSource::kScan) {
+    RETURN_IF_ERROR(ScanTriggers(model_, set, merger, calibration, options_,
+                                 known, curves_));
+  }
   return CallTorch("DamTrainer::Init", [&]() -> absl::Status {
     // Masks and batches draw from separate streams so that changing one
     // consumer does not reshuffle the other.

@@ -160,6 +160,7 @@ absl::StatusOr<SurrogateTriggers> KnownTriggers(
   SurrogateTriggers triggers;
   triggers.targets = {known.target};
   triggers.active = {1.0};
+  triggers.pinned = {false};
   triggers.mask_logits = logits(stamp.mask.unsqueeze(0));
   triggers.pattern_logits = logits(stamp.pattern.unsqueeze(0));
   return triggers;
@@ -444,6 +445,7 @@ struct LfpmProblemForTesting::State {
     SurrogateTriggers triggers;
     triggers.targets = std::move(targets);
     triggers.active.assign(k, 1.0);
+    triggers.pinned.assign(k, false);
     const double init = options.triggers.initial_mask_logit;
     triggers.mask_logits =
         (torch::randn({k, 1, shape[1], shape[2]}, generator) * 0.1 + init)
@@ -481,8 +483,7 @@ struct LfpmProblemForTesting::State {
       triggers.optimizer->zero_grad();
       loss.backward();
       for (int64_t j = 0; j < triggers.size(); ++j) {
-        if (j < static_cast<int64_t>(triggers.pinned.size()) &&
-            triggers.pinned[j]) {
+        if (triggers.pinned[j]) {
           triggers.mask_logits.mutable_grad()[j].zero_();
           triggers.pattern_logits.mutable_grad()[j].zero_();
         }
@@ -523,11 +524,9 @@ struct LfpmProblemForTesting::State {
                      Success(task, task.triggers, options.report_examples));
     int64_t count = 0;
     for (size_t j = 0; j < success.size(); ++j) {
-      const bool pinned =
-          j < task.triggers.pinned.size() && task.triggers.pinned[j];
       const bool on =
-          task.unlearn &&
-          (pinned || success[j] >= options.triggers.reach_threshold);
+          task.unlearn && (task.triggers.pinned[j] ||
+                           success[j] >= options.triggers.reach_threshold);
       task.triggers.active[j] = on ? 1.0 : 0.0;
       count += on ? 1 : 0;
     }
