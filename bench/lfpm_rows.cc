@@ -302,18 +302,6 @@ std::string LfpmRowsToText(const Scenario& scenario, const LfpmRows& rows) {
     }
     out += "\n";
   }
-  for (const LfpmRow& row : rows.rows) {
-    if (row.report.shared_triggers.empty()) continue;
-    absl::StrAppendFormat(&out,
-                          "%-10s cross-task check (source -> task: class, "
-                          "reach; * adopted):",
-                          row.row.method);
-    for (const LfpmSharedTrigger& p : row.report.shared_triggers) {
-      absl::StrAppendFormat(&out, "  %s->%s %d %.2f%s", p.source, p.task,
-                            p.target, p.reach, p.adopted ? "*" : "");
-    }
-    out += "\n";
-  }
   if (!rows.ta_adaptive.empty()) {
     out +=
         "adaptive check (patch re-optimized against each model): "

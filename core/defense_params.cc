@@ -324,12 +324,6 @@ std::vector<Field<LfpmOptions>> LfpmFields() {
       Boolean<O>(
           "trigger.pin_scan_trigger",
           [](O & o) -> auto& { return o.triggers.pin_scan_trigger; }),
-      Boolean<O>(
-          "trigger.share_across_tasks",
-          [](O & o) -> auto& { return o.triggers.share_across_tasks; }),
-      Number<O>(
-          "trigger.share_reach",
-          [](O & o) -> auto& { return o.triggers.share_reach; }),
   };
 }
 

@@ -110,14 +110,7 @@ struct SurrogateTriggers {
   // Per trigger: never moved by mining (its gradient is zeroed, so Adam
   // leaves it where it is) and exempt from the reach gate.
   std::vector<bool> pinned;
-  // Per trigger: came from another task's scan (share_across_tasks). Fixed
-  // like a pinned one and unlearned whatever the task's own gates say.
-  std::vector<bool> shared;
   std::unique_ptr<torch::optim::Adam> optimizer;
-
-  bool AnyShared() const {
-    return std::any_of(shared.begin(), shared.end(), [](bool s) { return s; });
-  }
 
   bool AnyActive() const {
     return std::any_of(active.begin(), active.end(),
@@ -168,7 +161,6 @@ absl::StatusOr<SurrogateTriggers> KnownTriggers(
   triggers.targets = {known.target};
   triggers.active = {1.0};
   triggers.pinned = {false};
-  triggers.shared = {false};
   triggers.mask_logits = logits(stamp.mask.unsqueeze(0));
   triggers.pattern_logits = logits(stamp.pattern.unsqueeze(0));
   return triggers;
@@ -454,7 +446,6 @@ struct LfpmProblemForTesting::State {
     triggers.targets = std::move(targets);
     triggers.active.assign(k, 1.0);
     triggers.pinned.assign(k, false);
-    triggers.shared.assign(k, false);
     const double init = options.triggers.initial_mask_logit;
     triggers.mask_logits =
         (torch::randn({k, 1, shape[1], shape[2]}, generator) * 0.1 + init)
@@ -492,7 +483,7 @@ struct LfpmProblemForTesting::State {
       triggers.optimizer->zero_grad();
       loss.backward();
       for (int64_t j = 0; j < triggers.size(); ++j) {
-        if (triggers.pinned[j] || triggers.shared[j]) {
+        if (triggers.pinned[j]) {
           triggers.mask_logits.mutable_grad()[j].zero_();
           triggers.pattern_logits.mutable_grad()[j].zero_();
         }
@@ -525,8 +516,8 @@ struct LfpmProblemForTesting::State {
 
   // Gate marks each of `task`'s triggers active when it reaches at least
   // `reach_threshold` of the task's first `report_examples` inputs on the
-  // installed model; returns how many are active. A known trigger and a
-  // shared one are always active.
+  // installed model; returns how many are active. A known trigger is always
+  // active.
   absl::StatusOr<int64_t> Gate(TaskState& task) {
     if (task.known) return task.triggers.size();
     ASSIGN_OR_RETURN(std::vector<double> success,
@@ -534,9 +525,8 @@ struct LfpmProblemForTesting::State {
     int64_t count = 0;
     for (size_t j = 0; j < success.size(); ++j) {
       const bool on =
-          task.triggers.shared[j] ||
-          (task.unlearn && (task.triggers.pinned[j] ||
-                            success[j] >= options.triggers.reach_threshold));
+          task.unlearn && (task.triggers.pinned[j] ||
+                           success[j] >= options.triggers.reach_threshold);
       task.triggers.active[j] = on ? 1.0 : 0.0;
       count += on ? 1 : 0;
     }
@@ -570,70 +560,6 @@ struct LfpmProblemForTesting::State {
     anomaly.anomaly_index = LfpmAnomalyIndex(anomaly.class_norms);
     anomaly.suspicious = anomaly.anomaly_index > kLfpmAnomalyThreshold;
     return std::make_pair(std::move(anomaly), std::move(triggers));
-  }
-
-  // ShareAcrossTasks is the cross-task check (share_across_tasks) against
-  // the installed model: every task's first trigger on every other task's
-  // head. An adopted trigger is appended, fixed and shared, to the task it
-  // reached, and its source task passes the anomaly gate. Returns every
-  // ordered pair.
-  absl::StatusOr<std::vector<LfpmSharedTrigger>> ShareAcrossTasks() {
-    torch::NoGradGuard no_grad;
-    struct Adoption {
-      size_t source = 0;
-      size_t task = 0;
-      int64_t target = 0;
-    };
-    std::vector<LfpmSharedTrigger> pairs;
-    std::vector<Adoption> adoptions;
-    for (size_t s = 0; s < tasks.size(); ++s) {
-      const SurrogateTriggers& from = tasks[s].triggers;
-      if (from.size() == 0) continue;
-      torch::Tensor mask = torch::sigmoid(from.mask_logits[0]);
-      torch::Tensor pattern = torch::sigmoid(from.pattern_logits[0]);
-      for (size_t t = 0; t < tasks.size(); ++t) {
-        if (t == s) continue;
-        const TaskState& task = tasks[t];
-        const int64_t n =
-            std::min(options.report_examples, task.inputs.size(0));
-        torch::Tensor x = task.inputs.slice(0, 0, n);
-        ASSIGN_OR_RETURN(torch::Tensor features,
-                         model->Features((1.0 - mask) * x + mask * pattern));
-        torch::Tensor predictions = task.head.Logits(features).argmax(1);
-        LfpmSharedTrigger pair;
-        pair.source = tasks[s].name;
-        pair.task = task.name;
-        pair.target = torch::bincount(predictions, {}, task.head.NumClasses())
-                          .argmax()
-                          .item<int64_t>();
-        pair.reach = TriggerSuccess(pair.target, predictions,
-                                    task.labels.slice(0, 0, n));
-        pair.adopted =
-            !task.known && pair.reach >= options.triggers.share_reach;
-        if (pair.adopted) adoptions.push_back({s, t, pair.target});
-        pairs.push_back(std::move(pair));
-      }
-    }
-    // Appending keeps every task's own trigger first, so the pairs above
-    // read the scan's triggers only.
-    for (const Adoption& a : adoptions) {
-      tasks[a.source].unlearn = true;
-      const SurrogateTriggers& from = tasks[a.source].triggers;
-      SurrogateTriggers& to = tasks[a.task].triggers;
-      to.mask_logits = torch::cat({to.mask_logits.detach(),
-                                   from.mask_logits.slice(0, 0, 1).detach()})
-                           .set_requires_grad(true);
-      to.pattern_logits =
-          torch::cat({to.pattern_logits.detach(),
-                      from.pattern_logits.slice(0, 0, 1).detach()})
-              .set_requires_grad(true);
-      to.targets.push_back(a.target);
-      to.active.push_back(1.0);
-      to.pinned.push_back(false);
-      to.shared.push_back(true);
-      ResetTriggerOptimizer(to);
-    }
-    return pairs;
   }
 
   // EasiestClasses returns the `k` reached classes with the smallest masks
@@ -684,13 +610,11 @@ absl::Status ValidateOptions(const LfpmOptions& options) {
       !(t.trigger_alpha >= 0.0 && t.trigger_alpha <= 1.0) ||
       !(t.learning_rate > 0.0) || !(t.mask_l1_weight >= 0.0) ||
       !(t.reach_threshold >= 0.0 && t.reach_threshold <= 1.0) ||
-      !(t.share_reach >= 0.0 && t.share_reach <= 1.0) ||
       !(t.anomaly_gate >= 0.0)) {
     return absl::InvalidArgumentError(
         "LFPM trigger options: targets_per_task >= 1, scan_batch_size >= 1, "
-        "update_every >= 1, steps >= 0, trigger_alpha, reach_threshold and "
-        "share_reach in [0, 1], learning_rate > 0, mask_l1_weight >= 0, "
-        "anomaly_gate >= 0");
+        "update_every >= 1, steps >= 0, trigger_alpha and reach_threshold in "
+        "[0, 1], learning_rate > 0, mask_l1_weight >= 0, anomaly_gate >= 0");
   }
   if (options.threads < 0) {
     return absl::InvalidArgumentError("LFPM threads must be >= 0");
@@ -932,7 +856,6 @@ absl::StatusOr<LfpmResult> Run(const Model& architecture,
       task.triggers.targets = targets;
       task.triggers.active.assign(targets.size(), 1.0);
       task.triggers.pinned.assign(targets.size(), false);
-      task.triggers.shared.assign(targets.size(), false);
       for (size_t j = online; j < targets.size(); ++j) {
         task.triggers.pinned[j] = true;
       }
@@ -961,9 +884,6 @@ absl::StatusOr<LfpmResult> Run(const Model& architecture,
   // The gate before the first step: θm is installed (τab = 0).
   int64_t active = 0;
   RETURN_IF_ERROR(state->InstallDetached(0.0));
-  if (options.triggers.share_across_tasks) {
-    ASSIGN_OR_RETURN(report.shared_triggers, state->ShareAcrossTasks());
-  }
   for (TaskState& task : state->tasks) {
     ASSIGN_OR_RETURN(int64_t count, state->Gate(task));
     active += count;
@@ -981,10 +901,8 @@ absl::StatusOr<LfpmResult> Run(const Model& architecture,
       RETURN_IF_ERROR(state->InstallDetached(options.triggers.trigger_alpha));
       active = 0;
       for (TaskState& task : state->tasks) {
-        // A task kept off by the anomaly gate still unlearns what it was
-        // shared; its own triggers are not re-mined.
-        if (!task.unlearn && !task.triggers.AnyShared()) continue;
-        if (task.unlearn && !task.known) {
+        if (!task.unlearn) continue;
+        if (!task.known) {
           RETURN_IF_ERROR(state->Mine(task, task.triggers,
                                       options.triggers.steps_per_update,
                                       options.batch_size));
@@ -1198,18 +1116,6 @@ absl::StatusOr<std::vector<LfpmTaskScan>> ScanLfpmTasks(
 
 namespace {
 
-json SharedTriggersJson(const std::vector<LfpmSharedTrigger>& pairs) {
-  json out = json::array();
-  for (const LfpmSharedTrigger& p : pairs) {
-    out.push_back({{"source", p.source},
-                   {"task", p.task},
-                   {"target", p.target},
-                   {"reach", p.reach},
-                   {"adopted", p.adopted}});
-  }
-  return out;
-}
-
 json AnomalyJson(const std::vector<LfpmAnomaly>& anomalies) {
   json out = json::array();
   for (const LfpmAnomaly& a : anomalies) {
@@ -1256,7 +1162,6 @@ json ReportJson(const LfpmReport& report) {
           {"anomaly_threshold", kLfpmAnomalyThreshold},
           {"anomaly_merged", AnomalyJson(report.anomaly_merged)},
           {"anomaly_repaired", AnomalyJson(report.anomaly_repaired)},
-          {"shared_triggers", SharedTriggersJson(report.shared_triggers)},
           {"loss_curve", report.loss_curve},
           {"active_triggers", report.active_triggers}};
 }
@@ -1293,9 +1198,7 @@ json OptionsJson(const LfpmOptions& o) {
             {"mask_l1_weight", t.mask_l1_weight},
             {"initial_mask_logit", t.initial_mask_logit},
             {"rescan_after", t.rescan_after},
-            {"pin_scan_trigger", t.pin_scan_trigger},
-            {"share_across_tasks", t.share_across_tasks},
-            {"share_reach", t.share_reach}}}};
+            {"pin_scan_trigger", t.pin_scan_trigger}}}};
 }
 
 const torch::Tensor* FindTensor(const NamedTensors& tensors,

@@ -102,19 +102,6 @@ struct LfpmTriggerOptions {
   // repair on the trigger that fooled θm (docs/lfpm.md, "Online mining on
   // the ViT, and fixed scan triggers").
   bool pin_scan_trigger = false;
-  // Cross-task check: after the scan, each task's first trigger (the
-  // easiest class's, or the caller's known trigger) is stamped on every
-  // other task's first `report_examples` inputs against θm. Where it sends
-  // at least `share_reach` of the inputs not already of one class to that
-  // class, a fixed copy joins that task's triggers, targeted at that class
-  // and always unlearned, and the source task passes the anomaly gate. A
-  // backdoor planted in two fine-tunes with one patch shows up this way
-  // when one task's scan finds it and the other's does not; a task that
-  // passes only by receiving keeps its own triggers off (docs/lfpm.md,
-  // "Triggers shared across tasks"). Tasks with a known trigger receive
-  // nothing.
-  bool share_across_tasks = false;
-  double share_reach = 0.8;
   // Re-run the scan on the repaired model for the report's "after" anomaly
   // index (costs one more scan).
   bool rescan_after = true;
@@ -251,20 +238,6 @@ struct LfpmAnomaly {
   bool suspicious = false;
 };
 
-// LfpmSharedTrigger is one pair of the cross-task check
-// (LfpmTriggerOptions::share_across_tasks): `source`'s trigger on `task`'s
-// head, against θm.
-struct LfpmSharedTrigger {
-  std::string source;
-  std::string task;
-  // The class the trigger sends most of `task`'s inputs to, and the
-  // fraction of the inputs not of that class it sends there.
-  int64_t target = 0;
-  double reach = 0.0;
-  // reach >= share_reach: the trigger joined `task`'s triggers.
-  bool adopted = false;
-};
-
 // LfpmAnomalyIndex returns the anomaly index of `norms` (formula above);
 // 0 for fewer than 3 classes.
 double LfpmAnomalyIndex(const std::vector<double>& norms);
@@ -287,8 +260,6 @@ struct LfpmReport {
   // The scan on θm, and (rescan_after) on the repaired model.
   std::vector<LfpmAnomaly> anomaly_merged;
   std::vector<LfpmAnomaly> anomaly_repaired;
-  // The cross-task check, every ordered pair of tasks (empty when off).
-  std::vector<LfpmSharedTrigger> shared_triggers;
   // J per outer step.
   std::vector<double> loss_curve;
   // Per outer step: how many triggers (over all tasks) were unlearned, i.e.

@@ -500,65 +500,6 @@ TEST(LfpmTest, PinnedScanTriggerStaysFixedAndActive) {
             std::vector<int64_t>(options.steps, 0));
 }
 
-TEST(LfpmTest, SharedTriggersJoinOtherTasksFixedAndPassTheGate) {
-  auto model = TinyModel();
-  LfpmOptions options = FastOptions(LfpmMode::kFull);
-  // No task passes the anomaly gate on its own; every own trigger reaches.
-  options.triggers.anomaly_gate = 1e9;
-  options.triggers.reach_threshold = 0.0;
-  auto alone = RunLfpm(*model, MergedTensors(), Tasks(), options);
-  ASSERT_TRUE(alone.ok()) << alone.status();
-  EXPECT_TRUE(alone->report.shared_triggers.empty());
-  EXPECT_EQ(alone->report.active_triggers,
-            std::vector<int64_t>(options.steps, 0));
-
-  // Every pair adopted: each task unlearns its own trigger (its trigger
-  // reached the other task) and the other's, which stays as scanned.
-  options.triggers.share_across_tasks = true;
-  options.triggers.share_reach = 0.0;
-  auto shared = RunLfpm(*model, MergedTensors(), Tasks(), options);
-  ASSERT_TRUE(shared.ok()) << shared.status();
-  const LfpmReport& report = shared->report;
-  EXPECT_EQ(report.active_triggers, std::vector<int64_t>(options.steps, 4));
-  ASSERT_EQ(report.shared_triggers.size(), 2u);
-  ASSERT_EQ(report.triggers.size(), 2u);
-  for (const LfpmSharedTrigger& pair : report.shared_triggers) {
-    EXPECT_TRUE(pair.adopted);
-    EXPECT_GE(pair.reach, 0.0);
-    EXPECT_LE(pair.reach, 1.0);
-    const size_t source = pair.source == "a" ? 0 : 1;
-    const size_t task = 1 - source;
-    EXPECT_EQ(pair.task, report.triggers[task].task);
-    const LfpmTriggerReport& received = report.triggers[task];
-    ASSERT_EQ(received.targets.size(), 2u);
-    EXPECT_EQ(received.targets[1], pair.target);
-    // Fixed: still the source's scan trigger after online mining.
-    const int64_t scanned_class = report.triggers[source].targets[0];
-    EXPECT_NEAR(received.mask_l1[1],
-                report.anomaly_merged[source].class_norms[scanned_class], 1e-3);
-  }
-  auto report_json = nlohmann::json::parse(LfpmReportToJson(report));
-  EXPECT_EQ(report_json["shared_triggers"].size(), 2u);
-  EXPECT_EQ(report_json["shared_triggers"][0]["adopted"], true);
-  auto options_json = nlohmann::json::parse(LfpmOptionsToJson(options));
-  EXPECT_EQ(options_json["triggers"]["share_across_tasks"], true);
-
-  // A pair is adopted exactly when it reaches share_reach.
-  options.triggers.share_reach = 0.5;
-  auto strict = RunLfpm(*model, MergedTensors(), Tasks(), options);
-  ASSERT_TRUE(strict.ok()) << strict.status();
-  for (const LfpmSharedTrigger& pair : strict->report.shared_triggers) {
-    EXPECT_EQ(pair.adopted, pair.reach >= 0.5);
-    const LfpmTriggerReport& received =
-        strict->report.triggers[pair.task == "a" ? 0 : 1];
-    EXPECT_EQ(received.targets.size(), pair.adopted ? 2u : 1u);
-  }
-
-  options.triggers.share_reach = 1.5;
-  EXPECT_EQ(RunLfpm(*model, MergedTensors(), Tasks(), options).status().code(),
-            absl::StatusCode::kInvalidArgument);
-}
-
 LfpmKnownTrigger KnownPatch(int64_t target) {
   Trigger trigger;
   trigger.kind = TriggerKind::kPatch;
@@ -566,31 +507,6 @@ LfpmKnownTrigger KnownPatch(int64_t target) {
   trigger.row = 2;
   trigger.col = 5;
   return {trigger, target};
-}
-
-TEST(LfpmTest, KnownTriggerIsSharedButNotReplaced) {
-  auto model = TinyModel();
-  LfpmOptions options = FastOptions(LfpmMode::kFull);
-  options.triggers.anomaly_gate = 1e9;
-  options.triggers.reach_threshold = 0.0;
-  options.triggers.share_across_tasks = true;
-  options.triggers.share_reach = 0.0;
-  std::vector<LfpmTask> tasks = Tasks();
-  tasks[0].known_trigger = KnownPatch(/*target=*/1);
-  auto result = RunLfpm(*model, MergedTensors(), tasks, options);
-  ASSERT_TRUE(result.ok()) << result.status();
-  const LfpmReport& report = result->report;
-  ASSERT_EQ(report.shared_triggers.size(), 2u);
-  for (const LfpmSharedTrigger& pair : report.shared_triggers) {
-    // "a" has the caller's trigger and receives nothing.
-    EXPECT_EQ(pair.adopted, pair.task == "b");
-  }
-  EXPECT_EQ(report.triggers[0].targets, (std::vector<int64_t>{1}));
-  ASSERT_EQ(report.triggers[1].targets.size(), 2u);
-  EXPECT_NEAR(report.triggers[1].mask_l1[1], 9.0, 1e-3);
-  // "b" passes no gate of its own (its trigger was not adopted): only the
-  // known trigger and the one "b" received are unlearned.
-  EXPECT_EQ(report.active_triggers, std::vector<int64_t>(options.steps, 2));
 }
 
 TEST(LfpmTest, KnownTriggerReplacesMiningAndSkipsTheGates) {
