@@ -223,7 +223,14 @@ absl::StatusOr<LfpmRows> RunLfpmRows(const Scenario& scenario,
         }
         LfpmJob job;
         job.architecture_path = scenario.Path(scenario.architecture.file);
-        job.merged_model_path = path("TA", backdoored);
+        if (options.lfpm.triggers.scan_own_model) {
+          // The job merges base and tasks itself (the TA row's merge, same
+          // lambda) and so has each task's own model to scan.
+          job.base_path = scenario.Path(scenario.base);
+          job.task_models = ScenarioInputs(scenario, backdoored);
+        } else {
+          job.merged_model_path = path("TA", backdoored);
+        }
         ASSIGN_OR_RETURN(job.calibration,
                          ScenarioLfpmCalibration(
                              scenario, ScenarioInputs(scenario, backdoored)));

@@ -122,8 +122,8 @@ std::string TableToText(const Scenario& scenario,
     absl::StrAppendFormat(&out, ", target class %d\n",
                           scenario.attack->target_class);
   }
-  absl::StrAppendFormat(&out, "%-10s %8s %8s %8s %8s", "method", "CA", "CA-norm",
-                        "BA", "BA-norm");
+  absl::StrAppendFormat(&out, "%-10s %8s %8s %8s %8s", "method", "CA",
+                        "CA-norm", "BA", "BA-norm");
   const bool has_attack = !rows.empty() && !rows[0].backdoored.asr.empty();
   if (has_attack) {
     for (const TaskAttack& attack : rows[0].backdoored.asr) {

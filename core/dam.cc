@@ -50,6 +50,7 @@ json OptionsJson(const DamOptions& options) {
     out["trigger_source"] =
         std::string(DamTriggerSourceName(options.trigger_source));
     out["scan_steps"] = options.scan_steps;
+    out["scan_own_model"] = options.scan_own_model;
   }
   // Only when given, so that ordinary runs' provenance is unchanged.
   if (!options.known_triggers.empty()) {
@@ -118,8 +119,27 @@ absl::Status ScanTriggers(const Model& model, const TaskVectorSet& set,
             merger.InitialLambdas(options.granularity, options.initial_lambda);
         return MergedModelTensors(set, merger.MergedBackbone(lambdas, {}));
       }));
+  if (options.scan_own_model) {
+    // Task t's own model: lambda 1 for t, 0 for the others.
+    RETURN_IF_ERROR(CallTorch("DAM own models", [&]() -> absl::Status {
+      for (size_t i = 0; i < tasks.size(); ++i) {
+        torch::Tensor lambdas = merger.InitialLambdas(options.granularity, 0.0);
+        {
+          torch::NoGradGuard no_grad;
+          lambdas[task_index[i]].fill_(1.0);
+        }
+        std::vector<torch::Tensor> backbone =
+            merger.MergedBackbone(lambdas, {});
+        for (size_t k = 0; k < backbone.size(); ++k) {
+          tasks[i].own_model.emplace_back(set.keys[k], backbone[k]);
+        }
+      }
+      return absl::OkStatus();
+    }));
+  }
   LfpmOptions scan;
   scan.triggers.scan_steps = options.scan_steps;
+  scan.triggers.scan_own_model = options.scan_own_model;
   scan.seed = options.seed;
   scan.device = options.device;
   scan.is_cancelled = options.is_cancelled;

@@ -195,6 +195,11 @@ struct DamOptions {
   // trigger_source = scan: Adam steps of the scan (LFPM's `scan_steps`; the
   // rest of the scan is LfpmTriggerOptions' defaults). Default 100.
   int64_t scan_steps = 100;
+  // trigger_source = scan: scan each task on its own model (base plus its
+  // task vector) instead of on the task-arithmetic merge
+  // (LfpmTriggerOptions::scan_own_model). Default off (docs/dam.md,
+  // departure 10).
+  bool scan_own_model = false;
 };
 
 // ValidateDamOptions returns INVALID_ARGUMENT naming the bad field.

@@ -194,6 +194,8 @@ std::vector<Field<DamOptions>> DamFields() {
           ParseDamTriggerSource, DamTriggerSourceName),
       Integer<O, int64_t>(
           "scan_steps", [](O & o) -> auto& { return o.scan_steps; }),
+      Boolean<O>(
+          "scan_own_model", [](O & o) -> auto& { return o.scan_own_model; }),
       Number<O>(
           "trigger_epsilon", [](O & o) -> auto& { return o.trigger_epsilon; }),
       Number<O>(
@@ -324,6 +326,9 @@ std::vector<Field<LfpmOptions>> LfpmFields() {
       Boolean<O>(
           "trigger.pin_scan_trigger",
           [](O & o) -> auto& { return o.triggers.pin_scan_trigger; }),
+      Boolean<O>(
+          "trigger.scan_own_model",
+          [](O & o) -> auto& { return o.triggers.scan_own_model; }),
   };
 }
 

@@ -133,6 +133,9 @@ struct TaskState {
   // Mean ‖f(θm; x)‖² over the set: scales the CTL path term.
   double feature_scale = 1.0;
   SurrogateTriggers triggers;
+  // The task's own backbone per model parameter, on the device; empty
+  // unless trigger.scan_own_model and the caller gave one.
+  std::vector<torch::Tensor> own_model;
   // False when the anomaly gate rules the task out: its triggers are then
   // never unlearned nor re-mined.
   bool unlearn = true;
@@ -291,6 +294,19 @@ struct LfpmProblemForTesting::State {
   absl::Status InstallDetached(double alpha) {
     torch::NoGradGuard no_grad;
     return Install(alpha);
+  }
+
+  // InstallForScan puts `task`'s own model into the module when it has
+  // one, else θm (τab = 0).
+  absl::Status InstallForScan(const TaskState& task) {
+    if (task.own_model.empty()) return InstallDetached(0.0);
+    torch::NoGradGuard no_grad;
+    const std::vector<ParameterInfo>& parameters = model->Parameters();
+    for (size_t i = 0; i < parameters.size(); ++i) {
+      RETURN_IF_ERROR(
+          model->InstallTensor(parameters[i].name, task.own_model[i]));
+    }
+    return absl::OkStatus();
   }
 
   torch::Tensor Sample(int64_t n, int64_t batch) {
@@ -728,6 +744,22 @@ absl::StatusOr<std::unique_ptr<LfpmProblemForTesting::State>> CreateState(
           "head of task \"", task.name, "\" expects ", ts.head.weight.size(1),
           " features; the architecture gives ", state->model->FeatureDim()));
     }
+    if (options.triggers.scan_own_model && !task.own_model.empty()) {
+      for (const ParameterInfo& info : parameters) {
+        auto found = std::find_if(
+            task.own_model.begin(), task.own_model.end(),
+            [&](const auto& named) { return named.first == info.name; });
+        if (found == task.own_model.end() ||
+            found->second.sizes().vec() != info.shape) {
+          return absl::FailedPreconditionError(absl::StrCat(
+              "task \"", task.name, "\": its own model ",
+              found == task.own_model.end() ? "lacks" : "has a wrong shape for",
+              " parameter ", info.name));
+        }
+        ts.own_model.push_back(
+            found->second.to(torch::kFloat32).to(state->device).contiguous());
+      }
+    }
     ts.inputs = task.inputs.to(torch::kFloat32).to(state->device).contiguous();
     ts.labeled = options.use_labels && task.labels.defined();
     if (task.labels.defined()) {
@@ -836,9 +868,12 @@ absl::StatusOr<LfpmResult> Run(const Model& architecture,
     report.trainable_parameters += leaf.numel();
   }
 
-  // Scan θm (τab = 0 everywhere on the path) and seed the repair triggers.
+  // Scan θm (τab = 0 everywhere on the path), or each task's own model,
+  // and seed the repair triggers.
   for (TaskState& task : state->tasks) {
+    RETURN_IF_ERROR(state->InstallForScan(task));
     ASSIGN_OR_RETURN(auto scan, state->Scan(task));
+    scan.first.own_model = !task.own_model.empty();
     LfpmAnomaly& anomaly = scan.first;
     if (task.known) {
       // The caller's trigger stays; the scan only feeds the report.
@@ -1095,7 +1130,9 @@ absl::StatusOr<std::vector<LfpmTaskScan>> ScanLfpmTasks(
                                          architecture, model, tasks, options));
         std::vector<LfpmTaskScan> scans;
         for (lfpm_internal::TaskState& task : state->tasks) {
+          RETURN_IF_ERROR(state->InstallForScan(task));
           ASSIGN_OR_RETURN(auto scan, state->Scan(task));
+          scan.first.own_model = !task.own_model.empty();
           LfpmTaskScan out;
           out.easiest_class = state->EasiestClasses(scan.first, 1).front();
           torch::NoGradGuard no_grad;
@@ -1124,7 +1161,8 @@ json AnomalyJson(const std::vector<LfpmAnomaly>& anomalies) {
                    {"class_reach", a.class_reach},
                    {"smallest_class", a.smallest_class},
                    {"anomaly_index", a.anomaly_index},
-                   {"suspicious", a.suspicious}});
+                   {"suspicious", a.suspicious},
+                   {"own_model", a.own_model}});
   }
   return out;
 }
@@ -1198,7 +1236,8 @@ json OptionsJson(const LfpmOptions& o) {
             {"mask_l1_weight", t.mask_l1_weight},
             {"initial_mask_logit", t.initial_mask_logit},
             {"rescan_after", t.rescan_after},
-            {"pin_scan_trigger", t.pin_scan_trigger}}}};
+            {"pin_scan_trigger", t.pin_scan_trigger},
+            {"scan_own_model", t.scan_own_model}}}};
 }
 
 const torch::Tensor* FindTensor(const NamedTensors& tensors,
@@ -1343,10 +1382,31 @@ absl::StatusOr<LfpmReport> RunLfpmJob(const LfpmJob& job,
   absl::StatusOr<NamedTensors> merged = LoadTensorsFromPath(merged_path);
   if (!merged.ok()) return merged.status();
 
+  // Each task's own model, for the scan: the task-arithmetic merge of the
+  // base and that task alone at lambda 1, which handles every task format
+  // the merge reads (full checkpoints, task vectors, LoRA adapters).
+  std::map<std::string, NamedTensors> own_models;
+  if (from_tasks && options.triggers.scan_own_model) {
+    const std::string own_path =
+        absl::StrCat(job.output_path, ".own.safetensors");
+    RemoveOnFailure remove_own({own_path});
+    for (const MergeInput& input : job.task_models) {
+      MergeOptions own_options = job.ta_merge;
+      own_options.method = MergeMethod::kTaskArithmetic;
+      own_options.lambda = 1.0;
+      own_options.is_cancelled = options.is_cancelled;
+      RETURN_IF_ERROR(
+          Merge(job.base_path, {input}, own_path, own_options).status());
+      ASSIGN_OR_RETURN(own_models[input.name], LoadTensorsFromPath(own_path));
+    }
+  }
+
   std::vector<LfpmTask> tasks;
   json known_triggers = json::array();
   for (const LfpmCalibrationFile& file : job.calibration) {
     ASSIGN_OR_RETURN(LfpmTask task, LoadLfpmCalibration(file));
+    auto own = own_models.find(file.task);
+    if (own != own_models.end()) task.own_model = std::move(own->second);
     auto known = job.known_triggers.find(file.task);
     if (known != job.known_triggers.end()) {
       task.known_trigger = known->second;

@@ -105,6 +105,14 @@ struct LfpmTriggerOptions {
   // Re-run the scan on the repaired model for the report's "after" anomaly
   // index (costs one more scan).
   bool rescan_after = true;
+  // Scan each task on its own fine-tuned model (base plus its task vector,
+  // LfpmTask::own_model) instead of on θm, where the task has one; the
+  // anomaly gate and the easiest class then come from that scan, and the
+  // triggers it mines are unlearned on the merge. In its own model a
+  // backdoor is at full strength; in θm it is diluted by the merge and by
+  // the other tasks, and another task's backdoor can dominate (docs/lfpm.md,
+  // "Scanning each task's own model").
+  bool scan_own_model = false;
 };
 
 // LfpmProgress is reported after each outer step.
@@ -197,6 +205,10 @@ struct LfpmTask {
   // [N] int64, or undefined for an unlabeled set (pseudo-labels from θm).
   torch::Tensor labels;
   std::optional<LfpmKnownTrigger> known_trigger;
+  // The task's own fine-tuned backbone (every parameter of the
+  // architecture, by name), for trigger.scan_own_model; empty when the
+  // caller has only the merge.
+  NamedTensors own_model;
 };
 
 // LfpmPathPoint is one point of the report's path curve.
@@ -236,6 +248,9 @@ struct LfpmAnomaly {
   int64_t smallest_class = 0;
   double anomaly_index = 0.0;
   bool suspicious = false;
+  // The scan ran on the task's own model (trigger.scan_own_model), not on
+  // the merge.
+  bool own_model = false;
 };
 
 // LfpmAnomalyIndex returns the anomaly index of `norms` (formula above);

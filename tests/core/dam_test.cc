@@ -613,6 +613,28 @@ TEST(DamTest, ScannedTriggersComeFromTheScanAndStayFixed) {
             absl::StatusCode::kInvalidArgument);
 }
 
+TEST(DamTest, ScanOwnModelScansEachTaskVectorAlone) {
+  TinyWorld run;
+  DamOptions options = FastOptions();
+  options.trigger_source = DamTriggerSource::kScan;
+  options.scan_steps = 4;
+  auto merged = RunDam(*run.model, run.set, run.calibration, options);
+  ASSERT_TRUE(merged.ok()) << merged.status();
+  options.scan_own_model = true;
+  auto own = RunDam(*run.model, run.set, run.calibration, options);
+  ASSERT_TRUE(own.ok()) << own.status();
+  ASSERT_EQ(own->report.scanned_triggers.size(), 3u);
+  for (size_t t = 0; t < 3; ++t) {
+    // Another model was scanned, so other masks came out; L2 used them.
+    EXPECT_NE(own->report.scanned_triggers[t].mask_l1,
+              merged->report.scanned_triggers[t].mask_l1);
+    EXPECT_NEAR(own->report.triggers[t].mask_l1,
+                own->report.scanned_triggers[t].mask_l1, 1e-3);
+  }
+  auto json = nlohmann::json::parse(DamReportToJson(own->report, options));
+  EXPECT_EQ(json["options"]["scan_own_model"], true);
+}
+
 TEST(DamTest, RejectsBadOptions) {
   TinyWorld run;
   DamOptions options = FastOptions();

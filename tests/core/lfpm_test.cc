@@ -9,6 +9,7 @@
 #include <map>
 #include <random>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "core/checkpoint.h"
 #include "core/evaluation.h"
@@ -82,9 +83,13 @@ NamedTensors MergedTensors() {
 // Task "a" is labeled, task "b" unlabeled.
 std::vector<LfpmTask> Tasks() {
   torch::manual_seed(12);
-  LfpmTask a{"a", torch::rand({24, 1, 28, 28}),
-             torch::randint(0, 3, {24}, torch::kInt64), std::nullopt};
-  LfpmTask b{"b", torch::rand({20, 1, 28, 28}), torch::Tensor(), std::nullopt};
+  LfpmTask a{"a",
+             torch::rand({24, 1, 28, 28}),
+             torch::randint(0, 3, {24}, torch::kInt64),
+             std::nullopt,
+             {}};
+  LfpmTask b{
+      "b", torch::rand({20, 1, 28, 28}), torch::Tensor(), std::nullopt, {}};
   return {a, b};
 }
 
@@ -441,6 +446,67 @@ TEST(LfpmTest, ScanIsThePassRunLfpmStartsWith) {
       absl::StatusCode::kInvalidArgument);
 }
 
+// Another backbone for the tiny architecture, as a task's own model.
+NamedTensors OwnBackbone() {
+  torch::manual_seed(21);
+  return {{"conv.weight", torch::randn({4, 1, 3, 3}) * 0.5},
+          {"conv.bias", torch::randn({4}) * 0.1},
+          {"fc.weight", torch::randn({16, 676}) * 0.08},
+          {"fc.bias", torch::randn({16}) * 0.1}};
+}
+
+TEST(LfpmTest, ScanOwnModelScansEachTaskOnItsOwnBackbone) {
+  auto model = TinyModel();
+  LfpmOptions options = FastOptions(LfpmMode::kFull);
+  options.steps = 1;
+  std::vector<LfpmTask> tasks = Tasks();
+  for (LfpmTask& task : tasks) task.own_model = OwnBackbone();
+
+  // Without the option the own models are ignored: the scan is θm's.
+  auto merged_scan = ScanLfpmTasks(*model, MergedTensors(), Tasks(), options);
+  ASSERT_TRUE(merged_scan.ok()) << merged_scan.status();
+  auto plain = RunLfpm(*model, MergedTensors(), tasks, options);
+  ASSERT_TRUE(plain.ok()) << plain.status();
+
+  options.triggers.scan_own_model = true;
+  auto own = RunLfpm(*model, MergedTensors(), tasks, options);
+  ASSERT_TRUE(own.ok()) << own.status();
+  // The reference: a scan of a model whose backbone is the own one (same
+  // heads), as the merge.
+  NamedTensors own_as_merge = OwnBackbone();
+  for (const auto& [name, tensor] : MergedTensors()) {
+    if (absl::StrContains(name, "/head."))
+      own_as_merge.emplace_back(name, tensor);
+  }
+  LfpmOptions reference_options = options;
+  reference_options.triggers.scan_own_model = false;
+  auto reference =
+      ScanLfpmTasks(*model, own_as_merge, Tasks(), reference_options);
+  ASSERT_TRUE(reference.ok()) << reference.status();
+  for (size_t i = 0; i < 2; ++i) {
+    EXPECT_FALSE(plain->report.anomaly_merged[i].own_model);
+    EXPECT_EQ(plain->report.anomaly_merged[i].class_norms,
+              (*merged_scan)[i].anomaly.class_norms);
+    EXPECT_TRUE(own->report.anomaly_merged[i].own_model);
+    EXPECT_EQ(own->report.anomaly_merged[i].class_norms,
+              (*reference)[i].anomaly.class_norms);
+    EXPECT_NE(own->report.anomaly_merged[i].class_norms,
+              plain->report.anomaly_merged[i].class_norms);
+  }
+  // The repair itself still starts from θm: τab = 0 gives the merge back.
+  auto report_json = nlohmann::json::parse(LfpmReportToJson(own->report));
+  EXPECT_EQ(report_json["anomaly_merged"][0]["own_model"], true);
+  EXPECT_EQ(nlohmann::json::parse(
+                LfpmOptionsToJson(options))["triggers"]["scan_own_model"],
+            true);
+
+  // An own model that does not fit the architecture is refused by name.
+  tasks[1].own_model.pop_back();
+  auto status = RunLfpm(*model, MergedTensors(), tasks, options).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(status.message(), HasSubstr("fc.bias"));
+}
+
 TEST(LfpmTest, AnomalyGateKeepsUnflaggedTasksFromUnlearning) {
   auto model = TinyModel();
   LfpmOptions options = FastOptions(LfpmMode::kFull);
@@ -637,6 +703,22 @@ TEST(LfpmTest, JobWritesRepairedModelTauAndReport) {
   EXPECT_THAT(refused.message(), HasSubstr("zzz"));
   EXPECT_FALSE(fs::exists(job.output_path));
   job.known_triggers.clear();
+
+  // scan_own_model: the job scans each task on base + its own vector (the
+  // merge at lambda 1), and leaves no intermediate file behind.
+  LfpmOptions own_options = FastOptions(LfpmMode::kFull);
+  own_options.triggers.scan_own_model = true;
+  job.output_path = dir + "/own.safetensors";
+  job.report_path = dir + "/own.json";
+  auto own = RunLfpmJob(job, own_options);
+  ASSERT_TRUE(own.ok()) << own.status();
+  ASSERT_EQ(own->anomaly_merged.size(), 2u);
+  EXPECT_TRUE(own->anomaly_merged[0].own_model);
+  EXPECT_TRUE(own->anomaly_merged[1].own_model);
+  EXPECT_NE(own->anomaly_merged[0].class_norms,
+            report->anomaly_merged[0].class_norms);
+  EXPECT_FALSE(fs::exists(job.output_path + ".own.safetensors"));
+  job.report_path = dir + "/report.json";
   job.output_path = dir + "/repaired.safetensors";
 
   // Neither or both input kinds: INVALID_ARGUMENT, nothing written.
