@@ -916,13 +916,16 @@ absl::StatusOr<LfpmResult> Run(const Model& architecture,
                    anomaly.anomaly_index > options.triggers.anomaly_gate;
     report.anomaly_merged.push_back(std::move(anomaly));
   }
-  // The gate before the first step: θm is installed (τab = 0).
+  // The gate before the first step, on θm (τab = 0); a trigger mined on its
+  // task's own model is gated there: it stands for that task's backdoor,
+  // which the merge may carry only in part, so its reach on θm says little.
   int64_t active = 0;
-  RETURN_IF_ERROR(state->InstallDetached(0.0));
   for (TaskState& task : state->tasks) {
+    RETURN_IF_ERROR(state->InstallForScan(task));
     ASSIGN_OR_RETURN(int64_t count, state->Gate(task));
     active += count;
   }
+  RETURN_IF_ERROR(state->InstallDetached(0.0));
   report.scan_seconds = Seconds(start);
 
   std::vector<torch::Tensor> leaves = state->Trainable();

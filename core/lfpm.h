@@ -107,11 +107,11 @@ struct LfpmTriggerOptions {
   bool rescan_after = true;
   // Scan each task on its own fine-tuned model (base plus its task vector,
   // LfpmTask::own_model) instead of on θm, where the task has one; the
-  // anomaly gate and the easiest class then come from that scan, and the
-  // triggers it mines are unlearned on the merge. In its own model a
-  // backdoor is at full strength; in θm it is diluted by the merge and by
-  // the other tasks, and another task's backdoor can dominate (docs/lfpm.md,
-  // "Scanning each task's own model").
+  // anomaly gate, the easiest class and the first reach gate then come from
+  // that model, and the triggers it mines are unlearned on the merge. In
+  // its own model a backdoor is at full strength; in θm it is diluted by
+  // the merge and by the other tasks, and another task's backdoor can
+  // dominate (docs/lfpm.md, "Scanning each task's own model").
   bool scan_own_model = false;
 };
 

@@ -500,6 +500,23 @@ TEST(LfpmTest, ScanOwnModelScansEachTaskOnItsOwnBackbone) {
                 LfpmOptionsToJson(options))["triggers"]["scan_own_model"],
             true);
 
+  // The first reach gate is checked on the model the trigger was mined on:
+  // a trigger is on exactly when its scan reach (own model, same inputs)
+  // passes.
+  options.triggers.anomaly_gate = 0.0;
+  for (double threshold : {0.3, 0.6, 0.9}) {
+    options.triggers.reach_threshold = threshold;
+    auto gated = RunLfpm(*model, MergedTensors(), tasks, options);
+    ASSERT_TRUE(gated.ok()) << gated.status();
+    int64_t expected = 0;
+    for (size_t i = 0; i < 2; ++i) {
+      const LfpmAnomaly& scan = gated->report.anomaly_merged[i];
+      const int64_t target = gated->report.triggers[i].targets[0];
+      expected += scan.class_reach[target] >= threshold ? 1 : 0;
+    }
+    EXPECT_EQ(gated->report.active_triggers.front(), expected) << threshold;
+  }
+
   // An own model that does not fit the architecture is refused by name.
   tasks[1].own_model.pop_back();
   auto status = RunLfpm(*model, MergedTensors(), tasks, options).status();
