@@ -296,17 +296,31 @@ struct LfpmProblemForTesting::State {
     return Install(alpha);
   }
 
-  // InstallForScan puts `task`'s own model into the module when it has
-  // one, else θm (τab = 0).
-  absl::Status InstallForScan(const TaskState& task) {
-    if (task.own_model.empty()) return InstallDetached(0.0);
+  // InstallBackbone puts `values` (one per model parameter) into every
+  // parameter of the module, adapted or not.
+  absl::Status InstallBackbone(const std::vector<torch::Tensor>& values) {
     torch::NoGradGuard no_grad;
     const std::vector<ParameterInfo>& parameters = model->Parameters();
     for (size_t i = 0; i < parameters.size(); ++i) {
-      RETURN_IF_ERROR(
-          model->InstallTensor(parameters[i].name, task.own_model[i]));
+      RETURN_IF_ERROR(model->InstallTensor(parameters[i].name, values[i]));
     }
     return absl::OkStatus();
+  }
+
+  // InstallForScan puts `task`'s own model into the module when it has
+  // one, else θm.
+  absl::Status InstallForScan(const TaskState& task) {
+    return InstallBackbone(task.own_model.empty() ? merged : task.own_model);
+  }
+
+  // InitialScan is the scan on θm, or on `task`'s own model when it has
+  // one; it leaves that model installed.
+  absl::StatusOr<std::pair<LfpmAnomaly, SurrogateTriggers>> InitialScan(
+      TaskState& task) {
+    RETURN_IF_ERROR(InstallForScan(task));
+    ASSIGN_OR_RETURN(auto scan, Scan(task));
+    scan.first.own_model = !task.own_model.empty();
+    return scan;
   }
 
   torch::Tensor Sample(int64_t n, int64_t batch) {
@@ -745,20 +759,17 @@ absl::StatusOr<std::unique_ptr<LfpmProblemForTesting::State>> CreateState(
           " features; the architecture gives ", state->model->FeatureDim()));
     }
     if (options.triggers.scan_own_model && !task.own_model.empty()) {
-      for (const ParameterInfo& info : parameters) {
-        auto found = std::find_if(
-            task.own_model.begin(), task.own_model.end(),
-            [&](const auto& named) { return named.first == info.name; });
-        if (found == task.own_model.end() ||
-            found->second.sizes().vec() != info.shape) {
-          return absl::FailedPreconditionError(absl::StrCat(
-              "task \"", task.name, "\": its own model ",
-              found == task.own_model.end() ? "lacks" : "has a wrong shape for",
-              " parameter ", info.name));
-        }
-        ts.own_model.push_back(
-            found->second.to(torch::kFloat32).to(state->device).contiguous());
+      // LoadBackbone checks names and shapes; θm goes back in right after.
+      absl::Status loaded = state->model->LoadBackbone(task.own_model);
+      if (!loaded.ok()) {
+        return absl::Status(loaded.code(),
+                            absl::StrCat("task \"", task.name,
+                                         "\": own model: ", loaded.message()));
       }
+      for (const torch::Tensor& leaf : state->model->ParameterTensors()) {
+        ts.own_model.push_back(leaf.detach().to(state->device).contiguous());
+      }
+      RETURN_IF_ERROR(state->InstallBackbone(state->merged));
     }
     ts.inputs = task.inputs.to(torch::kFloat32).to(state->device).contiguous();
     ts.labeled = options.use_labels && task.labels.defined();
@@ -871,9 +882,7 @@ absl::StatusOr<LfpmResult> Run(const Model& architecture,
   // Scan θm (τab = 0 everywhere on the path), or each task's own model,
   // and seed the repair triggers.
   for (TaskState& task : state->tasks) {
-    RETURN_IF_ERROR(state->InstallForScan(task));
-    ASSIGN_OR_RETURN(auto scan, state->Scan(task));
-    scan.first.own_model = !task.own_model.empty();
+    ASSIGN_OR_RETURN(auto scan, state->InitialScan(task));
     LfpmAnomaly& anomaly = scan.first;
     if (task.known) {
       // The caller's trigger stays; the scan only feeds the report.
@@ -925,7 +934,8 @@ absl::StatusOr<LfpmResult> Run(const Model& architecture,
     ASSIGN_OR_RETURN(int64_t count, state->Gate(task));
     active += count;
   }
-  RETURN_IF_ERROR(state->InstallDetached(0.0));
+  // Every parameter back to θm: the steps install only the adapted ones.
+  RETURN_IF_ERROR(state->InstallBackbone(state->merged));
   report.scan_seconds = Seconds(start);
 
   std::vector<torch::Tensor> leaves = state->Trainable();
@@ -1133,9 +1143,7 @@ absl::StatusOr<std::vector<LfpmTaskScan>> ScanLfpmTasks(
                                          architecture, model, tasks, options));
         std::vector<LfpmTaskScan> scans;
         for (lfpm_internal::TaskState& task : state->tasks) {
-          RETURN_IF_ERROR(state->InstallForScan(task));
-          ASSIGN_OR_RETURN(auto scan, state->Scan(task));
-          scan.first.own_model = !task.own_model.empty();
+          ASSIGN_OR_RETURN(auto scan, state->InitialScan(task));
           LfpmTaskScan out;
           out.easiest_class = state->EasiestClasses(scan.first, 1).front();
           torch::NoGradGuard no_grad;

@@ -559,11 +559,17 @@ TEST(DamTest, KnownTriggerReplacesSynthesisAndIsNeverUpdated) {
       absl::StatusCode::kInvalidArgument);
 }
 
-TEST(DamTest, ScannedTriggersComeFromTheScanAndStayFixed) {
-  TinyWorld run;
+// FastOptions with triggers from a short scan.
+DamOptions ScanOptions() {
   DamOptions options = FastOptions();
   options.trigger_source = DamTriggerSource::kScan;
   options.scan_steps = 4;
+  return options;
+}
+
+TEST(DamTest, ScannedTriggersComeFromTheScanAndStayFixed) {
+  TinyWorld run;
+  DamOptions options = ScanOptions();
   options.known_triggers["task1"] = WhitePatch(3, 3);
   auto result = RunDam(*run.model, run.set, run.calibration, options);
   ASSERT_TRUE(result.ok()) << result.status();
@@ -615,9 +621,7 @@ TEST(DamTest, ScannedTriggersComeFromTheScanAndStayFixed) {
 
 TEST(DamTest, ScanOwnModelScansEachTaskVectorAlone) {
   TinyWorld run;
-  DamOptions options = FastOptions();
-  options.trigger_source = DamTriggerSource::kScan;
-  options.scan_steps = 4;
+  DamOptions options = ScanOptions();
   auto merged = RunDam(*run.model, run.set, run.calibration, options);
   ASSERT_TRUE(merged.ok()) << merged.status();
   options.scan_own_model = true;

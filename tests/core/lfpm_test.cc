@@ -493,7 +493,6 @@ TEST(LfpmTest, ScanOwnModelScansEachTaskOnItsOwnBackbone) {
     EXPECT_NE(own->report.anomaly_merged[i].class_norms,
               plain->report.anomaly_merged[i].class_norms);
   }
-  // The repair itself still starts from θm: τab = 0 gives the merge back.
   auto report_json = nlohmann::json::parse(LfpmReportToJson(own->report));
   EXPECT_EQ(report_json["anomaly_merged"][0]["own_model"], true);
   EXPECT_EQ(nlohmann::json::parse(
@@ -516,6 +515,20 @@ TEST(LfpmTest, ScanOwnModelScansEachTaskOnItsOwnBackbone) {
     }
     EXPECT_EQ(gated->report.active_triggers.front(), expected) << threshold;
   }
+
+  // The repair itself runs on θm: with no trigger unlearned, the loss
+  // curve is the plain run's, also in PEFT mode, where the biases are not
+  // adapted and so are not reinstalled by the steps.
+  options.mode = LfpmMode::kPeft;
+  options.triggers.anomaly_gate = 1e9;
+  options.triggers.scan_own_model = false;
+  auto plain_peft = RunLfpm(*model, MergedTensors(), tasks, options);
+  options.triggers.scan_own_model = true;
+  auto own_peft = RunLfpm(*model, MergedTensors(), tasks, options);
+  ASSERT_TRUE(plain_peft.ok() && own_peft.ok());
+  EXPECT_EQ(own_peft->report.active_triggers,
+            std::vector<int64_t>(options.steps, 0));
+  EXPECT_EQ(own_peft->report.loss_curve, plain_peft->report.loss_curve);
 
   // An own model that does not fit the architecture is refused by name.
   tasks[1].own_model.pop_back();
