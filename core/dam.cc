@@ -51,6 +51,7 @@ json OptionsJson(const DamOptions& options) {
         std::string(DamTriggerSourceName(options.trigger_source));
     out["scan_steps"] = options.scan_steps;
     out["scan_own_model"] = options.scan_own_model;
+    out["scan_merge_refine_steps"] = options.scan_merge_refine_steps;
   }
   // Only when given, so that ordinary runs' provenance is unchanged.
   if (!options.known_triggers.empty()) {
@@ -140,6 +141,7 @@ absl::Status ScanTriggers(const Model& model, const TaskVectorSet& set,
   LfpmOptions scan;
   scan.triggers.scan_steps = options.scan_steps;
   scan.triggers.scan_own_model = options.scan_own_model;
+  scan.triggers.merge_refine_steps = options.scan_merge_refine_steps;
   scan.seed = options.seed;
   scan.device = options.device;
   scan.is_cancelled = options.is_cancelled;
@@ -150,9 +152,10 @@ absl::Status ScanTriggers(const Model& model, const TaskVectorSet& set,
     const int64_t c = found.easiest_class;
     known[task_index[i]] = {found.trigger.mask.to(merger.device()),
                             found.trigger.pattern.to(merger.device())};
-    report.scanned_triggers.push_back(
-        {found.anomaly.task, c, found.anomaly.anomaly_index,
-         found.anomaly.class_norms[c], found.anomaly.class_reach[c]});
+    report.scanned_triggers.push_back({found.anomaly.task, c,
+                                       found.anomaly.anomaly_index,
+                                       found.trigger.mask.sum().item<double>(),
+                                       found.anomaly.class_reach[c]});
   }
   report.scan_seconds = SteadySeconds() - start;
   return absl::OkStatus();
@@ -271,6 +274,9 @@ absl::Status ValidateDamOptions(const DamOptions& options) {
   if (options.batch_size < 1) return bad("batch_size", ">= 1");
   if (options.threads < 0) return bad("threads", ">= 0");
   if (options.scan_steps < 1) return bad("scan_steps", ">= 1");
+  if (options.scan_merge_refine_steps < 0) {
+    return bad("scan_merge_refine_steps", ">= 0");
+  }
   return ParseDevice(options.device).status();
 }
 

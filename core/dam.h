@@ -200,6 +200,11 @@ struct DamOptions {
   // (LfpmTriggerOptions::scan_own_model). Default off (docs/dam.md,
   // departure 10).
   bool scan_own_model = false;
+  // With scan_own_model: mining steps on each own-model trigger against the
+  // task-arithmetic merge it is used on
+  // (LfpmTriggerOptions::merge_refine_steps). Default 0 (docs/dam.md,
+  // departure 10).
+  int64_t scan_merge_refine_steps = 0;
 };
 
 // ValidateDamOptions returns INVALID_ARGUMENT naming the bad field.
@@ -238,8 +243,10 @@ struct DamScannedTrigger {
   int64_t target_class = 0;
   // The task's Neural-Cleanse anomaly index (LfpmAnomaly).
   double anomaly_index = 0.0;
+  // The trigger's mask size, after scan_merge_refine_steps.
   double mask_l1 = 0.0;
-  // Fraction of the task's other-class scan inputs it sends to the class.
+  // Fraction of the task's other-class scan inputs it sends to the class,
+  // on the scanned model (before any refinement).
   double reach = 0.0;
 };
 

@@ -196,6 +196,9 @@ std::vector<Field<DamOptions>> DamFields() {
           "scan_steps", [](O & o) -> auto& { return o.scan_steps; }),
       Boolean<O>(
           "scan_own_model", [](O & o) -> auto& { return o.scan_own_model; }),
+      Integer<O, int64_t>(
+          "scan_merge_refine_steps",
+          [](O & o) -> auto& { return o.scan_merge_refine_steps; }),
       Number<O>(
           "trigger_epsilon", [](O & o) -> auto& { return o.trigger_epsilon; }),
       Number<O>(
@@ -329,6 +332,12 @@ std::vector<Field<LfpmOptions>> LfpmFields() {
       Boolean<O>(
           "trigger.scan_own_model",
           [](O & o) -> auto& { return o.triggers.scan_own_model; }),
+      Integer<O, int64_t>(
+          "trigger.merge_refine_steps",
+          [](O & o) -> auto& { return o.triggers.merge_refine_steps; }),
+      Boolean<O>(
+          "trigger.differential_gate",
+          [](O & o) -> auto& { return o.triggers.differential_gate; }),
   };
 }
 

@@ -136,6 +136,8 @@ struct TaskState {
   // The task's own backbone per model parameter, on the device; empty
   // unless trigger.scan_own_model and the caller gave one.
   std::vector<torch::Tensor> own_model;
+  // The base backbone, for trigger.differential_gate; empty without it.
+  std::vector<torch::Tensor> base_model;
   // False when the anomaly gate rules the task out: its triggers are then
   // never unlearned nor re-mined.
   bool unlearn = true;
@@ -315,11 +317,28 @@ struct LfpmProblemForTesting::State {
 
   // InitialScan is the scan on θm, or on `task`'s own model when it has
   // one; it leaves that model installed.
+  // With a base model it also scans the base and fills the differential
+  // fields; the own model is installed again afterwards.
   absl::StatusOr<std::pair<LfpmAnomaly, SurrogateTriggers>> InitialScan(
       TaskState& task) {
     RETURN_IF_ERROR(InstallForScan(task));
     ASSIGN_OR_RETURN(auto scan, Scan(task));
     scan.first.own_model = !task.own_model.empty();
+    if (!task.base_model.empty()) {
+      RETURN_IF_ERROR(InstallBackbone(task.base_model));
+      ASSIGN_OR_RETURN(auto base, Scan(task));
+      LfpmAnomaly& anomaly = scan.first;
+      anomaly.base_class_norms = base.first.class_norms;
+      std::vector<double> ratios;
+      for (size_t c = 0; c < anomaly.class_norms.size(); ++c) {
+        ratios.push_back(anomaly.class_norms[c] /
+                         std::max(1e-12, anomaly.base_class_norms[c]));
+      }
+      anomaly.differential_index = LfpmAnomalyIndex(ratios);
+      anomaly.differential_class =
+          std::min_element(ratios.begin(), ratios.end()) - ratios.begin();
+      RETURN_IF_ERROR(InstallForScan(task));
+    }
     return scan;
   }
 
@@ -489,6 +508,30 @@ struct LfpmProblemForTesting::State {
     return triggers;
   }
 
+  // SelectTriggers copies the rows of `scan` for `targets` (classes, which
+  // are also its row indices) into fresh, active, unpinned triggers.
+  SurrogateTriggers SelectTriggers(const SurrogateTriggers& scan,
+                                   std::vector<int64_t> targets) {
+    torch::Tensor rows = torch::tensor(targets, torch::kInt64).to(device);
+    SurrogateTriggers triggers;
+    triggers.active.assign(targets.size(), 1.0);
+    triggers.pinned.assign(targets.size(), false);
+    triggers.targets = std::move(targets);
+    {
+      torch::NoGradGuard no_grad;
+      triggers.mask_logits = scan.mask_logits.index_select(0, rows)
+                                 .detach()
+                                 .clone()
+                                 .set_requires_grad(true);
+      triggers.pattern_logits = scan.pattern_logits.index_select(0, rows)
+                                    .detach()
+                                    .clone()
+                                    .set_requires_grad(true);
+    }
+    ResetTriggerOptimizer(triggers);
+    return triggers;
+  }
+
   void ResetTriggerOptimizer(SurrogateTriggers& triggers) const {
     triggers.optimizer = std::make_unique<torch::optim::Adam>(
         std::vector<torch::Tensor>{triggers.mask_logits,
@@ -637,6 +680,7 @@ absl::Status ValidateOptions(const LfpmOptions& options) {
   }
   if (t.targets_per_task < 1 || t.scan_steps < 0 || t.scan_batch_size < 1 ||
       t.update_every < 1 || t.steps_per_update < 0 ||
+      t.merge_refine_steps < 0 ||
       !(t.trigger_alpha >= 0.0 && t.trigger_alpha <= 1.0) ||
       !(t.learning_rate > 0.0) || !(t.mask_l1_weight >= 0.0) ||
       !(t.reach_threshold >= 0.0 && t.reach_threshold <= 1.0) ||
@@ -758,18 +802,28 @@ absl::StatusOr<std::unique_ptr<LfpmProblemForTesting::State>> CreateState(
           "head of task \"", task.name, "\" expects ", ts.head.weight.size(1),
           " features; the architecture gives ", state->model->FeatureDim()));
     }
-    if (options.triggers.scan_own_model && !task.own_model.empty()) {
-      // LoadBackbone checks names and shapes; θm goes back in right after.
-      absl::Status loaded = state->model->LoadBackbone(task.own_model);
+    // LoadBackbone checks names and shapes; θm goes back in right after.
+    auto backbone = [&](const NamedTensors& tensors, absl::string_view what)
+        -> absl::StatusOr<std::vector<torch::Tensor>> {
+      absl::Status loaded = state->model->LoadBackbone(tensors);
       if (!loaded.ok()) {
         return absl::Status(loaded.code(),
-                            absl::StrCat("task \"", task.name,
-                                         "\": own model: ", loaded.message()));
+                            absl::StrCat("task \"", task.name, "\": ", what,
+                                         ": ", loaded.message()));
       }
+      std::vector<torch::Tensor> values;
       for (const torch::Tensor& leaf : state->model->ParameterTensors()) {
-        ts.own_model.push_back(leaf.detach().to(state->device).contiguous());
+        values.push_back(leaf.detach().to(state->device).contiguous());
       }
       RETURN_IF_ERROR(state->InstallBackbone(state->merged));
+      return values;
+    };
+    if (options.triggers.scan_own_model && !task.own_model.empty()) {
+      ASSIGN_OR_RETURN(ts.own_model, backbone(task.own_model, "own model"));
+      if (options.triggers.differential_gate && !task.base_model.empty()) {
+        ASSIGN_OR_RETURN(ts.base_model,
+                         backbone(task.base_model, "base model"));
+      }
     }
     ts.inputs = task.inputs.to(torch::kFloat32).to(state->device).contiguous();
     ts.labeled = options.use_labels && task.labels.defined();
@@ -890,29 +944,14 @@ absl::StatusOr<LfpmResult> Run(const Model& architecture,
       std::vector<int64_t> targets =
           state->EasiestClasses(anomaly, options.triggers.targets_per_task);
       // Pinned copies follow the online triggers: same classes, same start.
-      const size_t online = targets.size();
+      const int64_t online = static_cast<int64_t>(targets.size());
       if (options.triggers.pin_scan_trigger) {
-        for (size_t j = 0; j < online; ++j) targets.push_back(targets[j]);
+        for (int64_t j = 0; j < online; ++j) targets.push_back(targets[j]);
       }
-      torch::Tensor rows =
-          torch::tensor(targets, torch::kInt64).to(state->device);
-      torch::NoGradGuard no_grad;
-      task.triggers.targets = targets;
-      task.triggers.active.assign(targets.size(), 1.0);
-      task.triggers.pinned.assign(targets.size(), false);
-      for (size_t j = online; j < targets.size(); ++j) {
+      task.triggers = state->SelectTriggers(scan.second, std::move(targets));
+      for (int64_t j = online; j < task.triggers.size(); ++j) {
         task.triggers.pinned[j] = true;
       }
-      task.triggers.mask_logits = scan.second.mask_logits.index_select(0, rows)
-                                      .detach()
-                                      .clone()
-                                      .set_requires_grad(true);
-      task.triggers.pattern_logits =
-          scan.second.pattern_logits.index_select(0, rows)
-              .detach()
-              .clone()
-              .set_requires_grad(true);
-      state->ResetTriggerOptimizer(task.triggers);
     } else {
       task.triggers = state->NewTriggers({-1});
       RETURN_IF_ERROR(state->Mine(task, task.triggers,
@@ -920,9 +959,11 @@ absl::StatusOr<LfpmResult> Run(const Model& architecture,
                                   options.batch_size));
     }
     // With fewer than 3 classes there is no index to gate on.
+    const double index = task.base_model.empty() ? anomaly.anomaly_index
+                                                 : anomaly.differential_index;
     task.unlearn = task.known || options.triggers.anomaly_gate <= 0.0 ||
                    anomaly.class_norms.size() < 3 ||
-                   anomaly.anomaly_index > options.triggers.anomaly_gate;
+                   index > options.triggers.anomaly_gate;
     report.anomaly_merged.push_back(std::move(anomaly));
   }
   // The gate before the first step, on θm (τab = 0); a trigger mined on its
@@ -936,6 +977,16 @@ absl::StatusOr<LfpmResult> Run(const Model& architecture,
   }
   // Every parameter back to θm: the steps install only the adapted ones.
   RETURN_IF_ERROR(state->InstallBackbone(state->merged));
+  // Own-model triggers refined against θm; the reach gate stays the own
+  // model's, and pinned copies are not mined.
+  if (options.triggers.merge_refine_steps > 0) {
+    for (TaskState& task : state->tasks) {
+      if (task.known || task.own_model.empty() || !task.unlearn) continue;
+      RETURN_IF_ERROR(state->Mine(task, task.triggers,
+                                  options.triggers.merge_refine_steps,
+                                  options.batch_size));
+    }
+  }
   report.scan_seconds = Seconds(start);
 
   std::vector<torch::Tensor> leaves = state->Trainable();
@@ -1146,12 +1197,18 @@ absl::StatusOr<std::vector<LfpmTaskScan>> ScanLfpmTasks(
           ASSIGN_OR_RETURN(auto scan, state->InitialScan(task));
           LfpmTaskScan out;
           out.easiest_class = state->EasiestClasses(scan.first, 1).front();
+          lfpm_internal::SurrogateTriggers found =
+              state->SelectTriggers(scan.second, {out.easiest_class});
+          // As in Run: an own-model trigger refined against the model given.
+          const int64_t refine = options.triggers.merge_refine_steps;
+          if (refine > 0 && !task.own_model.empty()) {
+            RETURN_IF_ERROR(state->InstallBackbone(state->merged));
+            RETURN_IF_ERROR(
+                state->Mine(task, found, refine, options.batch_size));
+          }
           torch::NoGradGuard no_grad;
-          out.trigger.mask =
-              torch::sigmoid(scan.second.mask_logits[out.easiest_class]).cpu();
-          out.trigger.pattern =
-              torch::sigmoid(scan.second.pattern_logits[out.easiest_class])
-                  .cpu();
+          out.trigger.mask = torch::sigmoid(found.mask_logits[0]).cpu();
+          out.trigger.pattern = torch::sigmoid(found.pattern_logits[0]).cpu();
           out.anomaly = std::move(scan.first);
           scans.push_back(std::move(out));
         }
@@ -1173,7 +1230,10 @@ json AnomalyJson(const std::vector<LfpmAnomaly>& anomalies) {
                    {"smallest_class", a.smallest_class},
                    {"anomaly_index", a.anomaly_index},
                    {"suspicious", a.suspicious},
-                   {"own_model", a.own_model}});
+                   {"own_model", a.own_model},
+                   {"base_class_norms", a.base_class_norms},
+                   {"differential_index", a.differential_index},
+                   {"differential_class", a.differential_class}});
   }
   return out;
 }
@@ -1248,7 +1308,9 @@ json OptionsJson(const LfpmOptions& o) {
             {"initial_mask_logit", t.initial_mask_logit},
             {"rescan_after", t.rescan_after},
             {"pin_scan_trigger", t.pin_scan_trigger},
-            {"scan_own_model", t.scan_own_model}}}};
+            {"scan_own_model", t.scan_own_model},
+            {"merge_refine_steps", t.merge_refine_steps},
+            {"differential_gate", t.differential_gate}}}};
 }
 
 const torch::Tensor* FindTensor(const NamedTensors& tensors,
@@ -1411,6 +1473,12 @@ absl::StatusOr<LfpmReport> RunLfpmJob(const LfpmJob& job,
       ASSIGN_OR_RETURN(own_models[input.name], LoadTensorsFromPath(own_path));
     }
   }
+  // The base, for the differential gate.
+  NamedTensors base_model;
+  if (from_tasks && options.triggers.scan_own_model &&
+      options.triggers.differential_gate) {
+    ASSIGN_OR_RETURN(base_model, LoadTensorsFromPath(job.base_path));
+  }
 
   std::vector<LfpmTask> tasks;
   json known_triggers = json::array();
@@ -1418,6 +1486,7 @@ absl::StatusOr<LfpmReport> RunLfpmJob(const LfpmJob& job,
     ASSIGN_OR_RETURN(LfpmTask task, LoadLfpmCalibration(file));
     auto own = own_models.find(file.task);
     if (own != own_models.end()) task.own_model = std::move(own->second);
+    if (own != own_models.end()) task.base_model = base_model;
     auto known = job.known_triggers.find(file.task);
     if (known != job.known_triggers.end()) {
       task.known_trigger = known->second;

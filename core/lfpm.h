@@ -113,6 +113,22 @@ struct LfpmTriggerOptions {
   // the merge and by the other tasks, and another task's backdoor can
   // dominate (docs/lfpm.md, "Scanning each task's own model").
   bool scan_own_model = false;
+  // With scan_own_model: Adam steps on each own-model trigger against θm
+  // before the repair (same class, same mining loss), for tasks that pass
+  // the anomaly gate. The own model's trigger stands for its backdoor at
+  // full strength; the merge answers to a diluted copy, and the trigger
+  // unlearned there should be the one θm answers to. With
+  // pin_scan_trigger the pinned copy keeps the own model's trigger as it
+  // was, so both are unlearned. 0 unlearns the own model's trigger as is.
+  int64_t merge_refine_steps = 0;
+  // With scan_own_model: also scan each task on the base backbone it was
+  // fine-tuned from (LfpmTask::base_model), with the same head, and let the
+  // anomaly gate read the index of the per-class ratios
+  // n_c(own) / n_c(base) instead of the own model's norms. A clean
+  // fine-tune's easiest class is easy on the base too; a backdoor's target
+  // became easy in the fine-tune (docs/lfpm.md, "Differential gate"). One
+  // more scan per task.
+  bool differential_gate = false;
 };
 
 // LfpmProgress is reported after each outer step.
@@ -209,6 +225,9 @@ struct LfpmTask {
   // architecture, by name), for trigger.scan_own_model; empty when the
   // caller has only the merge.
   NamedTensors own_model;
+  // The backbone `own_model` was fine-tuned from (the base), for
+  // trigger.differential_gate; empty when unknown.
+  NamedTensors base_model;
 };
 
 // LfpmPathPoint is one point of the report's path curve.
@@ -251,6 +270,12 @@ struct LfpmAnomaly {
   // The scan ran on the task's own model (trigger.scan_own_model), not on
   // the merge.
   bool own_model = false;
+  // trigger.differential_gate: the base's scan (same head), the index of
+  // class_norms[c] / base_class_norms[c], and the class with the smallest
+  // ratio; empty, 0 and -1 without it.
+  std::vector<double> base_class_norms;
+  double differential_index = 0.0;
+  int64_t differential_class = -1;
 };
 
 // LfpmAnomalyIndex returns the anomaly index of `norms` (formula above);

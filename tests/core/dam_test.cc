@@ -637,6 +637,27 @@ TEST(DamTest, ScanOwnModelScansEachTaskVectorAlone) {
   }
   auto json = nlohmann::json::parse(DamReportToJson(own->report, options));
   EXPECT_EQ(json["options"]["scan_own_model"], true);
+
+  // Refined against the merge: the same classes, other masks, and L2 uses
+  // the refined ones.
+  options.scan_merge_refine_steps = 5;
+  auto refined = RunDam(*run.model, run.set, run.calibration, options);
+  ASSERT_TRUE(refined.ok()) << refined.status();
+  ASSERT_EQ(refined->report.scanned_triggers.size(), 3u);
+  for (size_t t = 0; t < 3; ++t) {
+    EXPECT_EQ(refined->report.scanned_triggers[t].target_class,
+              own->report.scanned_triggers[t].target_class);
+    EXPECT_NE(refined->report.scanned_triggers[t].mask_l1,
+              own->report.scanned_triggers[t].mask_l1);
+    EXPECT_NEAR(refined->report.triggers[t].mask_l1,
+                refined->report.scanned_triggers[t].mask_l1, 1e-3);
+  }
+  json = nlohmann::json::parse(DamReportToJson(refined->report, options));
+  EXPECT_EQ(json["options"]["scan_merge_refine_steps"], 5);
+  options.scan_merge_refine_steps = -1;
+  auto status = RunDam(*run.model, run.set, run.calibration, options).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("scan_merge_refine_steps"));
 }
 
 TEST(DamTest, RejectsBadOptions) {

@@ -87,9 +87,10 @@ std::vector<LfpmTask> Tasks() {
              torch::rand({24, 1, 28, 28}),
              torch::randint(0, 3, {24}, torch::kInt64),
              std::nullopt,
+             {},
              {}};
   LfpmTask b{
-      "b", torch::rand({20, 1, 28, 28}), torch::Tensor(), std::nullopt, {}};
+      "b", torch::rand({20, 1, 28, 28}), torch::Tensor(), std::nullopt, {}, {}};
   return {a, b};
 }
 
@@ -537,6 +538,132 @@ TEST(LfpmTest, ScanOwnModelScansEachTaskOnItsOwnBackbone) {
   EXPECT_THAT(status.message(), HasSubstr("fc.bias"));
 }
 
+TEST(LfpmTest, MergeRefineMinesOwnModelTriggersAgainstTheMerge) {
+  auto model = TinyModel();
+  LfpmOptions options = FastOptions(LfpmMode::kFull);
+  options.triggers.steps_per_update = 0;  // the report shows the start
+  options.triggers.anomaly_gate = 0.0;
+  options.triggers.pin_scan_trigger = true;
+  options.triggers.mask_l1_weight = 0.0;  // mining only raises reach
+  std::vector<LfpmTask> tasks = Tasks();
+  for (LfpmTask& task : tasks) task.own_model = OwnBackbone();
+
+  // Without own models the option has nothing to refine.
+  auto plain = RunLfpm(*model, MergedTensors(), Tasks(), options);
+  options.triggers.merge_refine_steps = 40;
+  auto plain_refined = RunLfpm(*model, MergedTensors(), Tasks(), options);
+  ASSERT_TRUE(plain.ok() && plain_refined.ok());
+  EXPECT_EQ(plain_refined->report.loss_curve, plain->report.loss_curve);
+
+  options.triggers.scan_own_model = true;
+  options.triggers.merge_refine_steps = 0;
+  auto own = RunLfpm(*model, MergedTensors(), tasks, options);
+  options.triggers.merge_refine_steps = 40;
+  auto refined = RunLfpm(*model, MergedTensors(), tasks, options);
+  ASSERT_TRUE(own.ok()) << own.status();
+  ASSERT_TRUE(refined.ok()) << refined.status();
+  for (size_t i = 0; i < 2; ++i) {
+    const LfpmTriggerReport& before = own->report.triggers[i];
+    const LfpmTriggerReport& after = refined->report.triggers[i];
+    ASSERT_EQ(after.targets, before.targets);
+    // The pinned copy is the own model's trigger; the other one moved and
+    // now fools θm (asr_merged: success against θm, α = 0) at least as
+    // often as the own model's trigger did.
+    EXPECT_NEAR(after.mask_l1[1], before.mask_l1[1], 1e-6);
+    EXPECT_GT(std::abs(after.mask_l1[0] - before.mask_l1[0]), 1e-3);
+    EXPECT_GE(after.asr_merged[0], before.asr_merged[0]);
+    EXPECT_GE(after.asr_merged[0], 0.9) << i;
+  }
+  EXPECT_EQ(nlohmann::json::parse(
+                LfpmOptionsToJson(options))["triggers"]["merge_refine_steps"],
+            40);
+
+  // A task the anomaly gate stops is not refined.
+  options.triggers.anomaly_gate = 1e9;
+  auto gated = RunLfpm(*model, MergedTensors(), tasks, options);
+  ASSERT_TRUE(gated.ok()) << gated.status();
+  for (size_t i = 0; i < 2; ++i) {
+    EXPECT_EQ(gated->report.triggers[i].mask_l1,
+              own->report.triggers[i].mask_l1);
+  }
+
+  options.triggers.merge_refine_steps = -1;
+  EXPECT_EQ(RunLfpm(*model, MergedTensors(), tasks, options).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST(LfpmTest, DifferentialGateReadsOwnOverBaseNorms) {
+  auto model = TinyModel();
+  LfpmOptions options = FastOptions(LfpmMode::kFull);
+  options.steps = 1;
+  options.triggers.scan_own_model = true;
+  std::vector<LfpmTask> tasks = Tasks();
+  NamedTensors base;
+  for (const auto& [name, tensor] : MergedTensors()) {
+    if (!absl::StrContains(name, "/head.")) base.emplace_back(name, tensor);
+  }
+  for (LfpmTask& task : tasks) {
+    task.own_model = OwnBackbone();
+    task.base_model = base;
+  }
+
+  // Off, the base is ignored.
+  auto own = RunLfpm(*model, MergedTensors(), tasks, options);
+  ASSERT_TRUE(own.ok()) << own.status();
+  EXPECT_TRUE(own->report.anomaly_merged[0].base_class_norms.empty());
+  EXPECT_EQ(own->report.anomaly_merged[0].differential_class, -1);
+
+  options.triggers.differential_gate = true;
+  auto differential = RunLfpm(*model, MergedTensors(), tasks, options);
+  ASSERT_TRUE(differential.ok()) << differential.status();
+  for (size_t i = 0; i < 2; ++i) {
+    const LfpmAnomaly& a = differential->report.anomaly_merged[i];
+    // The first task's own scan runs before any base scan and is
+    // unchanged; later ones draw on a generator the base scans advanced.
+    if (i == 0) {
+      EXPECT_EQ(a.class_norms, own->report.anomaly_merged[i].class_norms);
+    }
+    ASSERT_EQ(a.base_class_norms.size(), a.class_norms.size());
+    EXPECT_NE(a.base_class_norms, a.class_norms);
+    std::vector<double> ratios;
+    for (size_t c = 0; c < a.class_norms.size(); ++c) {
+      ratios.push_back(a.class_norms[c] / a.base_class_norms[c]);
+    }
+    EXPECT_DOUBLE_EQ(a.differential_index, LfpmAnomalyIndex(ratios));
+    EXPECT_EQ(a.differential_class,
+              std::min_element(ratios.begin(), ratios.end()) - ratios.begin());
+  }
+  auto report_json =
+      nlohmann::json::parse(LfpmReportToJson(differential->report));
+  EXPECT_EQ(report_json["anomaly_merged"][1]["differential_class"],
+            differential->report.anomaly_merged[1].differential_class);
+  EXPECT_EQ(nlohmann::json::parse(
+                LfpmOptionsToJson(options))["triggers"]["differential_gate"],
+            true);
+
+  // The anomaly gate reads the differential index: with reach ungated, a
+  // task's trigger is on exactly when that index passes.
+  options.triggers.reach_threshold = 0.0;
+  const LfpmAnomaly& a0 = differential->report.anomaly_merged[0];
+  const LfpmAnomaly& a1 = differential->report.anomaly_merged[1];
+  for (double gate :
+       {0.01, (a0.differential_index + a1.differential_index) / 2,
+        std::max(a0.differential_index, a1.differential_index) + 0.01}) {
+    options.triggers.anomaly_gate = gate;
+    auto gated = RunLfpm(*model, MergedTensors(), tasks, options);
+    ASSERT_TRUE(gated.ok()) << gated.status();
+    const int64_t expected = (a0.differential_index > gate ? 1 : 0) +
+                             (a1.differential_index > gate ? 1 : 0);
+    EXPECT_EQ(gated->report.active_triggers.front(), expected) << gate;
+  }
+
+  // A base that does not fit the architecture is refused by name.
+  tasks[0].base_model.pop_back();
+  auto status = RunLfpm(*model, MergedTensors(), tasks, options).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(status.message(), HasSubstr("base model"));
+}
+
 TEST(LfpmTest, AnomalyGateKeepsUnflaggedTasksFromUnlearning) {
   auto model = TinyModel();
   LfpmOptions options = FastOptions(LfpmMode::kFull);
@@ -748,6 +875,15 @@ TEST(LfpmTest, JobWritesRepairedModelTauAndReport) {
   EXPECT_NE(own->anomaly_merged[0].class_norms,
             report->anomaly_merged[0].class_norms);
   EXPECT_FALSE(fs::exists(job.output_path + ".own.safetensors"));
+  EXPECT_TRUE(own->anomaly_merged[0].base_class_norms.empty());
+  // differential_gate: the job hands every task the base it merged from.
+  own_options.triggers.differential_gate = true;
+  auto differential = RunLfpmJob(job, own_options);
+  ASSERT_TRUE(differential.ok()) << differential.status();
+  for (const LfpmAnomaly& anomaly : differential->anomaly_merged) {
+    EXPECT_EQ(anomaly.base_class_norms.size(), anomaly.class_norms.size());
+    EXPECT_GE(anomaly.differential_class, 0);
+  }
   job.report_path = dir + "/report.json";
   job.output_path = dir + "/repaired.safetensors";
 
