@@ -244,6 +244,18 @@ double TriggerSuccess(int64_t target, const torch::Tensor& predictions,
          count;
 }
 
+// ClassSizes is what the scan ranks classes by: the trigger norms, or with
+// a base scan (differential gate) the ratios own / base.
+std::vector<double> ClassSizes(const LfpmAnomaly& anomaly) {
+  if (anomaly.base_class_norms.empty()) return anomaly.class_norms;
+  std::vector<double> ratios;
+  for (size_t c = 0; c < anomaly.class_norms.size(); ++c) {
+    ratios.push_back(anomaly.class_norms[c] /
+                     std::max(1e-12, anomaly.base_class_norms[c]));
+  }
+  return ratios;
+}
+
 }  // namespace
 
 // State is everything one LFPM run keeps; the test hook and RunLfpm share it.
@@ -329,11 +341,7 @@ struct LfpmProblemForTesting::State {
       ASSIGN_OR_RETURN(auto base, Scan(task));
       LfpmAnomaly& anomaly = scan.first;
       anomaly.base_class_norms = base.first.class_norms;
-      std::vector<double> ratios;
-      for (size_t c = 0; c < anomaly.class_norms.size(); ++c) {
-        ratios.push_back(anomaly.class_norms[c] /
-                         std::max(1e-12, anomaly.base_class_norms[c]));
-      }
+      const std::vector<double> ratios = ClassSizes(anomaly);
       anomaly.differential_index = LfpmAnomalyIndex(ratios);
       anomaly.differential_class =
           std::min_element(ratios.begin(), ratios.end()) - ratios.begin();
@@ -636,7 +644,9 @@ struct LfpmProblemForTesting::State {
   }
 
   // EasiestClasses returns the `k` reached classes with the smallest masks
-  // (falling back to all classes when fewer are reached).
+  // (falling back to all classes when fewer are reached). With a base scan
+  // (differential gate) "smallest" is the smallest own/base ratio: the
+  // class that became easy in the fine-tune, which the gate judged.
   std::vector<int64_t> EasiestClasses(const LfpmAnomaly& anomaly,
                                       int64_t k) const {
     std::vector<int64_t> order(anomaly.class_norms.size());
@@ -644,9 +654,10 @@ struct LfpmProblemForTesting::State {
     auto reached = [&](int64_t c) {
       return anomaly.class_reach[c] >= options.triggers.reach_threshold;
     };
+    const std::vector<double> size = ClassSizes(anomaly);
     std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
       if (reached(a) != reached(b)) return reached(a);
-      return anomaly.class_norms[a] < anomaly.class_norms[b];
+      return size[a] < size[b];
     });
     order.resize(std::min<size_t>(order.size(), k));
     return order;

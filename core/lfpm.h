@@ -126,7 +126,8 @@ struct LfpmTriggerOptions {
   // anomaly gate read the index of the per-class ratios
   // n_c(own) / n_c(base) instead of the own model's norms. A clean
   // fine-tune's easiest class is easy on the base too; a backdoor's target
-  // became easy in the fine-tune (docs/lfpm.md, "Differential gate"). One
+  // became easy in the fine-tune (docs/lfpm.md, "Differential gate"). The
+  // targeted class is then the reached class with the smallest ratio. One
   // more scan per task.
   bool differential_gate = false;
 };

@@ -655,6 +655,13 @@ TEST(LfpmTest, DifferentialGateReadsOwnOverBaseNorms) {
     const int64_t expected = (a0.differential_index > gate ? 1 : 0) +
                              (a1.differential_index > gate ? 1 : 0);
     EXPECT_EQ(gated->report.active_triggers.front(), expected) << gate;
+    // Every class is reached, so each trigger targets the class whose
+    // ratio is smallest, which need not be the own model's easiest.
+    for (size_t i = 0; i < 2; ++i) {
+      ASSERT_EQ(gated->report.triggers[i].targets.size(), 1u);
+      EXPECT_EQ(gated->report.triggers[i].targets[0],
+                gated->report.anomaly_merged[i].differential_class);
+    }
   }
 
   // A base that does not fit the architecture is refused by name.
