@@ -246,6 +246,9 @@ absl::StatusOr<LfpmRows> RunLfpmRows(const Scenario& scenario,
           row.seconds = report.seconds;
           row.seconds_per_step = report.seconds_per_step;
           row.report = std::move(report);
+        } else {
+          row.clean_repaired = true;
+          row.clean_report = std::move(report);
         }
         ASSIGN_OR_RETURN(ModelEvaluation evaluation,
                          EvaluateModelFile(scenario, out, options.eval));
@@ -333,13 +336,17 @@ std::string LfpmRowsToJson(const Scenario& scenario, const LfpmRows& rows) {
   for (const LfpmRow& row : rows.rows) table.push_back(row.row);
   json lfpm = json::array();
   for (const LfpmRow& row : rows.rows) {
-    lfpm.push_back({{"method", row.row.method},
-                    {"seconds", row.seconds},
-                    {"seconds_per_step", row.seconds_per_step},
-                    {"peak_rss_bytes", row.peak_rss_bytes},
-                    {"peak_rss_is_process_peak", row.peak_rss_is_process_peak},
-                    {"adaptive", AdaptiveJson(row.adaptive)},
-                    {"report", json::parse(LfpmReportToJson(row.report))}});
+    json entry = {{"method", row.row.method},
+                  {"seconds", row.seconds},
+                  {"seconds_per_step", row.seconds_per_step},
+                  {"peak_rss_bytes", row.peak_rss_bytes},
+                  {"peak_rss_is_process_peak", row.peak_rss_is_process_peak},
+                  {"adaptive", AdaptiveJson(row.adaptive)},
+                  {"report", json::parse(LfpmReportToJson(row.report))}};
+    if (row.clean_repaired) {
+      entry["clean_report"] = json::parse(LfpmReportToJson(row.clean_report));
+    }
+    lfpm.push_back(std::move(entry));
   }
   json root = {{"table", json::parse(TableToJson(scenario, table))},
                {"ta_adaptive", AdaptiveJson(rows.ta_adaptive)},

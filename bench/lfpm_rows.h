@@ -83,6 +83,11 @@ struct LfpmRow {
   int64_t peak_rss_bytes = 0;
   bool peak_rss_is_process_peak = false;
   std::vector<AdaptiveAttack> adaptive;
+  // Of the clean merge's repair (repair_clean_merge): its report, whose
+  // scans and gates show what the defense does to a merge with no
+  // backdoor; `clean_repaired` says whether it ran.
+  bool clean_repaired = false;
+  LfpmReport clean_report;
 };
 
 struct LfpmRows {

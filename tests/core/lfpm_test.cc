@@ -936,10 +936,18 @@ TEST(LfpmScenarioTest, TinyScenarioAsrBelowTaskArithmetic) {
   options.lfpm.triggers.rescan_after = false;
   options.modes = {LfpmMode::kFull};
   options.adaptive_check = false;
-  options.repair_clean_merge = false;
   auto rows = bench::RunLfpmRows(built->scenario, options);
   ASSERT_TRUE(rows.ok()) << rows.status();
   ASSERT_EQ(rows->rows.size(), 1u);
+  // The clean merge's repair keeps its own report, scans included.
+  const bench::LfpmRow& row = rows->rows[0];
+  ASSERT_TRUE(row.clean_repaired);
+  EXPECT_EQ(row.clean_report.steps, 25);
+  EXPECT_EQ(row.clean_report.anomaly_merged.size(),
+            row.report.anomaly_merged.size());
+  auto rows_json =
+      nlohmann::json::parse(bench::LfpmRowsToJson(built->scenario, *rows));
+  EXPECT_EQ(rows_json["lfpm"][0]["clean_report"]["steps"], 25);
   const double ta_asr = bench::MeanAsr(rows->ta.backdoored);
   const double lfpm_asr = bench::MeanAsr(rows->rows[0].row.backdoored);
   // The scenario must plant a backdoor that survives TA, or the comparison
