@@ -338,6 +338,9 @@ std::vector<Field<LfpmOptions>> LfpmFields() {
       Boolean<O>(
           "trigger.differential_gate",
           [](O & o) -> auto& { return o.triggers.differential_gate; }),
+      Number<O>(
+          "trigger.differential_max_ratio",
+          [](O & o) -> auto& { return o.triggers.differential_max_ratio; }),
   };
 }
 

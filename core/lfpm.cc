@@ -345,6 +345,7 @@ struct LfpmProblemForTesting::State {
       anomaly.differential_index = LfpmAnomalyIndex(ratios);
       anomaly.differential_class =
           std::min_element(ratios.begin(), ratios.end()) - ratios.begin();
+      anomaly.differential_ratio = ratios[anomaly.differential_class];
       RETURN_IF_ERROR(InstallForScan(task));
     }
     return scan;
@@ -695,11 +696,12 @@ absl::Status ValidateOptions(const LfpmOptions& options) {
       !(t.trigger_alpha >= 0.0 && t.trigger_alpha <= 1.0) ||
       !(t.learning_rate > 0.0) || !(t.mask_l1_weight >= 0.0) ||
       !(t.reach_threshold >= 0.0 && t.reach_threshold <= 1.0) ||
-      !(t.anomaly_gate >= 0.0)) {
+      !(t.anomaly_gate >= 0.0) || !(t.differential_max_ratio >= 0.0)) {
     return absl::InvalidArgumentError(
         "LFPM trigger options: targets_per_task >= 1, scan_batch_size >= 1, "
         "update_every >= 1, steps >= 0, trigger_alpha and reach_threshold in "
-        "[0, 1], learning_rate > 0, mask_l1_weight >= 0, anomaly_gate >= 0");
+        "[0, 1], learning_rate > 0, mask_l1_weight >= 0, anomaly_gate >= 0, "
+        "differential_max_ratio >= 0");
   }
   if (options.threads < 0) {
     return absl::InvalidArgumentError("LFPM threads must be >= 0");
@@ -972,9 +974,14 @@ absl::StatusOr<LfpmResult> Run(const Model& architecture,
     // With fewer than 3 classes there is no index to gate on.
     const double index = task.base_model.empty() ? anomaly.anomaly_index
                                                  : anomaly.differential_index;
-    task.unlearn = task.known || options.triggers.anomaly_gate <= 0.0 ||
-                   anomaly.class_norms.size() < 3 ||
-                   index > options.triggers.anomaly_gate;
+    const double max_ratio = options.triggers.differential_max_ratio;
+    if (!task.base_model.empty() && max_ratio > 0.0) {
+      task.unlearn = task.known || anomaly.differential_ratio <= max_ratio;
+    } else {
+      task.unlearn = task.known || options.triggers.anomaly_gate <= 0.0 ||
+                     anomaly.class_norms.size() < 3 ||
+                     index > options.triggers.anomaly_gate;
+    }
     report.anomaly_merged.push_back(std::move(anomaly));
   }
   // The gate before the first step, on θm (τab = 0); a trigger mined on its
@@ -1244,7 +1251,8 @@ json AnomalyJson(const std::vector<LfpmAnomaly>& anomalies) {
                    {"own_model", a.own_model},
                    {"base_class_norms", a.base_class_norms},
                    {"differential_index", a.differential_index},
-                   {"differential_class", a.differential_class}});
+                   {"differential_class", a.differential_class},
+                   {"differential_ratio", a.differential_ratio}});
   }
   return out;
 }
@@ -1321,7 +1329,8 @@ json OptionsJson(const LfpmOptions& o) {
             {"pin_scan_trigger", t.pin_scan_trigger},
             {"scan_own_model", t.scan_own_model},
             {"merge_refine_steps", t.merge_refine_steps},
-            {"differential_gate", t.differential_gate}}}};
+            {"differential_gate", t.differential_gate},
+            {"differential_max_ratio", t.differential_max_ratio}}}};
 }
 
 const torch::Tensor* FindTensor(const NamedTensors& tensors,

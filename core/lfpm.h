@@ -130,6 +130,11 @@ struct LfpmTriggerOptions {
   // targeted class is then the reached class with the smallest ratio. One
   // more scan per task.
   bool differential_gate = false;
+  // With differential_gate, > 0: a task passes the anomaly gate when its
+  // smallest ratio n_c(own) / n_c(base) is at most this, instead of by the
+  // index of the ratios (which clean tasks pass too: docs/lfpm.md,
+  // session 13). 0 (default): the index and anomaly_gate.
+  double differential_max_ratio = 0.0;
 };
 
 // LfpmProgress is reported after each outer step.
@@ -273,10 +278,11 @@ struct LfpmAnomaly {
   bool own_model = false;
   // trigger.differential_gate: the base's scan (same head), the index of
   // class_norms[c] / base_class_norms[c], and the class with the smallest
-  // ratio; empty, 0 and -1 without it.
+  // ratio and that ratio; empty, 0, -1 and 0 without it.
   std::vector<double> base_class_norms;
   double differential_index = 0.0;
   int64_t differential_class = -1;
+  double differential_ratio = 0.0;
 };
 
 // LfpmAnomalyIndex returns the anomaly index of `norms` (formula above);

@@ -664,6 +664,27 @@ TEST(LfpmTest, DifferentialGateReadsOwnOverBaseNorms) {
     }
   }
 
+  // With a ratio bound the gate reads each task's smallest ratio instead.
+  options.triggers.anomaly_gate = 2.0;
+  for (double bound :
+       {1e-6, std::max(a0.differential_ratio, a1.differential_ratio) + 1e-6}) {
+    options.triggers.differential_max_ratio = bound;
+    auto gated = RunLfpm(*model, MergedTensors(), tasks, options);
+    ASSERT_TRUE(gated.ok()) << gated.status();
+    EXPECT_EQ(gated->report.active_triggers.front(), bound < 1e-3 ? 0 : 2)
+        << bound;
+  }
+  for (size_t i = 0; i < 2; ++i) {
+    const LfpmAnomaly& a = differential->report.anomaly_merged[i];
+    EXPECT_DOUBLE_EQ(a.differential_ratio,
+                     a.class_norms[a.differential_class] /
+                         a.base_class_norms[a.differential_class]);
+  }
+  options.triggers.differential_max_ratio = -1;
+  EXPECT_EQ(RunLfpm(*model, MergedTensors(), tasks, options).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  options.triggers.differential_max_ratio = 0;
+
   // A base that does not fit the architecture is refused by name.
   tasks[0].base_model.pop_back();
   auto status = RunLfpm(*model, MergedTensors(), tasks, options).status();
