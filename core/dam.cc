@@ -52,6 +52,7 @@ json OptionsJson(const DamOptions& options) {
     out["scan_steps"] = options.scan_steps;
     out["scan_own_model"] = options.scan_own_model;
     out["scan_merge_refine_steps"] = options.scan_merge_refine_steps;
+    out["scan_differential"] = options.scan_differential;
   }
   // Only when given, so that ordinary runs' provenance is unchanged.
   if (!options.known_triggers.empty()) {
@@ -72,7 +73,8 @@ json ScannedTriggersJson(const std::vector<DamScannedTrigger>& scanned) {
                    {"target_class", trigger.target_class},
                    {"anomaly_index", trigger.anomaly_index},
                    {"mask_l1", trigger.mask_l1},
-                   {"reach", trigger.reach}});
+                   {"reach", trigger.reach},
+                   {"differential_ratio", trigger.differential_ratio}});
   }
   return out;
 }
@@ -89,6 +91,13 @@ double Fraction(const torch::Tensor& condition) {
   return condition.numel() == 0
              ? 0.0
              : condition.to(torch::kFloat64).mean().item<double>();
+}
+
+// DifferentialRatio is class c's own/base mask ratio (0 without a base
+// scan), floored as LFPM's ranking floors it.
+double DifferentialRatio(const LfpmAnomaly& anomaly, int64_t c) {
+  if (anomaly.base_class_norms.empty()) return 0.0;
+  return anomaly.class_norms[c] / std::max(1e-12, anomaly.base_class_norms[c]);
 }
 
 // ScanTriggers gives every task without a known trigger the easiest class's
@@ -121,9 +130,18 @@ absl::Status ScanTriggers(const Model& model, const TaskVectorSet& set,
         return MergedModelTensors(set, merger.MergedBackbone(lambdas, {}));
       }));
   if (options.scan_own_model) {
-    // Task t's own model: lambda 1 for t, 0 for the others.
+    // Task t's own model: lambda 1 for t, 0 for the others; the base: all 0.
     RETURN_IF_ERROR(CallTorch("DAM own models", [&]() -> absl::Status {
+      NamedTensors base;
+      if (options.scan_differential) {
+        std::vector<torch::Tensor> backbone = merger.MergedBackbone(
+            merger.InitialLambdas(options.granularity, 0.0), {});
+        for (size_t k = 0; k < backbone.size(); ++k) {
+          base.emplace_back(set.keys[k], backbone[k]);
+        }
+      }
       for (size_t i = 0; i < tasks.size(); ++i) {
+        tasks[i].base_model = base;
         torch::Tensor lambdas = merger.InitialLambdas(options.granularity, 0.0);
         {
           torch::NoGradGuard no_grad;
@@ -142,6 +160,7 @@ absl::Status ScanTriggers(const Model& model, const TaskVectorSet& set,
   scan.triggers.scan_steps = options.scan_steps;
   scan.triggers.scan_own_model = options.scan_own_model;
   scan.triggers.merge_refine_steps = options.scan_merge_refine_steps;
+  scan.triggers.differential_gate = options.scan_differential;
   scan.seed = options.seed;
   scan.device = options.device;
   scan.is_cancelled = options.is_cancelled;
@@ -152,10 +171,10 @@ absl::Status ScanTriggers(const Model& model, const TaskVectorSet& set,
     const int64_t c = found.easiest_class;
     known[task_index[i]] = {found.trigger.mask.to(merger.device()),
                             found.trigger.pattern.to(merger.device())};
-    report.scanned_triggers.push_back({found.anomaly.task, c,
-                                       found.anomaly.anomaly_index,
-                                       found.trigger.mask.sum().item<double>(),
-                                       found.anomaly.class_reach[c]});
+    report.scanned_triggers.push_back(
+        {found.anomaly.task, c, found.anomaly.anomaly_index,
+         found.trigger.mask.sum().item<double>(), found.anomaly.class_reach[c],
+         DifferentialRatio(found.anomaly, c)});
   }
   report.scan_seconds = SteadySeconds() - start;
   return absl::OkStatus();
@@ -276,6 +295,9 @@ absl::Status ValidateDamOptions(const DamOptions& options) {
   if (options.scan_steps < 1) return bad("scan_steps", ">= 1");
   if (options.scan_merge_refine_steps < 0) {
     return bad("scan_merge_refine_steps", ">= 0");
+  }
+  if (options.scan_differential && !options.scan_own_model) {
+    return bad("scan_differential", "used with scan_own_model=true");
   }
   return ParseDevice(options.device).status();
 }

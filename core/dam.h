@@ -205,6 +205,12 @@ struct DamOptions {
   // (LfpmTriggerOptions::merge_refine_steps). Default 0 (docs/dam.md,
   // departure 10).
   int64_t scan_merge_refine_steps = 0;
+  // With scan_own_model: also scan the base with each task's head and take
+  // the class whose trigger shrank most from base to own model (smallest
+  // own/base mask ratio) instead of the own model's easiest class
+  // (LfpmTriggerOptions::differential_gate's targeting). Default off
+  // (docs/dam.md, departure 11).
+  bool scan_differential = false;
 };
 
 // ValidateDamOptions returns INVALID_ARGUMENT naming the bad field.
@@ -248,6 +254,8 @@ struct DamScannedTrigger {
   // Fraction of the task's other-class scan inputs it sends to the class,
   // on the scanned model (before any refinement).
   double reach = 0.0;
+  // scan_differential: the class's own/base mask ratio; 0 without it.
+  double differential_ratio = 0.0;
 };
 
 // DamReport is what a DAM run learned and what it cost.

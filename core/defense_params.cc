@@ -199,6 +199,9 @@ std::vector<Field<DamOptions>> DamFields() {
       Integer<O, int64_t>(
           "scan_merge_refine_steps",
           [](O & o) -> auto& { return o.scan_merge_refine_steps; }),
+      Boolean<O>(
+          "scan_differential",
+          [](O & o) -> auto& { return o.scan_differential; }),
       Number<O>(
           "trigger_epsilon", [](O & o) -> auto& { return o.trigger_epsilon; }),
       Number<O>(

@@ -8,6 +8,7 @@
 
 #include "core/checkpoint.h"
 #include "core/differentiable_merge.h"
+#include "core/lfpm.h"
 #include "core/tensor_views.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -658,6 +659,70 @@ TEST(DamTest, ScanOwnModelScansEachTaskVectorAlone) {
   auto status = RunDam(*run.model, run.set, run.calibration, options).status();
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(status.message(), HasSubstr("scan_merge_refine_steps"));
+}
+
+// The differential scan is LFPM's, run on what DAM builds: each task's own
+// model (base + its task vector), the base (all lambdas 0) and the TA merge
+// at initial_lambda for the heads. Scanning those directly gives the same
+// classes and ratios.
+TEST(DamTest, ScanDifferentialTargetsTheClassThatShrankFromTheBase) {
+  TinyWorld run;
+  DamOptions options = ScanOptions();
+  options.scan_own_model = true;
+  options.scan_differential = true;
+  auto dam = RunDam(*run.model, run.set, run.calibration, options);
+  ASSERT_TRUE(dam.ok()) << dam.status();
+  const auto& scanned = dam->report.scanned_triggers;
+  ASSERT_EQ(scanned.size(), 3u);
+
+  NamedTensors base;
+  std::vector<torch::Tensor> merged_backbone;
+  for (int k = 0; k < run.set.num_tensors(); ++k) {
+    base.emplace_back(run.set.keys[k], run.set.base[k]);
+    torch::Tensor merged = run.set.base[k].clone();
+    for (int t = 0; t < 3; ++t) {
+      merged += options.initial_lambda * run.set.task_vectors[t][k];
+    }
+    merged_backbone.push_back(merged);
+  }
+  std::vector<LfpmTask> tasks;
+  for (int t = 0; t < 3; ++t) {
+    LfpmTask task;
+    task.name = run.set.task_names[t];
+    task.inputs = run.calibration[t];
+    for (int k = 0; k < run.set.num_tensors(); ++k) {
+      task.own_model.emplace_back(run.set.keys[k],
+                                  run.set.base[k] + run.set.task_vectors[t][k]);
+    }
+    task.base_model = base;
+    tasks.push_back(std::move(task));
+  }
+  LfpmOptions scan;
+  scan.triggers.scan_steps = options.scan_steps;
+  scan.triggers.scan_own_model = true;
+  scan.triggers.differential_gate = true;
+  scan.seed = options.seed;
+  auto expected = ScanLfpmTasks(
+      *run.model, MergedModelTensors(run.set, merged_backbone), tasks, scan);
+  ASSERT_TRUE(expected.ok()) << expected.status();
+  for (size_t t = 0; t < 3; ++t) {
+    const LfpmAnomaly& anomaly = (*expected)[t].anomaly;
+    ASSERT_EQ(anomaly.base_class_norms.size(), anomaly.class_norms.size());
+    const int64_t c = (*expected)[t].easiest_class;
+    EXPECT_EQ(scanned[t].target_class, c) << scanned[t].task;
+    EXPECT_GT(scanned[t].differential_ratio, 0.0);
+    EXPECT_NEAR(scanned[t].differential_ratio,
+                anomaly.class_norms[c] / anomaly.base_class_norms[c], 1e-3);
+  }
+  auto json = nlohmann::json::parse(DamReportToJson(dam->report, options));
+  EXPECT_EQ(json["options"]["scan_differential"], true);
+  EXPECT_GT(json["scanned_triggers"][0]["differential_ratio"], 0.0);
+
+  // It needs the own models.
+  options.scan_own_model = false;
+  auto status = RunDam(*run.model, run.set, run.calibration, options).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("scan_differential"));
 }
 
 TEST(DamTest, RejectsBadOptions) {
