@@ -32,6 +32,7 @@
 #include "core/defense_params.h"
 #include "core/evaluation.h"
 #include "core/probe.h"
+#include "core/safetensors.h"
 #include "core/scenario.h"
 #include "core/status_macros.h"
 
@@ -367,7 +368,23 @@ struct Cost {
   double seconds = 0.0;
   int64_t peak_rss_bytes = 0;
   int runs = 0;
+  // DAM's report summary (mergeguard.dam_summary in the merged file's
+  // metadata) of each run (the clean merge, then the backdoored one), so a
+  // table keeps what DAM scanned.
+  std::vector<nlohmann::json> dam_summaries;
 };
+
+// DamSummaryOf reads the DAM report summary a merge wrote into its file's
+// metadata; null for other methods' files.
+nlohmann::json DamSummaryOf(const std::string& path) {
+  absl::StatusOr<std::shared_ptr<const SafetensorsFile>> file =
+      SafetensorsFile::Open(path);
+  if (!file.ok()) return nullptr;
+  const auto& metadata = (*file)->layout().metadata;
+  auto found = metadata.find("mergeguard.dam_summary");
+  if (found == metadata.end()) return nullptr;
+  return nlohmann::json::parse(found->second, nullptr, false);
+}
 
 // Measured wraps `producer` so each merge's wall time and peak RSS land in
 // `cost`.
@@ -384,6 +401,10 @@ RowProducer Measured(RowProducer producer, Cost* cost) {
             .count();
     cost->peak_rss_bytes = std::max(cost->peak_rss_bytes, PeakRssBytes());
     ++cost->runs;
+    if (status.ok()) {
+      nlohmann::json summary = DamSummaryOf(output_path);
+      if (!summary.is_null()) cost->dam_summaries.push_back(std::move(summary));
+    }
     return status;
   };
   return producer;
@@ -481,6 +502,9 @@ absl::Status RunTableCommand(int argc, char** argv) {
                                 {"seconds", costs[i].seconds},
                                 {"runs", costs[i].runs},
                                 {"peak_rss_bytes", costs[i].peak_rss_bytes}});
+      if (!costs[i].dam_summaries.empty()) {
+        table["costs"].back()["dam_summaries"] = costs[i].dam_summaries;
+      }
     }
     std::cout << table.dump(2) << std::endl;
     return absl::OkStatus();
