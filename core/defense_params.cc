@@ -273,6 +273,9 @@ std::vector<Field<LfpmOptions>> LfpmFields() {
           "gamma", [](O & o) -> auto& { return o.gamma; }),
       Number<O>(
           "ctl_path_weight", [](O & o) -> auto& { return o.ctl_path_weight; }),
+      Boolean<O>(
+          "ctl_endpoint_gradient",
+          [](O & o) -> auto& { return o.ctl_endpoint_gradient; }),
       Integer<O, int64_t>(
           "path_nodes", [](O & o) -> auto& { return o.path_nodes; }),
       Integer<O, int64_t>(

@@ -448,10 +448,11 @@ struct LfpmProblemForTesting::State {
     return parts;
   }
 
-  // Endpoint returns f(θm + τab; x) for each task's batch, detached.
+  // Endpoint returns f(θm + τab; x) for each task's batch: detached, or
+  // with autograd to τab when `with_gradient`.
   absl::StatusOr<std::vector<torch::Tensor>> Endpoint(
-      const std::vector<torch::Tensor>& batch) {
-    torch::NoGradGuard no_grad;
+      const std::vector<torch::Tensor>& batch, bool with_gradient = false) {
+    torch::AutoGradMode grad_mode(with_gradient);
     RETURN_IF_ERROR(Install(1.0));
     std::vector<torch::Tensor> features;
     for (size_t i = 0; i < tasks.size(); ++i) {
@@ -465,10 +466,21 @@ struct LfpmProblemForTesting::State {
 
   // AccumulateGradients adds ∇ L(α_k)/K for every node into the leaves'
   // .grad (zeroed first) and returns the node-averaged parts.
+  // With ctl_endpoint_gradient the endpoint features are computed once with
+  // autograd; the nodes' gradients with respect to them are summed on a
+  // detached copy and sent through the endpoint's graph in one backward
+  // pass, instead of one per node.
   absl::StatusOr<LossParts> AccumulateGradients(
       const std::vector<double>& alphas,
       const std::vector<torch::Tensor>& batch) {
-    ASSIGN_OR_RETURN(std::vector<torch::Tensor> endpoint, Endpoint(batch));
+    const bool through_endpoint = options.ctl_endpoint_gradient;
+    ASSIGN_OR_RETURN(std::vector<torch::Tensor> endpoint_graph,
+                     Endpoint(batch, through_endpoint));
+    std::vector<torch::Tensor> endpoint;
+    for (const torch::Tensor& f : endpoint_graph) {
+      endpoint.push_back(through_endpoint ? f.detach().requires_grad_(true)
+                                          : f);
+    }
     for (torch::Tensor& leaf : Trainable()) {
       if (leaf.grad().defined()) leaf.mutable_grad().zero_();
     }
@@ -481,7 +493,28 @@ struct LfpmProblemForTesting::State {
       mean.backdoor += parts.backdoor / k;
       mean.ctl += parts.ctl / k;
     }
+    if (through_endpoint) {
+      std::vector<torch::Tensor> outputs;
+      std::vector<torch::Tensor> grads;
+      for (size_t i = 0; i < endpoint.size(); ++i) {
+        // Undefined when the path term has weight 0.
+        if (!endpoint[i].grad().defined()) continue;
+        outputs.push_back(endpoint_graph[i]);
+        grads.push_back(endpoint[i].grad());
+      }
+      if (!outputs.empty()) torch::autograd::backward(outputs, grads);
+    }
     return mean;
+  }
+
+  // TauNorm returns ‖τab‖2 over all adapted tensors.
+  double TauNorm() const {
+    torch::NoGradGuard no_grad;
+    double sum = 0.0;
+    for (const AdaptedTensor& t : adapted) {
+      sum += Tau(t).pow(2).sum().item<double>();
+    }
+    return std::sqrt(sum);
   }
 
   std::vector<double> Nodes() {
@@ -1040,6 +1073,10 @@ absl::StatusOr<LfpmResult> Run(const Model& architecture,
     const double loss =
         parts.clean + options.beta * parts.backdoor + options.gamma * parts.ctl;
     report.loss_curve.push_back(loss);
+    report.clean_loss_curve.push_back(parts.clean);
+    report.backdoor_loss_curve.push_back(parts.backdoor);
+    report.ctl_loss_curve.push_back(parts.ctl);
+    report.tau_norm_curve.push_back(state->TauNorm());
     if (options.on_progress) {
       LfpmProgress progress;
       progress.step = step;
@@ -1165,8 +1202,9 @@ std::vector<torch::Tensor> FixedBatch(const LfpmProblemForTesting::State& s) {
 absl::StatusOr<torch::Tensor> LfpmProblemForTesting::LossAt(double alpha) {
   return CallTorch("LFPM", [&]() -> absl::StatusOr<torch::Tensor> {
     std::vector<torch::Tensor> batch = FixedBatch(*state_);
-    ASSIGN_OR_RETURN(std::vector<torch::Tensor> endpoint,
-                     state_->Endpoint(batch));
+    ASSIGN_OR_RETURN(
+        std::vector<torch::Tensor> endpoint,
+        state_->Endpoint(batch, state_->options.ctl_endpoint_gradient));
     ASSIGN_OR_RETURN(LossParts parts, state_->Loss(alpha, batch, endpoint));
     return parts.total;
   });
@@ -1291,6 +1329,10 @@ json ReportJson(const LfpmReport& report) {
           {"anomaly_merged", AnomalyJson(report.anomaly_merged)},
           {"anomaly_repaired", AnomalyJson(report.anomaly_repaired)},
           {"loss_curve", report.loss_curve},
+          {"clean_loss_curve", report.clean_loss_curve},
+          {"backdoor_loss_curve", report.backdoor_loss_curve},
+          {"ctl_loss_curve", report.ctl_loss_curve},
+          {"tau_norm_curve", report.tau_norm_curve},
           {"active_triggers", report.active_triggers}};
 }
 
@@ -1303,6 +1345,7 @@ json OptionsJson(const LfpmOptions& o) {
           {"beta", o.beta},
           {"gamma", o.gamma},
           {"ctl_path_weight", o.ctl_path_weight},
+          {"ctl_endpoint_gradient", o.ctl_endpoint_gradient},
           {"path_nodes", o.path_nodes},
           {"steps", o.steps},
           {"learning_rate", LfpmEffectiveLearningRate(o)},

@@ -169,6 +169,11 @@ struct LfpmOptions {
   // Weight of the CTL path term inside L_ctl (1 = the two terms count
   // equally).
   double ctl_path_weight = 1.0;
+  // Differentiate the CTL path term through its chord endpoint
+  // f(θm + τab; x) as well: the full gradient of J. False keeps the endpoint
+  // a stop-gradient target (one backward pass fewer per outer step), which
+  // can run away on long runs (docs/lfpm.md, "Endpoint gradient").
+  bool ctl_endpoint_gradient = false;
   // Quadrature nodes K of the path integral (stratified in ((k−1)/K, k/K]).
   int64_t path_nodes = 4;
   // Outer steps (one Adam step on τab each).
@@ -307,8 +312,13 @@ struct LfpmReport {
   // The scan on θm, and (rescan_after) on the repaired model.
   std::vector<LfpmAnomaly> anomaly_merged;
   std::vector<LfpmAnomaly> anomaly_repaired;
-  // J per outer step.
+  // J per outer step, its three terms (node-averaged, before weighting by
+  // β and γ) and ‖τab‖2 after the step.
   std::vector<double> loss_curve;
+  std::vector<double> clean_loss_curve;
+  std::vector<double> backdoor_loss_curve;
+  std::vector<double> ctl_loss_curve;
+  std::vector<double> tau_norm_curve;
   // Per outer step: how many triggers (over all tasks) were unlearned, i.e.
   // passed the anomaly gate and reached `reach_threshold` at the last gate
   // (docs/lfpm.md, "Reach gate").

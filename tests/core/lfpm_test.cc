@@ -234,6 +234,58 @@ TEST_P(LfpmModeTest, AccumulatedGradientIsTheMeanOfPerNodeGradients) {
   EXPECT_TRUE(torch::allclose(leaves.back().grad(), mean, 1e-4, 1e-7));
 }
 
+// With ctl_endpoint_gradient the accumulated gradient is the full one: the
+// mean of the per-node gradients taken through the chord's endpoint too,
+// and not the stop-gradient one.
+TEST_P(LfpmModeTest, EndpointGradientAccumulatesTheFullGradient) {
+  auto model = TinyModel();
+  LfpmOptions options = FastOptions(GetParam());
+  options.ctl_path_weight = 100.0;  // so the endpoint's share is visible
+  const double scale = GetParam() == LfpmMode::kFull ? 0.05 : 0.3;
+  const std::vector<double> alphas = {0.1, 0.4, 0.6, 0.95};
+
+  auto accumulated = [&](bool through_endpoint) {
+    options.ctl_endpoint_gradient = through_endpoint;
+    auto problem = LfpmProblemForTesting::Create(*model, MergedTensors(),
+                                                 Tasks(), options);
+    EXPECT_TRUE(problem.ok()) << problem.status();
+    PerturbTrainable(**problem, scale);
+    std::vector<torch::Tensor> leaves = (*problem)->Trainable();
+    std::vector<torch::Tensor> mean;
+    for (const torch::Tensor& leaf : leaves) {
+      mean.push_back(torch::zeros_like(leaf));
+    }
+    for (double alpha : alphas) {
+      auto loss = (*problem)->LossAt(alpha);
+      EXPECT_TRUE(loss.ok()) << loss.status();
+      std::vector<torch::Tensor> grads = torch::autograd::grad({*loss}, leaves);
+      for (size_t i = 0; i < leaves.size(); ++i) mean[i] += grads[i] / 4.0;
+    }
+    EXPECT_TRUE((*problem)->AccumulateGradients(alphas).ok());
+    std::vector<torch::Tensor> accumulated_grads;
+    for (size_t i = 0; i < leaves.size(); ++i) {
+      // float32 sums in another order: tolerance relative to the largest
+      // entry (the path weight makes the gradients large).
+      const double difference =
+          (leaves[i].grad() - mean[i]).abs().max().item<double>();
+      const double largest = mean[i].abs().max().item<double>();
+      EXPECT_LE(difference, 1e-5 * std::max(1.0, largest))
+          << "leaf " << i << " through_endpoint " << through_endpoint;
+      accumulated_grads.push_back(leaves[i].grad().clone());
+    }
+    return accumulated_grads;
+  };
+  std::vector<torch::Tensor> full = accumulated(true);
+  std::vector<torch::Tensor> stopped = accumulated(false);
+  ASSERT_EQ(full.size(), stopped.size());
+  double largest_difference = 0.0;
+  for (size_t i = 0; i < full.size(); ++i) {
+    largest_difference = std::max(
+        largest_difference, (full[i] - stopped[i]).abs().max().item<double>());
+  }
+  EXPECT_GT(largest_difference, 1e-5);
+}
+
 TEST(LfpmTest, LoraDeltaIsBTimesAScaled) {
   auto model = TinyModel();
   LfpmOptions options = FastOptions(LfpmMode::kPeft);
