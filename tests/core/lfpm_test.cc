@@ -454,9 +454,27 @@ TEST(LfpmTest, ReportHasPathCurveTriggersAndAnomalies) {
   ASSERT_EQ(report.anomaly_merged.size(), 2u);
   EXPECT_EQ(report.anomaly_merged[1].class_norms.size(), 5u);
   EXPECT_EQ(report.anomaly_repaired.size(), 2u);
-  EXPECT_EQ(report.loss_curve.size(), 4u);
+  ASSERT_EQ(report.loss_curve.size(), 4u);
+  ASSERT_EQ(report.clean_loss_curve.size(), 4u);
+  ASSERT_EQ(report.backdoor_loss_curve.size(), 4u);
+  ASSERT_EQ(report.ctl_loss_curve.size(), 4u);
+  ASSERT_EQ(report.tau_norm_curve.size(), 4u);
+  for (size_t i = 0; i < 4; ++i) {
+    // J is the weighted sum of the recorded terms.
+    EXPECT_NEAR(report.loss_curve[i],
+                report.clean_loss_curve[i] +
+                    options.beta * report.backdoor_loss_curve[i] +
+                    options.gamma * report.ctl_loss_curve[i],
+                1e-9);
+    EXPECT_GT(report.tau_norm_curve[i], 0.0);
+  }
+  // ‖τab‖ after the last step is the reported one.
+  EXPECT_NEAR(report.tau_norm_curve.back(), report.tau_norm,
+              1e-5 * report.tau_norm);
   auto parsed = nlohmann::json::parse(LfpmReportToJson(report));
   EXPECT_EQ(parsed["mode"], "peft");
+  EXPECT_EQ(parsed["ctl_loss_curve"].size(), 4u);
+  EXPECT_EQ(parsed["tau_norm_curve"].size(), 4u);
   EXPECT_EQ(parsed["path"].size(), 5u);
   EXPECT_EQ(parsed["anomaly_threshold"], 2.0);
   EXPECT_TRUE(parsed["anomaly_merged"][0].contains("anomaly_index"));
