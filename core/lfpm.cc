@@ -507,14 +507,16 @@ struct LfpmProblemForTesting::State {
     return mean;
   }
 
-  // TauNorm returns ‖τab‖2 over all adapted tensors.
+  // TauNorm returns ‖τab‖2 over all adapted tensors; one host read per
+  // call, since it runs every outer step.
   double TauNorm() const {
     torch::NoGradGuard no_grad;
-    double sum = 0.0;
+    torch::Tensor sum = torch::zeros(
+        {}, torch::TensorOptions().dtype(torch::kFloat64).device(device));
     for (const AdaptedTensor& t : adapted) {
-      sum += Tau(t).pow(2).sum().item<double>();
+      sum += Tau(t).pow(2).sum().to(torch::kFloat64);
     }
-    return std::sqrt(sum);
+    return std::sqrt(sum.item<double>());
   }
 
   std::vector<double> Nodes() {
@@ -1115,17 +1117,15 @@ absl::StatusOr<LfpmResult> Run(const Model& architecture,
   }
 
   torch::NoGradGuard no_grad;
-  double tau_sq = 0.0;
   double merged_sq = 0.0;
   std::set<std::string> adapted_names;
   for (const AdaptedTensor& t : state->adapted) {
     torch::Tensor tau = state->Tau(t).detach().to(torch::kCPU).contiguous();
-    tau_sq += tau.pow(2).sum().item<double>();
     merged_sq += state->merged[t.parameter].pow(2).sum().item<double>();
     result.tau.emplace_back(t.name, tau);
     adapted_names.insert(t.name);
   }
-  report.tau_norm = std::sqrt(tau_sq);
+  report.tau_norm = state->TauNorm();
   report.merged_norm = std::sqrt(merged_sq);
   // The repaired model: merged keys in their order and dtype, with τab
   // added to the adapted backbone tensors.
