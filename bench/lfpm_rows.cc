@@ -273,6 +273,13 @@ std::string LfpmRowsToText(const Scenario& scenario, const LfpmRows& rows) {
   std::vector<TableRow> table = {rows.ta};
   for (const LfpmRow& row : rows.rows) table.push_back(row.row);
   std::string out = TableToText(scenario, table);
+  for (const LfpmRow& row : rows.rows) {
+    if (!row.clean_repaired) {
+      absl::StrAppendFormat(
+          &out, "%s: CA is TA's (the clean merge was not repaired)\n",
+          row.row.method);
+    }
+  }
   absl::StrAppendFormat(&out, "%-10s %8s %10s %10s %12s %10s %10s\n", "method",
                         "steps", "s/step", "total s", "peak RSS MiB", "|tau|",
                         "|tau|/|m|");
@@ -342,6 +349,8 @@ std::string LfpmRowsToJson(const Scenario& scenario, const LfpmRows& rows) {
                   {"peak_rss_bytes", row.peak_rss_bytes},
                   {"peak_rss_is_process_peak", row.peak_rss_is_process_peak},
                   {"adaptive", AdaptiveJson(row.adaptive)},
+                  // False: the table's CA for this row is TA's, copied.
+                  {"clean_repaired", row.clean_repaired},
                   {"report", json::parse(LfpmReportToJson(row.report))}};
     if (row.clean_repaired) {
       entry["clean_report"] = json::parse(LfpmReportToJson(row.clean_report));

@@ -78,6 +78,8 @@ commands:
       curve, the mined triggers, the anomaly index per task, seconds per
       outer step, and the adaptive check (BadMerging's patch re-optimized
       against the repaired model, and against TA for reference).
+      --no-clean-repair skips repairing the clean merge: the LFPM rows' CA
+      is then TA's, and the JSON marks them "clean_repaired": false.
       --known-trigger is an oracle diagnostic: LFPM is given the attack's
       own trigger and target for each compromised task instead of mining.
   probe --scenario DIR --out DIR [--examples N]

@@ -1039,6 +1039,20 @@ TEST(LfpmScenarioTest, TinyScenarioAsrBelowTaskArithmetic) {
   auto rows_json =
       nlohmann::json::parse(bench::LfpmRowsToJson(built->scenario, *rows));
   EXPECT_EQ(rows_json["lfpm"][0]["clean_report"]["steps"], 25);
+  EXPECT_EQ(rows_json["lfpm"][0]["clean_repaired"], true);
+  EXPECT_EQ(bench::LfpmRowsToText(built->scenario, *rows).find("CA is TA's"),
+            std::string::npos);
+  // Without the clean repair the row's CA is TA's, and both outputs say so.
+  bench::LfpmRows unrepaired = *rows;
+  unrepaired.rows[0].clean_repaired = false;
+  unrepaired.rows[0].row.clean = unrepaired.ta.clean;
+  auto unrepaired_json =
+      nlohmann::json::parse(bench::LfpmRowsToJson(built->scenario, unrepaired));
+  EXPECT_EQ(unrepaired_json["lfpm"][0]["clean_repaired"], false);
+  EXPECT_FALSE(unrepaired_json["lfpm"][0].contains("clean_report"));
+  EXPECT_NE(bench::LfpmRowsToText(built->scenario, unrepaired)
+                .find("LFPM-full: CA is TA's"),
+            std::string::npos);
   const double ta_asr = bench::MeanAsr(rows->ta.backdoored);
   const double lfpm_asr = bench::MeanAsr(rows->rows[0].row.backdoored);
   // The scenario must plant a backdoor that survives TA, or the comparison
