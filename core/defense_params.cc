@@ -282,6 +282,10 @@ std::vector<Field<LfpmOptions>> LfpmFields() {
           "steps", [](O & o) -> auto& { return o.steps; }),
       Number<O>(
           "learning_rate", [](O & o) -> auto& { return o.learning_rate; }),
+      Enum<O, LearningRateSchedule>(
+          "learning_rate_schedule", "constant|cosine",
+          [](O & o) -> auto& { return o.learning_rate_schedule; },
+          ParseLearningRateSchedule, LearningRateScheduleName),
       Integer<O, int64_t>(
           "batch_size", [](O & o) -> auto& { return o.batch_size; }),
       Boolean<O>(

@@ -59,6 +59,29 @@ absl::StatusOr<TriggerTargeting> ParseTriggerTargeting(absl::string_view name) {
       "unknown trigger targeting \"", name, "\" (easiest_class, untargeted)"));
 }
 
+absl::string_view LearningRateScheduleName(LearningRateSchedule schedule) {
+  return schedule == LearningRateSchedule::kCosine ? "cosine" : "constant";
+}
+
+absl::StatusOr<LearningRateSchedule> ParseLearningRateSchedule(
+    absl::string_view name) {
+  if (name == "constant") return LearningRateSchedule::kConstant;
+  if (name == "cosine") return LearningRateSchedule::kCosine;
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown learning_rate_schedule \"", name, "\" (constant, cosine)"));
+}
+
+double LfpmLearningRateAt(const LfpmOptions& options, int64_t step) {
+  const double rate = LfpmEffectiveLearningRate(options);
+  if (options.learning_rate_schedule == LearningRateSchedule::kConstant ||
+      options.steps <= 0) {
+    return rate;
+  }
+  const double progress =
+      static_cast<double>(step - 1) / static_cast<double>(options.steps);
+  return rate * 0.5 * (1.0 + std::cos(M_PI * progress));
+}
+
 double LfpmEffectiveLearningRate(const LfpmOptions& options) {
   if (options.learning_rate > 0.0) return options.learning_rate;
   return options.mode == LfpmMode::kFull ? kLfpmFullLearningRate
@@ -1071,6 +1094,10 @@ absl::StatusOr<LfpmResult> Run(const Model& architecture,
     std::vector<double> alphas = state->Nodes();
     ASSIGN_OR_RETURN(LossParts parts,
                      state->AccumulateGradients(alphas, batch));
+    for (auto& group : optimizer.param_groups()) {
+      static_cast<torch::optim::AdamOptions&>(group.options())
+          .lr(LfpmLearningRateAt(options, step));
+    }
     optimizer.step();
     const double loss =
         parts.clean + options.beta * parts.backdoor + options.gamma * parts.ctl;
@@ -1349,6 +1376,8 @@ json OptionsJson(const LfpmOptions& o) {
           {"path_nodes", o.path_nodes},
           {"steps", o.steps},
           {"learning_rate", LfpmEffectiveLearningRate(o)},
+          {"learning_rate_schedule",
+           std::string(LearningRateScheduleName(o.learning_rate_schedule))},
           {"batch_size", o.batch_size},
           {"use_labels", o.use_labels},
           {"device", o.device},

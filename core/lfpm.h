@@ -47,6 +47,18 @@ enum class TriggerTargeting {
 absl::string_view TriggerTargetingName(TriggerTargeting targeting);
 absl::StatusOr<TriggerTargeting> ParseTriggerTargeting(absl::string_view name);
 
+// How Adam's learning rate on τab moves over the outer steps.
+enum class LearningRateSchedule {
+  // The same rate at every step.
+  kConstant,
+  // Half a cosine from the full rate at step 1 down towards 0 at the last
+  // step, so the late steps settle instead of moving with batch noise.
+  kCosine,
+};
+absl::string_view LearningRateScheduleName(LearningRateSchedule schedule);
+absl::StatusOr<LearningRateSchedule> ParseLearningRateSchedule(
+    absl::string_view name);
+
 // Anomaly index above which a task's scan flags it (Neural Cleanse's 2).
 inline constexpr double kLfpmAnomalyThreshold = 2.0;
 
@@ -181,6 +193,7 @@ struct LfpmOptions {
   // Adam's learning rate on τab; 0 picks the mode's default: 1e-3 (the
   // spec) for PEFT, 1e-4 for full, where 1e-3 diverged (docs/lfpm.md).
   double learning_rate = 0.0;
+  LearningRateSchedule learning_rate_schedule = LearningRateSchedule::kConstant;
   // Calibration inputs per task per outer step (shared by the K nodes);
   // each also runs triggered, so a step costs 2·batch·K forward-backward
   // passes per task.
@@ -414,6 +427,11 @@ absl::StatusOr<LfpmReport> RunLfpmJob(const LfpmJob& job,
 // LfpmEffectiveLearningRate returns options.learning_rate, or the mode's
 // default when it is 0.
 double LfpmEffectiveLearningRate(const LfpmOptions& options);
+
+// LfpmLearningRateAt returns the rate outer step `step` (1-based) uses under
+// options.learning_rate_schedule: constant, or
+// rate · ½(1 + cos(π (step − 1) / steps)).
+double LfpmLearningRateAt(const LfpmOptions& options, int64_t step);
 
 // LfpmOptionsToJson returns the effective options (no callbacks).
 std::string LfpmOptionsToJson(const LfpmOptions& options);

@@ -204,9 +204,15 @@ TEST(DefenseParametersTest, InfoListsEveryNameWithItsDefault) {
   LfpmOptions lfpm;
   ASSERT_TRUE(ApplyLfpmParameters({{"trigger.alpha", "0.5"},
                                    {"use_labels", "false"},
-                                   {"layer_prefixes", "a., b."}},
+                                   {"layer_prefixes", "a., b."},
+                                   {"learning_rate_schedule", "cosine"}},
                                   &lfpm)
                   .ok());
+  EXPECT_EQ(lfpm.learning_rate_schedule, LearningRateSchedule::kCosine);
+  EXPECT_EQ(find(LfpmParameterInfo(), "learning_rate_schedule"), "constant");
+  EXPECT_THAT(ApplyLfpmParameters({{"learning_rate_schedule", "step"}}, &lfpm)
+                  .message(),
+              HasSubstr("constant, cosine"));
   EXPECT_EQ(lfpm.triggers.trigger_alpha, 0.5);
   EXPECT_FALSE(lfpm.use_labels);
   EXPECT_EQ(lfpm.layer_prefixes, (std::vector<std::string>{"a.", "b."}));

@@ -485,6 +485,39 @@ TEST(LfpmTest, ReportHasPathCurveTriggersAndAnomalies) {
   EXPECT_EQ(untargeted->report.triggers[0].targets, (std::vector<int64_t>{-1}));
 }
 
+TEST(LfpmTest, CosineScheduleShrinksTheLateSteps) {
+  LfpmOptions options = FastOptions(LfpmMode::kFull);
+  options.steps = 8;
+  EXPECT_EQ(LfpmLearningRateAt(options, 1), kLfpmFullLearningRate);
+  EXPECT_EQ(LfpmLearningRateAt(options, 8), kLfpmFullLearningRate);
+  options.learning_rate_schedule = LearningRateSchedule::kCosine;
+  EXPECT_DOUBLE_EQ(LfpmLearningRateAt(options, 1), kLfpmFullLearningRate);
+  EXPECT_DOUBLE_EQ(LfpmLearningRateAt(options, 5), 0.5 * kLfpmFullLearningRate);
+  EXPECT_DOUBLE_EQ(
+      LfpmLearningRateAt(options, 8),
+      kLfpmFullLearningRate * 0.5 * (1.0 + std::cos(M_PI * 7 / 8)));
+  for (int64_t step = 2; step <= 8; ++step) {
+    EXPECT_LT(LfpmLearningRateAt(options, step),
+              LfpmLearningRateAt(options, step - 1));
+    EXPECT_GT(LfpmLearningRateAt(options, step), 0.0);
+  }
+
+  // Same seed, same first step; the cosine run then takes smaller Adam
+  // steps (its rates sum to 4.5 full steps of 8), so τab ends shorter.
+  auto model = TinyModel();
+  options.triggers.steps_per_update = 0;
+  auto cosine = RunLfpm(*model, MergedTensors(), Tasks(), options);
+  ASSERT_TRUE(cosine.ok()) << cosine.status();
+  options.learning_rate_schedule = LearningRateSchedule::kConstant;
+  auto constant = RunLfpm(*model, MergedTensors(), Tasks(), options);
+  ASSERT_TRUE(constant.ok()) << constant.status();
+  EXPECT_DOUBLE_EQ(cosine->report.tau_norm_curve[0],
+                   constant->report.tau_norm_curve[0]);
+  EXPECT_LT(cosine->report.tau_norm, 0.8 * constant->report.tau_norm);
+  auto parsed = nlohmann::json::parse(LfpmOptionsToJson(options));
+  EXPECT_EQ(parsed["learning_rate_schedule"], "constant");
+}
+
 TEST(LfpmTest, ScanIsThePassRunLfpmStartsWith) {
   auto model = TinyModel();
   LfpmOptions options = FastOptions(LfpmMode::kFull);
