@@ -339,6 +339,9 @@ std::vector<Field<LfpmOptions>> LfpmFields() {
       Boolean<O>(
           "trigger.pin_scan_trigger",
           [](O & o) -> auto& { return o.triggers.pin_scan_trigger; }),
+      Integer<O, int64_t>(
+          "trigger.restarts_per_target",
+          [](O & o) -> auto& { return o.triggers.restarts_per_target; }),
       Boolean<O>(
           "trigger.scan_own_model",
           [](O & o) -> auto& { return o.triggers.scan_own_model; }),

@@ -599,6 +599,42 @@ struct LfpmProblemForTesting::State {
     return triggers;
   }
 
+  // AddRestarts mines restarts_per_target − 1 more triggers for each of
+  // `task`'s target classes from fresh starts against the installed model
+  // and appends them to its triggers, pinned.
+  absl::Status AddRestarts(TaskState& task) {
+    std::vector<int64_t> classes;
+    for (int64_t target : task.triggers.targets) {
+      if (std::find(classes.begin(), classes.end(), target) == classes.end()) {
+        classes.push_back(target);
+      }
+    }
+    std::vector<int64_t> targets;
+    for (int64_t r = 1; r < options.triggers.restarts_per_target; ++r) {
+      targets.insert(targets.end(), classes.begin(), classes.end());
+    }
+    if (targets.empty()) return absl::OkStatus();
+    SurrogateTriggers extra = NewTriggers(std::move(targets));
+    RETURN_IF_ERROR(Mine(task, extra, options.triggers.scan_steps,
+                         options.triggers.scan_batch_size));
+    SurrogateTriggers& triggers = task.triggers;
+    {
+      torch::NoGradGuard no_grad;
+      triggers.mask_logits = torch::cat({triggers.mask_logits.detach(),
+                                         extra.mask_logits.detach()})
+                                 .set_requires_grad(true);
+      triggers.pattern_logits = torch::cat({triggers.pattern_logits.detach(),
+                                            extra.pattern_logits.detach()})
+                                    .set_requires_grad(true);
+    }
+    triggers.targets.insert(triggers.targets.end(), extra.targets.begin(),
+                            extra.targets.end());
+    triggers.active.insert(triggers.active.end(), extra.size(), 1.0);
+    triggers.pinned.insert(triggers.pinned.end(), extra.size(), true);
+    ResetTriggerOptimizer(triggers);
+    return absl::OkStatus();
+  }
+
   void ResetTriggerOptimizer(SurrogateTriggers& triggers) const {
     triggers.optimizer = std::make_unique<torch::optim::Adam>(
         std::vector<torch::Tensor>{triggers.mask_logits,
@@ -748,15 +784,16 @@ absl::Status ValidateOptions(const LfpmOptions& options) {
     return absl::InvalidArgumentError(
         "LFPM PEFT mode needs lora_rank >= 1 and lora_alpha > 0");
   }
-  if (t.targets_per_task < 1 || t.scan_steps < 0 || t.scan_batch_size < 1 ||
-      t.update_every < 1 || t.steps_per_update < 0 ||
+  if (t.targets_per_task < 1 || t.restarts_per_target < 1 || t.scan_steps < 0 ||
+      t.scan_batch_size < 1 || t.update_every < 1 || t.steps_per_update < 0 ||
       t.merge_refine_steps < 0 ||
       !(t.trigger_alpha >= 0.0 && t.trigger_alpha <= 1.0) ||
       !(t.learning_rate > 0.0) || !(t.mask_l1_weight >= 0.0) ||
       !(t.reach_threshold >= 0.0 && t.reach_threshold <= 1.0) ||
       !(t.anomaly_gate >= 0.0) || !(t.differential_max_ratio >= 0.0)) {
     return absl::InvalidArgumentError(
-        "LFPM trigger options: targets_per_task >= 1, scan_batch_size >= 1, "
+        "LFPM trigger options: targets_per_task >= 1, restarts_per_target "
+        ">= 1, scan_batch_size >= 1, "
         "update_every >= 1, steps >= 0, trigger_alpha and reach_threshold in "
         "[0, 1], learning_rate > 0, mask_l1_weight >= 0, anomaly_gate >= 0, "
         "differential_max_ratio >= 0");
@@ -1039,6 +1076,12 @@ absl::StatusOr<LfpmResult> Run(const Model& architecture,
       task.unlearn = task.known || options.triggers.anomaly_gate <= 0.0 ||
                      anomaly.class_norms.size() < 3 ||
                      index > options.triggers.anomaly_gate;
+    }
+    // InitialScan left the scanned model installed: the restarts are mined
+    // where the scan's trigger was.
+    if (task.unlearn && !task.known &&
+        options.triggers.targeting == TriggerTargeting::kEasiestClass) {
+      RETURN_IF_ERROR(state->AddRestarts(task));
     }
     report.anomaly_merged.push_back(std::move(anomaly));
   }
@@ -1399,6 +1442,7 @@ json OptionsJson(const LfpmOptions& o) {
             {"initial_mask_logit", t.initial_mask_logit},
             {"rescan_after", t.rescan_after},
             {"pin_scan_trigger", t.pin_scan_trigger},
+            {"restarts_per_target", t.restarts_per_target},
             {"scan_own_model", t.scan_own_model},
             {"merge_refine_steps", t.merge_refine_steps},
             {"differential_gate", t.differential_gate},

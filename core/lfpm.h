@@ -114,6 +114,14 @@ struct LfpmTriggerOptions {
   // repair on the trigger that fooled θm (docs/lfpm.md, "Online mining on
   // the ViT, and fixed scan triggers").
   bool pin_scan_trigger = false;
+  // Targeted mode, tasks that pass the gate: triggers per target class in
+  // all, counting the scan's. The other restarts_per_target − 1 are mined
+  // from fresh random starts on the model the task was scanned on
+  // (scan_steps each), then kept fixed and unlearned at every step like a
+  // pinned copy. One start finds one of the ways into the target class; a
+  // fine-tune's backdoor may be reached by others that unlearning the first
+  // leaves in place (docs/lfpm.md, "Restarts").
+  int64_t restarts_per_target = 1;
   // Re-run the scan on the repaired model for the report's "after" anomaly
   // index (costs one more scan).
   bool rescan_after = true;

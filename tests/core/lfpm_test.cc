@@ -854,6 +854,54 @@ TEST(LfpmTest, PinnedScanTriggerStaysFixedAndActive) {
             std::vector<int64_t>(options.steps, 0));
 }
 
+TEST(LfpmTest, RestartsAddFixedTriggersFromFreshStarts) {
+  auto model = TinyModel();
+  LfpmOptions options = FastOptions(LfpmMode::kFull);
+  options.triggers.anomaly_gate = 0.0;
+  options.triggers.restarts_per_target = 3;
+  // No mined trigger reaches every input here: only the restarts are
+  // unlearned, two per task.
+  options.triggers.reach_threshold = 1.0;
+  auto result = RunLfpm(*model, MergedTensors(), Tasks(), options);
+  ASSERT_TRUE(result.ok()) << result.status();
+  const LfpmReport& report = result->report;
+  EXPECT_EQ(report.active_triggers, std::vector<int64_t>(options.steps, 4));
+  ASSERT_EQ(report.triggers.size(), 2u);
+  // The restarts are mined before the first outer step and never after: a
+  // run without outer steps has the same ones.
+  options.steps = 0;
+  auto unrepaired = RunLfpm(*model, MergedTensors(), Tasks(), options);
+  ASSERT_TRUE(unrepaired.ok()) << unrepaired.status();
+  for (size_t i = 0; i < report.triggers.size(); ++i) {
+    const LfpmTriggerReport& t = report.triggers[i];
+    ASSERT_EQ(t.targets.size(), 3u);
+    EXPECT_EQ(t.targets[1], t.targets[0]);
+    EXPECT_EQ(t.targets[2], t.targets[0]);
+    // Fresh starts end apart: from each other and from the scan's trigger.
+    EXPECT_GT(std::abs(t.mask_l1[1] - t.mask_l1[2]), 1e-4);
+    const double scanned = report.anomaly_merged[i].class_norms[t.targets[0]];
+    EXPECT_GT(std::abs(t.mask_l1[1] - scanned), 1e-4);
+    const LfpmTriggerReport& before = unrepaired->report.triggers[i];
+    ASSERT_EQ(before.mask_l1.size(), 3u);
+    EXPECT_NEAR(t.mask_l1[1], before.mask_l1[1], 1e-6);
+    EXPECT_NEAR(t.mask_l1[2], before.mask_l1[2], 1e-6);
+  }
+  auto options_json = nlohmann::json::parse(LfpmOptionsToJson(options));
+  EXPECT_EQ(options_json["triggers"]["restarts_per_target"], 3);
+
+  // A task the gate stops gets no restarts.
+  options.steps = 4;
+  options.triggers.anomaly_gate = 1e9;
+  auto gated = RunLfpm(*model, MergedTensors(), Tasks(), options);
+  ASSERT_TRUE(gated.ok()) << gated.status();
+  EXPECT_EQ(gated->report.triggers[0].targets.size(), 1u);
+  EXPECT_EQ(gated->report.active_triggers,
+            std::vector<int64_t>(options.steps, 0));
+  options.triggers.restarts_per_target = 0;
+  EXPECT_EQ(RunLfpm(*model, MergedTensors(), Tasks(), options).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 LfpmKnownTrigger KnownPatch(int64_t target) {
   Trigger trigger;
   trigger.kind = TriggerKind::kPatch;
