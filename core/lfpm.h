@@ -190,10 +190,11 @@ struct LfpmOptions {
   // equally).
   double ctl_path_weight = 1.0;
   // Differentiate the CTL path term through its chord endpoint
-  // f(θm + τab; x) as well: the full gradient of J. False keeps the endpoint
-  // a stop-gradient target (one backward pass fewer per outer step), which
-  // can run away on long runs (docs/lfpm.md, "Endpoint gradient").
-  bool ctl_endpoint_gradient = false;
+  // f(θm + τab; x) as well: the full gradient of J (the default since
+  // session 17). False keeps the endpoint a stop-gradient target (one
+  // backward pass fewer per outer step), which can run away on long runs
+  // (docs/lfpm.md, "Endpoint gradient").
+  bool ctl_endpoint_gradient = true;
   // Quadrature nodes K of the path integral (stratified in ((k−1)/K, k/K]).
   int64_t path_nodes = 4;
   // Outer steps (one Adam step on τab each).
