@@ -52,7 +52,8 @@ enum class LearningRateSchedule {
   // The same rate at every step.
   kConstant,
   // Half a cosine from the full rate at step 1 down towards 0 at the last
-  // step, so the late steps settle instead of moving with batch noise.
+  // step. Meant to let the late steps settle; on the two-compromised CNN it
+  // moved τab less and unlearned less (docs/lfpm.md).
   kCosine,
 };
 absl::string_view LearningRateScheduleName(LearningRateSchedule schedule);
