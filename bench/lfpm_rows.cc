@@ -113,6 +113,16 @@ absl::StatusOr<std::map<std::string, LfpmKnownTrigger>> KnownTriggers(
   return known;
 }
 
+json PatchOverlapJson(const std::vector<TriggerPatchOverlap>& overlaps) {
+  json out = json::array();
+  for (const TriggerPatchOverlap& o : overlaps) {
+    out.push_back({{"task", o.task},
+                   {"mass_on_patch", o.mass_on_patch},
+                   {"patch_covered", o.patch_covered}});
+  }
+  return out;
+}
+
 json AdaptiveJson(const std::vector<AdaptiveAttack>& attacks) {
   json out = json::array();
   for (const AdaptiveAttack& a : attacks) {
@@ -125,6 +135,40 @@ json AdaptiveJson(const std::vector<AdaptiveAttack>& attacks) {
 }
 
 }  // namespace
+
+absl::StatusOr<std::vector<TriggerPatchOverlap>> PatchOverlaps(
+    const Scenario& scenario, const LfpmReport& report) {
+  std::vector<TriggerPatchOverlap> overlaps;
+  if (!scenario.attack.has_value()) return overlaps;
+  ASSIGN_OR_RETURN(auto triggers, AttackTriggers(scenario));
+  for (const LfpmTriggerReport& t : report.triggers) {
+    auto it = triggers.find(t.task);
+    if (it == triggers.end() || it->second.kind != TriggerKind::kPatch ||
+        !t.masks.defined()) {
+      continue;
+    }
+    const std::vector<int64_t> shape = {it->second.pattern.size(0),
+                                        t.masks.size(2), t.masks.size(3)};
+    ASSIGN_OR_RETURN(MaskAndPattern planted,
+                     TriggerMaskAndPattern(it->second, shape));
+    RETURN_IF_ERROR(CallTorch("PatchOverlaps", [&]() -> absl::Status {
+      TriggerPatchOverlap overlap;
+      overlap.task = t.task;
+      torch::Tensor patch = planted.mask.to(torch::kFloat32);
+      const double patch_area = patch.sum().item<double>();
+      for (int64_t j = 0; j < t.masks.size(0); ++j) {
+        torch::Tensor mask = t.masks[j].to(torch::kFloat32);
+        const double shared = (mask * patch).sum().item<double>();
+        overlap.mass_on_patch.push_back(
+            shared / std::max(mask.sum().item<double>(), 1e-12));
+        overlap.patch_covered.push_back(shared / std::max(patch_area, 1e-12));
+      }
+      overlaps.push_back(std::move(overlap));
+      return absl::OkStatus();
+    }));
+  }
+  return overlaps;
+}
 
 absl::StatusOr<std::vector<LfpmCalibrationFile>> ScenarioLfpmCalibration(
     const Scenario& scenario, const std::vector<MergeInput>& inputs) {
@@ -245,6 +289,7 @@ absl::StatusOr<LfpmRows> RunLfpmRows(const Scenario& scenario,
           row.peak_rss_bytes = PeakRssBytes();
           row.seconds = report.seconds;
           row.seconds_per_step = report.seconds_per_step;
+          ASSIGN_OR_RETURN(row.patch_overlap, PatchOverlaps(scenario, report));
           row.report = std::move(report);
         } else {
           row.clean_repaired = true;
@@ -319,6 +364,26 @@ std::string LfpmRowsToText(const Scenario& scenario, const LfpmRows& rows) {
     }
     out += "\n";
   }
+  bool any_overlap = false;
+  for (const LfpmRow& row : rows.rows) {
+    any_overlap = any_overlap || !row.patch_overlap.empty();
+  }
+  if (any_overlap) {
+    out +=
+        "mined triggers on the attack's patch (backdoored run): share of "
+        "each mask on the patch / share of the patch covered\n";
+    for (const LfpmRow& row : rows.rows) {
+      absl::StrAppendFormat(&out, "%-10s", row.row.method);
+      for (const TriggerPatchOverlap& o : row.patch_overlap) {
+        absl::StrAppendFormat(&out, "  %s", o.task);
+        for (size_t j = 0; j < o.mass_on_patch.size(); ++j) {
+          absl::StrAppendFormat(&out, " %.2f/%.2f", o.mass_on_patch[j],
+                                o.patch_covered[j]);
+        }
+      }
+      out += "\n";
+    }
+  }
   if (!rows.ta_adaptive.empty()) {
     out +=
         "adaptive check (patch re-optimized against each model): "
@@ -349,6 +414,7 @@ std::string LfpmRowsToJson(const Scenario& scenario, const LfpmRows& rows) {
                   {"peak_rss_bytes", row.peak_rss_bytes},
                   {"peak_rss_is_process_peak", row.peak_rss_is_process_peak},
                   {"adaptive", AdaptiveJson(row.adaptive)},
+                  {"patch_overlap", PatchOverlapJson(row.patch_overlap)},
                   // False: the table's CA for this row is TA's, copied.
                   {"clean_repaired", row.clean_repaired},
                   {"report", json::parse(LfpmReportToJson(row.report))}};

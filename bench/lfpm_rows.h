@@ -70,6 +70,23 @@ struct AdaptiveAttack {
   double adaptive_asr = 0.0;
 };
 
+// TriggerPatchOverlap compares one compromised task's mined masks M with
+// the attack's patch mask P (1 on the patch, 0 elsewhere), per trigger:
+// mass_on_patch = Σ M⊙P / ‖M‖1, the share of the mask that lies on the
+// patch, and patch_covered = Σ M⊙P / ‖P‖1, the share of the patch the mask
+// holds. It says whether LFPM unlearned the planted trigger or another way
+// into the target class.
+struct TriggerPatchOverlap {
+  std::string task;
+  std::vector<double> mass_on_patch;
+  std::vector<double> patch_covered;
+};
+
+// PatchOverlaps returns the overlaps of `report`'s triggers on the tasks
+// that `scenario` compromises with a patch; empty for a blend or no attack.
+absl::StatusOr<std::vector<TriggerPatchOverlap>> PatchOverlaps(
+    const Scenario& scenario, const LfpmReport& report);
+
 struct LfpmRow {
   // "LFPM-full" or "LFPM-peft".
   TableRow row;
@@ -83,6 +100,8 @@ struct LfpmRow {
   int64_t peak_rss_bytes = 0;
   bool peak_rss_is_process_peak = false;
   std::vector<AdaptiveAttack> adaptive;
+  // Of the backdoored run: its triggers against the attack's patch.
+  std::vector<TriggerPatchOverlap> patch_overlap;
   // Of the clean merge's repair (repair_clean_merge): its report, whose
   // scans and gates show what the defense does to a merge with no
   // backdoor; `clean_repaired` says whether it ran.
@@ -110,7 +129,7 @@ absl::StatusOr<LfpmRows> RunLfpmRows(const Scenario& scenario,
 std::string LfpmRowsToText(const Scenario& scenario, const LfpmRows& rows);
 // LfpmRowsToJson returns {"table": TableToJson, "lfpm": [{"method",
 // "seconds", "seconds_per_step", "peak_rss_bytes", "adaptive": [..],
-// "report": LfpmReportToJson}], "ta_adaptive": [..]}.
+// "patch_overlap": [..], "report": LfpmReportToJson}], "ta_adaptive": [..]}.
 std::string LfpmRowsToJson(const Scenario& scenario, const LfpmRows& rows);
 
 }  // namespace mergeguard::bench

@@ -342,6 +342,9 @@ std::vector<Field<LfpmOptions>> LfpmFields() {
       Integer<O, int64_t>(
           "trigger.restarts_per_target",
           [](O & o) -> auto& { return o.triggers.restarts_per_target; }),
+      Number<O>(
+          "trigger.restart_overlap_weight",
+          [](O & o) -> auto& { return o.triggers.restart_overlap_weight; }),
       Boolean<O>(
           "trigger.scan_own_model",
           [](O & o) -> auto& { return o.triggers.scan_own_model; }),

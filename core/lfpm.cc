@@ -601,7 +601,9 @@ struct LfpmProblemForTesting::State {
 
   // AddRestarts mines restarts_per_target − 1 more triggers for each of
   // `task`'s target classes from fresh starts against the installed model
-  // and appends them to its triggers, pinned.
+  // and appends them to its triggers, pinned. With restart_overlap_weight,
+  // one round at a time, each round penalized on the pixels that the
+  // class's triggers so far hold.
   absl::Status AddRestarts(TaskState& task) {
     std::vector<int64_t> classes;
     for (int64_t target : task.triggers.targets) {
@@ -609,15 +611,52 @@ struct LfpmProblemForTesting::State {
         classes.push_back(target);
       }
     }
+    const int64_t rounds = options.triggers.restarts_per_target - 1;
+    if (rounds < 1 || classes.empty()) return absl::OkStatus();
+    if (options.triggers.restart_overlap_weight > 0.0) {
+      for (int64_t r = 0; r < rounds; ++r) {
+        torch::Tensor held;
+        {
+          torch::NoGradGuard no_grad;
+          std::vector<torch::Tensor> rows;
+          for (int64_t target : classes) rows.push_back(HeldMask(task, target));
+          held = torch::stack(rows);
+        }
+        SurrogateTriggers extra = NewTriggers(classes);
+        RETURN_IF_ERROR(Mine(task, extra, options.triggers.scan_steps,
+                             options.triggers.scan_batch_size, held,
+                             options.triggers.restart_overlap_weight));
+        AppendPinned(task.triggers, extra);
+      }
+      return absl::OkStatus();
+    }
     std::vector<int64_t> targets;
-    for (int64_t r = 1; r < options.triggers.restarts_per_target; ++r) {
+    for (int64_t r = 0; r < rounds; ++r) {
       targets.insert(targets.end(), classes.begin(), classes.end());
     }
-    if (targets.empty()) return absl::OkStatus();
     SurrogateTriggers extra = NewTriggers(std::move(targets));
     RETURN_IF_ERROR(Mine(task, extra, options.triggers.scan_steps,
                          options.triggers.scan_batch_size));
-    SurrogateTriggers& triggers = task.triggers;
+    AppendPinned(task.triggers, extra);
+    return absl::OkStatus();
+  }
+
+  // HeldMask is the pixel-wise maximum of the masks of `task`'s triggers
+  // for `target`, [1, H, W], detached.
+  torch::Tensor HeldMask(const TaskState& task, int64_t target) const {
+    const SurrogateTriggers& triggers = task.triggers;
+    torch::Tensor held;
+    for (int64_t j = 0; j < triggers.size(); ++j) {
+      if (triggers.targets[j] != target) continue;
+      torch::Tensor mask = torch::sigmoid(triggers.mask_logits[j].detach());
+      held = held.defined() ? torch::maximum(held, mask) : mask;
+    }
+    return held;
+  }
+
+  // AppendPinned appends `extra`'s triggers to `triggers`, pinned.
+  void AppendPinned(SurrogateTriggers& triggers,
+                    const SurrogateTriggers& extra) const {
     {
       torch::NoGradGuard no_grad;
       triggers.mask_logits = torch::cat({triggers.mask_logits.detach(),
@@ -632,7 +671,6 @@ struct LfpmProblemForTesting::State {
     triggers.active.insert(triggers.active.end(), extra.size(), 1.0);
     triggers.pinned.insert(triggers.pinned.end(), extra.size(), true);
     ResetTriggerOptimizer(triggers);
-    return absl::OkStatus();
   }
 
   void ResetTriggerOptimizer(SurrogateTriggers& triggers) const {
@@ -643,9 +681,12 @@ struct LfpmProblemForTesting::State {
   }
 
   // Mine takes `steps` Adam steps on `triggers` of `task` against the model
-  // currently installed (detached), `batch_size` inputs per step.
+  // currently installed (detached), `batch_size` inputs per step. With
+  // `avoid` ([triggers, 1, H, W]) defined, overlap_weight · Σ M ⊙ avoid is
+  // added per trigger.
   absl::Status Mine(TaskState& task, SurrogateTriggers& triggers, int64_t steps,
-                    int64_t batch_size) {
+                    int64_t batch_size, const torch::Tensor& avoid = {},
+                    double overlap_weight = 0.0) {
     for (int64_t step = 0; step < steps; ++step) {
       RETURN_IF_ERROR(Check());
       torch::Tensor idx = Sample(task.inputs.size(0), batch_size);
@@ -656,6 +697,10 @@ struct LfpmProblemForTesting::State {
       torch::Tensor loss =
           MiningLoss(triggers, task.head.Logits(features), y, idx.size(0),
                      options.triggers.mask_l1_weight);
+      if (avoid.defined()) {
+        loss = loss + overlap_weight *
+                          (torch::sigmoid(triggers.mask_logits) * avoid).sum();
+      }
       triggers.optimizer->zero_grad();
       loss.backward();
       for (int64_t j = 0; j < triggers.size(); ++j) {
@@ -789,13 +834,15 @@ absl::Status ValidateOptions(const LfpmOptions& options) {
       t.merge_refine_steps < 0 ||
       !(t.trigger_alpha >= 0.0 && t.trigger_alpha <= 1.0) ||
       !(t.learning_rate > 0.0) || !(t.mask_l1_weight >= 0.0) ||
+      !(t.restart_overlap_weight >= 0.0) ||
       !(t.reach_threshold >= 0.0 && t.reach_threshold <= 1.0) ||
       !(t.anomaly_gate >= 0.0) || !(t.differential_max_ratio >= 0.0)) {
     return absl::InvalidArgumentError(
         "LFPM trigger options: targets_per_task >= 1, restarts_per_target "
         ">= 1, scan_batch_size >= 1, "
         "update_every >= 1, steps >= 0, trigger_alpha and reach_threshold in "
-        "[0, 1], learning_rate > 0, mask_l1_weight >= 0, anomaly_gate >= 0, "
+        "[0, 1], learning_rate > 0, mask_l1_weight >= 0, "
+        "restart_overlap_weight >= 0, anomaly_gate >= 0, "
         "differential_max_ratio >= 0");
   }
   if (options.threads < 0) {
@@ -1170,10 +1217,20 @@ absl::StatusOr<LfpmResult> Run(const Model& architecture,
     LfpmTriggerReport t;
     t.task = task.name;
     t.targets = task.triggers.targets;
-    torch::Tensor norms =
-        torch::sigmoid(task.triggers.mask_logits).detach().sum({1, 2, 3}).cpu();
+    t.masks = torch::sigmoid(task.triggers.mask_logits).detach().cpu();
+    torch::Tensor norms = t.masks.sum({1, 2, 3});
+    const int64_t height = t.masks.size(2);
+    const int64_t width = t.masks.size(3);
+    torch::Tensor rows = torch::arange(height, torch::kFloat32).view({-1, 1});
+    torch::Tensor cols = torch::arange(width, torch::kFloat32).view({1, -1});
     for (int64_t j = 0; j < norms.size(0); ++j) {
-      t.mask_l1.push_back(norms[j].item<double>());
+      const double norm = norms[j].item<double>();
+      t.mask_l1.push_back(norm);
+      torch::Tensor mask = t.masks[j][0];
+      const double denominator = std::max(norm, 1e-12);
+      t.mask_centroid.push_back(
+          {(mask * rows).sum().item<double>() / denominator,
+           (mask * cols).sum().item<double>() / denominator});
     }
     report.triggers.push_back(std::move(t));
   }
@@ -1381,6 +1438,7 @@ json ReportJson(const LfpmReport& report) {
     triggers.push_back({{"task", t.task},
                         {"targets", t.targets},
                         {"mask_l1", t.mask_l1},
+                        {"mask_centroid", t.mask_centroid},
                         {"asr_merged", t.asr_merged},
                         {"asr_repaired", t.asr_repaired}});
   }
@@ -1443,6 +1501,7 @@ json OptionsJson(const LfpmOptions& o) {
             {"rescan_after", t.rescan_after},
             {"pin_scan_trigger", t.pin_scan_trigger},
             {"restarts_per_target", t.restarts_per_target},
+            {"restart_overlap_weight", t.restart_overlap_weight},
             {"scan_own_model", t.scan_own_model},
             {"merge_refine_steps", t.merge_refine_steps},
             {"differential_gate", t.differential_gate},

@@ -7,6 +7,7 @@
 // like θm and ignores surrogate triggers mined online. The paper has no
 // public code; docs/lfpm.md lists every choice made here.
 
+#include <array>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -123,6 +124,13 @@ struct LfpmTriggerOptions {
   // fine-tune's backdoor may be reached by others that unlearning the first
   // leaves in place (docs/lfpm.md, "Restarts").
   int64_t restarts_per_target = 1;
+  // Weight of the overlap penalty on restarts: restart r is mined alone,
+  // with restart_overlap_weight · Σ M_r ⊙ max(earlier masks of its class)
+  // added to its mining loss, so it is pushed off the pixels the scan's
+  // trigger and the earlier restarts already hold. Without it the restarts
+  // converged to near copies of one another (docs/lfpm.md, "Restarts").
+  // 0 (default) mines all restarts together, unpenalized.
+  double restart_overlap_weight = 0.0;
   // Re-run the scan on the repaired model for the report's "after" anomaly
   // index (costs one more scan).
   bool rescan_after = true;
@@ -283,6 +291,12 @@ struct LfpmTriggerReport {
   std::vector<int64_t> targets;
   // ‖M‖1 per trigger.
   std::vector<double> mask_l1;
+  // Centre of each mask's mass, {row, column} in pixels: where the trigger
+  // sits.
+  std::vector<std::array<double, 2>> mask_centroid;
+  // The final masks M, [triggers, 1, H, W] on the CPU, for callers that
+  // compare them with a known trigger; not in the JSON report.
+  torch::Tensor masks;
   // Success of each trigger on θm (α = 0) and on θm + τab (α = 1).
   std::vector<double> asr_merged;
   std::vector<double> asr_repaired;

@@ -22,6 +22,7 @@
 #ifdef MERGEGUARD_LFPM_TEST_WITH_BENCH
 #include "bench/lfpm_rows.h"
 #include "bench/scenario_builder.h"
+#include "bench/scenario_eval.h"
 #include "core/scenario.h"
 #endif
 
@@ -902,6 +903,77 @@ TEST(LfpmTest, RestartsAddFixedTriggersFromFreshStarts) {
             absl::StatusCode::kInvalidArgument);
 }
 
+// Overlap is Σ M_a ⊙ M_b / ‖M_a‖1: the share of mask a's mass on the
+// pixels mask b holds.
+double Overlap(const torch::Tensor& a, const torch::Tensor& b) {
+  return ((a * b).sum() / a.sum()).item<double>();
+}
+
+TEST(LfpmTest, RestartOverlapPenaltyPushesRestartsOffHeldPixels) {
+  auto model = TinyModel();
+  LfpmOptions options = FastOptions(LfpmMode::kFull);
+  options.steps = 0;
+  options.triggers.anomaly_gate = 0.0;
+  options.triggers.restarts_per_target = 3;
+  options.triggers.scan_steps = 40;
+  auto plain = RunLfpm(*model, MergedTensors(), Tasks(), options);
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  options.triggers.restart_overlap_weight = 50.0;
+  auto spread = RunLfpm(*model, MergedTensors(), Tasks(), options);
+  ASSERT_TRUE(spread.ok()) << spread.status();
+  for (size_t i = 0; i < spread->report.triggers.size(); ++i) {
+    const torch::Tensor& before = plain->report.triggers[i].masks;
+    const torch::Tensor& after = spread->report.triggers[i].masks;
+    ASSERT_EQ(after.size(0), 3);
+    // The first task's scan runs before any restart draws random numbers:
+    // its trigger is the same in both runs.
+    if (i == 0) {
+      EXPECT_TRUE(torch::allclose(after[0], before[0]));
+    }
+    // Each restart holds less of the scan trigger's pixels than an
+    // unpenalized one, and the second less of the first restart's.
+    for (int64_t r : {1, 2}) {
+      SCOPED_TRACE(absl::StrCat("task ", i, " restart ", r));
+      EXPECT_LT(Overlap(after[r], after[0]),
+                0.8 * Overlap(before[r], before[0]));
+    }
+    EXPECT_LT(Overlap(after[2], after[1]), 0.8 * Overlap(before[2], before[1]));
+  }
+  auto options_json = nlohmann::json::parse(LfpmOptionsToJson(options));
+  EXPECT_EQ(options_json["triggers"]["restart_overlap_weight"], 50.0);
+  options.triggers.restart_overlap_weight = -1.0;
+  EXPECT_EQ(RunLfpm(*model, MergedTensors(), Tasks(), options).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST(LfpmTest, ReportGivesEachMaskAndItsCentroid) {
+  auto model = TinyModel();
+  LfpmOptions options = FastOptions(LfpmMode::kFull);
+  auto result = RunLfpm(*model, MergedTensors(), Tasks(), options);
+  ASSERT_TRUE(result.ok()) << result.status();
+  for (const LfpmTriggerReport& t : result->report.triggers) {
+    ASSERT_EQ(t.masks.dim(), 4);
+    ASSERT_EQ(t.masks.size(0), static_cast<int64_t>(t.targets.size()));
+    ASSERT_EQ(t.mask_centroid.size(), t.targets.size());
+    for (size_t j = 0; j < t.targets.size(); ++j) {
+      torch::Tensor mask = t.masks[j][0];
+      EXPECT_NEAR(mask.sum().item<double>(), t.mask_l1[j], 1e-3);
+      // The centroid is where the mass balances: Σ M·(row − r̄) = 0.
+      torch::Tensor rows =
+          torch::arange(mask.size(0), torch::kFloat32).view({-1, 1});
+      torch::Tensor cols =
+          torch::arange(mask.size(1), torch::kFloat32).view({1, -1});
+      EXPECT_NEAR((mask * (rows - t.mask_centroid[j][0])).sum().item<double>(),
+                  0.0, 1e-2);
+      EXPECT_NEAR((mask * (cols - t.mask_centroid[j][1])).sum().item<double>(),
+                  0.0, 1e-2);
+    }
+  }
+  auto report_json = nlohmann::json::parse(LfpmReportToJson(result->report));
+  EXPECT_EQ(report_json["triggers"][0]["mask_centroid"].size(),
+            result->report.triggers[0].targets.size());
+}
+
 LfpmKnownTrigger KnownPatch(int64_t target) {
   Trigger trigger;
   trigger.kind = TriggerKind::kPatch;
@@ -1134,6 +1206,38 @@ TEST(LfpmScenarioTest, TinyScenarioAsrBelowTaskArithmetic) {
   EXPECT_NE(bench::LfpmRowsToText(built->scenario, unrepaired)
                 .find("LFPM-full: CA is TA's"),
             std::string::npos);
+  // The backdoored run's triggers are measured against the planted patch.
+  const std::string& compromised = built->scenario.attack->tasks[0];
+  ASSERT_EQ(row.patch_overlap.size(), 1u);
+  EXPECT_EQ(row.patch_overlap[0].task, compromised);
+  for (double share : row.patch_overlap[0].mass_on_patch) {
+    EXPECT_GE(share, 0.0);
+    EXPECT_LE(share, 1.0);
+  }
+  EXPECT_EQ(rows_json["lfpm"][0]["patch_overlap"][0]["patch_covered"].size(),
+            row.patch_overlap[0].mass_on_patch.size());
+  EXPECT_NE(bench::LfpmRowsToText(built->scenario, *rows)
+                .find("mined triggers on the attack's patch"),
+            std::string::npos);
+  // A mask that is the patch lies all on it and covers it; one on the
+  // opposite corner does neither.
+  auto planted = bench::AttackTriggers(built->scenario);
+  ASSERT_TRUE(planted.ok()) << planted.status();
+  const Trigger& patch = planted->at(compromised);
+  const torch::Tensor& masks = row.report.triggers[0].masks;
+  auto stamp = TriggerMaskAndPattern(
+      patch, {patch.pattern.size(0), masks.size(2), masks.size(3)});
+  ASSERT_TRUE(stamp.ok()) << stamp.status();
+  LfpmReport crafted;
+  LfpmTriggerReport on_and_off;
+  on_and_off.task = compromised;
+  on_and_off.masks = torch::stack({stamp->mask, stamp->mask.flip({1, 2})});
+  crafted.triggers = {on_and_off};
+  auto overlaps = bench::PatchOverlaps(built->scenario, crafted);
+  ASSERT_TRUE(overlaps.ok()) << overlaps.status();
+  ASSERT_EQ(overlaps->size(), 1u);
+  EXPECT_EQ((*overlaps)[0].mass_on_patch, (std::vector<double>{1.0, 0.0}));
+  EXPECT_EQ((*overlaps)[0].patch_covered, (std::vector<double>{1.0, 0.0}));
   const double ta_asr = bench::MeanAsr(rows->ta.backdoored);
   const double lfpm_asr = bench::MeanAsr(rows->rows[0].row.backdoored);
   // The scenario must plant a backdoor that survives TA, or the comparison
