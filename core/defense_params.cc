@@ -345,6 +345,9 @@ std::vector<Field<LfpmOptions>> LfpmFields() {
       Number<O>(
           "trigger.restart_overlap_weight",
           [](O & o) -> auto& { return o.triggers.restart_overlap_weight; }),
+      Number<O>(
+          "trigger.restart_mask_l1_scale",
+          [](O & o) -> auto& { return o.triggers.restart_mask_l1_scale; }),
       Boolean<O>(
           "trigger.scan_own_model",
           [](O & o) -> auto& { return o.triggers.scan_own_model; }),

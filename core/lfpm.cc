@@ -613,6 +613,8 @@ struct LfpmProblemForTesting::State {
     }
     const int64_t rounds = options.triggers.restarts_per_target - 1;
     if (rounds < 1 || classes.empty()) return absl::OkStatus();
+    const double mask_l1_weight = options.triggers.mask_l1_weight *
+                                  options.triggers.restart_mask_l1_scale;
     if (options.triggers.restart_overlap_weight > 0.0) {
       for (int64_t r = 0; r < rounds; ++r) {
         torch::Tensor held;
@@ -623,9 +625,10 @@ struct LfpmProblemForTesting::State {
           held = torch::stack(rows);
         }
         SurrogateTriggers extra = NewTriggers(classes);
+        const RestartTerms terms{mask_l1_weight, held,
+                                 options.triggers.restart_overlap_weight};
         RETURN_IF_ERROR(Mine(task, extra, options.triggers.scan_steps,
-                             options.triggers.scan_batch_size, held,
-                             options.triggers.restart_overlap_weight));
+                             options.triggers.scan_batch_size, &terms));
         AppendPinned(task.triggers, extra);
       }
       return absl::OkStatus();
@@ -635,8 +638,9 @@ struct LfpmProblemForTesting::State {
       targets.insert(targets.end(), classes.begin(), classes.end());
     }
     SurrogateTriggers extra = NewTriggers(std::move(targets));
+    const RestartTerms terms{mask_l1_weight, {}, 0.0};
     RETURN_IF_ERROR(Mine(task, extra, options.triggers.scan_steps,
-                         options.triggers.scan_batch_size));
+                         options.triggers.scan_batch_size, &terms));
     AppendPinned(task.triggers, extra);
     return absl::OkStatus();
   }
@@ -680,13 +684,23 @@ struct LfpmProblemForTesting::State {
         torch::optim::AdamOptions(options.triggers.learning_rate));
   }
 
+  // RestartTerms are the mining loss's terms for restarts: their own L1
+  // weight, and with `avoid` ([triggers, 1, H, W]) defined,
+  // overlap_weight · Σ M ⊙ avoid per trigger.
+  struct RestartTerms {
+    double mask_l1_weight = 0.0;
+    torch::Tensor avoid;
+    double overlap_weight = 0.0;
+  };
+
   // Mine takes `steps` Adam steps on `triggers` of `task` against the model
-  // currently installed (detached), `batch_size` inputs per step. With
-  // `avoid` ([triggers, 1, H, W]) defined, overlap_weight · Σ M ⊙ avoid is
-  // added per trigger.
+  // currently installed (detached), `batch_size` inputs per step, with the
+  // options' mining loss or, for restarts, `restart`'s terms.
   absl::Status Mine(TaskState& task, SurrogateTriggers& triggers, int64_t steps,
-                    int64_t batch_size, const torch::Tensor& avoid = {},
-                    double overlap_weight = 0.0) {
+                    int64_t batch_size, const RestartTerms* restart = nullptr) {
+    const double mask_l1_weight = restart != nullptr
+                                      ? restart->mask_l1_weight
+                                      : options.triggers.mask_l1_weight;
     for (int64_t step = 0; step < steps; ++step) {
       RETURN_IF_ERROR(Check());
       torch::Tensor idx = Sample(task.inputs.size(0), batch_size);
@@ -694,12 +708,13 @@ struct LfpmProblemForTesting::State {
       torch::Tensor y = task.labels.index_select(0, idx);
       ASSIGN_OR_RETURN(torch::Tensor features,
                        model->Features(StampTriggers(triggers, x, true)));
-      torch::Tensor loss =
-          MiningLoss(triggers, task.head.Logits(features), y, idx.size(0),
-                     options.triggers.mask_l1_weight);
-      if (avoid.defined()) {
-        loss = loss + overlap_weight *
-                          (torch::sigmoid(triggers.mask_logits) * avoid).sum();
+      torch::Tensor loss = MiningLoss(triggers, task.head.Logits(features), y,
+                                      idx.size(0), mask_l1_weight);
+      if (restart != nullptr && restart->avoid.defined()) {
+        loss =
+            loss +
+            restart->overlap_weight *
+                (torch::sigmoid(triggers.mask_logits) * restart->avoid).sum();
       }
       triggers.optimizer->zero_grad();
       loss.backward();
@@ -834,7 +849,7 @@ absl::Status ValidateOptions(const LfpmOptions& options) {
       t.merge_refine_steps < 0 ||
       !(t.trigger_alpha >= 0.0 && t.trigger_alpha <= 1.0) ||
       !(t.learning_rate > 0.0) || !(t.mask_l1_weight >= 0.0) ||
-      !(t.restart_overlap_weight >= 0.0) ||
+      !(t.restart_overlap_weight >= 0.0) || !(t.restart_mask_l1_scale > 0.0) ||
       !(t.reach_threshold >= 0.0 && t.reach_threshold <= 1.0) ||
       !(t.anomaly_gate >= 0.0) || !(t.differential_max_ratio >= 0.0)) {
     return absl::InvalidArgumentError(
@@ -842,7 +857,8 @@ absl::Status ValidateOptions(const LfpmOptions& options) {
         ">= 1, scan_batch_size >= 1, "
         "update_every >= 1, steps >= 0, trigger_alpha and reach_threshold in "
         "[0, 1], learning_rate > 0, mask_l1_weight >= 0, "
-        "restart_overlap_weight >= 0, anomaly_gate >= 0, "
+        "restart_overlap_weight >= 0, restart_mask_l1_scale > 0, "
+        "anomaly_gate >= 0, "
         "differential_max_ratio >= 0");
   }
   if (options.threads < 0) {
@@ -1502,6 +1518,7 @@ json OptionsJson(const LfpmOptions& o) {
             {"pin_scan_trigger", t.pin_scan_trigger},
             {"restarts_per_target", t.restarts_per_target},
             {"restart_overlap_weight", t.restart_overlap_weight},
+            {"restart_mask_l1_scale", t.restart_mask_l1_scale},
             {"scan_own_model", t.scan_own_model},
             {"merge_refine_steps", t.merge_refine_steps},
             {"differential_gate", t.differential_gate},

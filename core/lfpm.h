@@ -131,6 +131,11 @@ struct LfpmTriggerOptions {
   // converged to near copies of one another (docs/lfpm.md, "Restarts").
   // 0 (default) mines all restarts together, unpenalized.
   double restart_overlap_weight = 0.0;
+  // Restarts are mined with mask_l1_weight times this. Below 1 lets them
+  // grow: the scan's L1 weight is set for the anomaly test, and at it the
+  // CNN's mined triggers held a quarter of the planted patch (docs/lfpm.md,
+  // "Where the mined triggers sit (session 18)").
+  double restart_mask_l1_scale = 1.0;
   // Re-run the scan on the repaired model for the report's "after" anomaly
   // index (costs one more scan).
   bool rescan_after = true;

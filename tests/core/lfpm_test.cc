@@ -946,6 +946,33 @@ TEST(LfpmTest, RestartOverlapPenaltyPushesRestartsOffHeldPixels) {
             absl::StatusCode::kInvalidArgument);
 }
 
+TEST(LfpmTest, RestartMaskL1ScaleGrowsOnlyTheRestarts) {
+  auto model = TinyModel();
+  LfpmOptions options = FastOptions(LfpmMode::kFull);
+  options.steps = 0;
+  options.triggers.anomaly_gate = 0.0;
+  options.triggers.restarts_per_target = 3;
+  options.triggers.scan_steps = 40;
+  auto plain = RunLfpm(*model, MergedTensors(), Tasks(), options);
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  options.triggers.restart_mask_l1_scale = 0.1;
+  auto grown = RunLfpm(*model, MergedTensors(), Tasks(), options);
+  ASSERT_TRUE(grown.ok()) << grown.status();
+  // The first task's scan runs before any restart: same trigger; its
+  // restarts start from the same draws and end larger with a lighter L1.
+  const LfpmTriggerReport& before = plain->report.triggers[0];
+  const LfpmTriggerReport& after = grown->report.triggers[0];
+  EXPECT_NEAR(after.mask_l1[0], before.mask_l1[0], 1e-6);
+  for (size_t r : {1u, 2u}) {
+    EXPECT_GT(after.mask_l1[r], before.mask_l1[r] + 1.0) << "restart " << r;
+  }
+  auto options_json = nlohmann::json::parse(LfpmOptionsToJson(options));
+  EXPECT_EQ(options_json["triggers"]["restart_mask_l1_scale"], 0.1);
+  options.triggers.restart_mask_l1_scale = 0.0;
+  EXPECT_EQ(RunLfpm(*model, MergedTensors(), Tasks(), options).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST(LfpmTest, ReportGivesEachMaskAndItsCentroid) {
   auto model = TinyModel();
   LfpmOptions options = FastOptions(LfpmMode::kFull);
