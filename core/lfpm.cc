@@ -617,13 +617,9 @@ struct LfpmProblemForTesting::State {
                                   options.triggers.restart_mask_l1_scale;
     if (options.triggers.restart_overlap_weight > 0.0) {
       for (int64_t r = 0; r < rounds; ++r) {
-        torch::Tensor held;
-        {
-          torch::NoGradGuard no_grad;
-          std::vector<torch::Tensor> rows;
-          for (int64_t target : classes) rows.push_back(HeldMask(task, target));
-          held = torch::stack(rows);
-        }
+        std::vector<torch::Tensor> rows;
+        for (int64_t target : classes) rows.push_back(HeldMask(task, target));
+        const torch::Tensor held = torch::stack(rows);
         SurrogateTriggers extra = NewTriggers(classes);
         const RestartTerms terms{mask_l1_weight, held,
                                  options.triggers.restart_overlap_weight};

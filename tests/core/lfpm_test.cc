@@ -909,13 +909,20 @@ double Overlap(const torch::Tensor& a, const torch::Tensor& b) {
   return ((a * b).sum() / a.sum()).item<double>();
 }
 
-TEST(LfpmTest, RestartOverlapPenaltyPushesRestartsOffHeldPixels) {
-  auto model = TinyModel();
+// RestartOptions: no outer steps, every task through the gate, three
+// starts per target, scans long enough for the masks to take shape.
+LfpmOptions RestartOptions() {
   LfpmOptions options = FastOptions(LfpmMode::kFull);
   options.steps = 0;
   options.triggers.anomaly_gate = 0.0;
   options.triggers.restarts_per_target = 3;
   options.triggers.scan_steps = 40;
+  return options;
+}
+
+TEST(LfpmTest, RestartOverlapPenaltyPushesRestartsOffHeldPixels) {
+  auto model = TinyModel();
+  LfpmOptions options = RestartOptions();
   auto plain = RunLfpm(*model, MergedTensors(), Tasks(), options);
   ASSERT_TRUE(plain.ok()) << plain.status();
   options.triggers.restart_overlap_weight = 50.0;
@@ -948,11 +955,7 @@ TEST(LfpmTest, RestartOverlapPenaltyPushesRestartsOffHeldPixels) {
 
 TEST(LfpmTest, RestartMaskL1ScaleGrowsOnlyTheRestarts) {
   auto model = TinyModel();
-  LfpmOptions options = FastOptions(LfpmMode::kFull);
-  options.steps = 0;
-  options.triggers.anomaly_gate = 0.0;
-  options.triggers.restarts_per_target = 3;
-  options.triggers.scan_steps = 40;
+  LfpmOptions options = RestartOptions();
   auto plain = RunLfpm(*model, MergedTensors(), Tasks(), options);
   ASSERT_TRUE(plain.ok()) << plain.status();
   options.triggers.restart_mask_l1_scale = 0.1;
