@@ -348,6 +348,12 @@ std::vector<Field<LfpmOptions>> LfpmFields() {
       Number<O>(
           "trigger.restart_mask_l1_scale",
           [](O & o) -> auto& { return o.triggers.restart_mask_l1_scale; }),
+      Integer<O, int64_t>(
+          "trigger.dropout_refine_steps",
+          [](O & o) -> auto& { return o.triggers.dropout_refine_steps; }),
+      Number<O>(
+          "trigger.mask_dropout",
+          [](O & o) -> auto& { return o.triggers.mask_dropout; }),
       Boolean<O>(
           "trigger.scan_own_model",
           [](O & o) -> auto& { return o.triggers.scan_own_model; }),

@@ -30,6 +30,8 @@ using json = nlohmann::json;
 constexpr double kReportAlphas[] = {0.0, 0.25, 0.5, 0.75, 1.0};
 // Keeps the untargeted loss −log(1 − p_y) finite.
 constexpr double kProbabilityFloor = 1e-6;
+// XORed into the seed for the extra passes' random stream.
+constexpr uint64_t kExtraSeedSalt = 0x9e3779b97f4a7c15ULL;
 // Neural Cleanse's consistency constant: 1.4826·MAD estimates σ for normal
 // data.
 constexpr double kMadConsistency = 1.4826;
@@ -202,17 +204,21 @@ struct LossParts {
 };
 
 // Stamps each of `triggers` (detached unless `differentiable`) on `inputs`
-// [b, C, H, W]: returns [k·b, C, H, W], trigger-major.
+// [b, C, H, W]: returns [k·b, C, H, W], trigger-major. With `keep`
+// [k, b, 1, H, W] defined, each stamp's mask is multiplied by its map.
 torch::Tensor StampTriggers(const SurrogateTriggers& triggers,
-                            const torch::Tensor& inputs, bool differentiable) {
+                            const torch::Tensor& inputs, bool differentiable,
+                            const torch::Tensor& keep = {}) {
   torch::Tensor mask = torch::sigmoid(triggers.mask_logits);
   torch::Tensor pattern = torch::sigmoid(triggers.pattern_logits);
   if (!differentiable) {
     mask = mask.detach();
     pattern = pattern.detach();
   }
-  torch::Tensor stamped = (1.0 - mask.unsqueeze(1)) * inputs.unsqueeze(0) +
-                          mask.unsqueeze(1) * pattern.unsqueeze(1);
+  torch::Tensor stamp_mask = mask.unsqueeze(1);
+  if (keep.defined()) stamp_mask = stamp_mask * keep;
+  torch::Tensor stamped = (1.0 - stamp_mask) * inputs.unsqueeze(0) +
+                          stamp_mask * pattern.unsqueeze(1);
   return stamped.flatten(0, 1);
 }
 
@@ -290,6 +296,9 @@ struct LfpmProblemForTesting::State {
   std::vector<AdaptedTensor> adapted;
   std::vector<TaskState> tasks;
   at::Generator generator;
+  // Restarts and dropout refinement draw from this one, so turning them on
+  // leaves every scan and outer step's draws as they were.
+  at::Generator extra_generator;
   double lora_scale = 1.0;
 
   absl::Status Check() const {
@@ -375,7 +384,11 @@ struct LfpmProblemForTesting::State {
   }
 
   torch::Tensor Sample(int64_t n, int64_t batch) {
-    return torch::randperm(n, generator, torch::kInt64)
+    return Sample(n, batch, generator);
+  }
+
+  torch::Tensor Sample(int64_t n, int64_t batch, at::Generator& from) {
+    return torch::randperm(n, from, torch::kInt64)
         .slice(0, 0, std::min(n, batch))
         .to(device);
   }
@@ -554,8 +567,11 @@ struct LfpmProblemForTesting::State {
     return alphas;
   }
 
-  // NewTriggers returns triggers for `targets` with fresh logits.
-  SurrogateTriggers NewTriggers(std::vector<int64_t> targets) {
+  // NewTriggers returns triggers for `targets` with fresh logits drawn from
+  // `from` (the main generator when null).
+  SurrogateTriggers NewTriggers(std::vector<int64_t> targets,
+                                at::Generator* from = nullptr) {
+    at::Generator& draw = from != nullptr ? *from : generator;
     const std::vector<int64_t>& shape = model->InputShape();
     const int64_t k = static_cast<int64_t>(targets.size());
     SurrogateTriggers triggers;
@@ -564,11 +580,11 @@ struct LfpmProblemForTesting::State {
     triggers.pinned.assign(k, false);
     const double init = options.triggers.initial_mask_logit;
     triggers.mask_logits =
-        (torch::randn({k, 1, shape[1], shape[2]}, generator) * 0.1 + init)
+        (torch::randn({k, 1, shape[1], shape[2]}, draw) * 0.1 + init)
             .to(device)
             .set_requires_grad(true);
     triggers.pattern_logits =
-        torch::randn({k, shape[0], shape[1], shape[2]}, generator)
+        torch::randn({k, shape[0], shape[1], shape[2]}, draw)
             .to(device)
             .set_requires_grad(true);
     ResetTriggerOptimizer(triggers);
@@ -620,9 +636,10 @@ struct LfpmProblemForTesting::State {
         std::vector<torch::Tensor> rows;
         for (int64_t target : classes) rows.push_back(HeldMask(task, target));
         const torch::Tensor held = torch::stack(rows);
-        SurrogateTriggers extra = NewTriggers(classes);
-        const RestartTerms terms{mask_l1_weight, held,
-                                 options.triggers.restart_overlap_weight};
+        SurrogateTriggers extra = NewTriggers(classes, &extra_generator);
+        MiningTerms terms{mask_l1_weight, &extra_generator};
+        terms.avoid = held;
+        terms.overlap_weight = options.triggers.restart_overlap_weight;
         RETURN_IF_ERROR(Mine(task, extra, options.triggers.scan_steps,
                              options.triggers.scan_batch_size, &terms));
         AppendPinned(task.triggers, extra);
@@ -633,11 +650,32 @@ struct LfpmProblemForTesting::State {
     for (int64_t r = 0; r < rounds; ++r) {
       targets.insert(targets.end(), classes.begin(), classes.end());
     }
-    SurrogateTriggers extra = NewTriggers(std::move(targets));
-    const RestartTerms terms{mask_l1_weight, {}, 0.0};
+    SurrogateTriggers extra = NewTriggers(std::move(targets), &extra_generator);
+    const MiningTerms terms{mask_l1_weight, &extra_generator};
     RETURN_IF_ERROR(Mine(task, extra, options.triggers.scan_steps,
                          options.triggers.scan_batch_size, &terms));
     AppendPinned(task.triggers, extra);
+    return absl::OkStatus();
+  }
+
+  // DropoutRefine takes dropout_refine_steps mining steps on `task`'s
+  // online triggers against the installed model, each stamp's mask
+  // thinned by a random keep-map; the pinned ones stay as they are.
+  absl::Status DropoutRefine(TaskState& task) {
+    const int64_t steps = options.triggers.dropout_refine_steps;
+    if (steps < 1 || task.triggers.size() == 0) return absl::OkStatus();
+    // A pixel's mining gradient reaches the mask only in the stamps that
+    // keep it, a (1 − dropout) share; the L1 weight is scaled alike, so the
+    // two terms keep the scan's balance and what changes is that the
+    // trigger must work with part of it missing.
+    const double dropout = options.triggers.mask_dropout;
+    MiningTerms terms(options.triggers.mask_l1_weight * (1.0 - dropout),
+                      &extra_generator);
+    terms.mask_dropout = dropout;
+    RETURN_IF_ERROR(Mine(task, task.triggers, steps,
+                         options.triggers.scan_batch_size, &terms));
+    // Later mining starts from fresh Adam moments, as without this pass.
+    ResetTriggerOptimizer(task.triggers);
     return absl::OkStatus();
   }
 
@@ -680,37 +718,54 @@ struct LfpmProblemForTesting::State {
         torch::optim::AdamOptions(options.triggers.learning_rate));
   }
 
-  // RestartTerms are the mining loss's terms for restarts: their own L1
-  // weight, and with `avoid` ([triggers, 1, H, W]) defined,
-  // overlap_weight · Σ M ⊙ avoid per trigger.
-  struct RestartTerms {
+  // MiningTerms are the mining loss's terms for the extra passes
+  // (restarts, dropout refinement): their L1 weight and random stream; with
+  // `avoid` ([triggers, 1, H, W]) defined, overlap_weight · Σ M ⊙ avoid per
+  // trigger; with mask_dropout > 0, each stamp's mask thinned by a keep-map
+  // that drops that share of its pixels.
+  struct MiningTerms {
+    MiningTerms(double l1_weight, at::Generator* from)
+        : mask_l1_weight(l1_weight), generator(from) {}
     double mask_l1_weight = 0.0;
+    at::Generator* generator = nullptr;
     torch::Tensor avoid;
     double overlap_weight = 0.0;
+    double mask_dropout = 0.0;
   };
 
   // Mine takes `steps` Adam steps on `triggers` of `task` against the model
   // currently installed (detached), `batch_size` inputs per step, with the
-  // options' mining loss or, for restarts, `restart`'s terms.
+  // options' mining loss and the main random stream, or `terms`'.
   absl::Status Mine(TaskState& task, SurrogateTriggers& triggers, int64_t steps,
-                    int64_t batch_size, const RestartTerms* restart = nullptr) {
-    const double mask_l1_weight = restart != nullptr
-                                      ? restart->mask_l1_weight
+                    int64_t batch_size, const MiningTerms* terms = nullptr) {
+    const double mask_l1_weight = terms != nullptr
+                                      ? terms->mask_l1_weight
                                       : options.triggers.mask_l1_weight;
+    at::Generator& draw = terms != nullptr && terms->generator != nullptr
+                              ? *terms->generator
+                              : generator;
     for (int64_t step = 0; step < steps; ++step) {
       RETURN_IF_ERROR(Check());
-      torch::Tensor idx = Sample(task.inputs.size(0), batch_size);
+      torch::Tensor idx = Sample(task.inputs.size(0), batch_size, draw);
       torch::Tensor x = task.inputs.index_select(0, idx);
       torch::Tensor y = task.labels.index_select(0, idx);
+      torch::Tensor keep;
+      if (terms != nullptr && terms->mask_dropout > 0.0) {
+        const torch::Tensor& logits = triggers.mask_logits;
+        keep = torch::rand({triggers.size(), idx.size(0), 1, logits.size(2),
+                            logits.size(3)},
+                           draw)
+                   .ge(terms->mask_dropout)
+                   .to(logits.options().requires_grad(false));
+      }
       ASSIGN_OR_RETURN(torch::Tensor features,
-                       model->Features(StampTriggers(triggers, x, true)));
+                       model->Features(StampTriggers(triggers, x, true, keep)));
       torch::Tensor loss = MiningLoss(triggers, task.head.Logits(features), y,
                                       idx.size(0), mask_l1_weight);
-      if (restart != nullptr && restart->avoid.defined()) {
-        loss =
-            loss +
-            restart->overlap_weight *
-                (torch::sigmoid(triggers.mask_logits) * restart->avoid).sum();
+      if (terms != nullptr && terms->avoid.defined()) {
+        loss = loss +
+               terms->overlap_weight *
+                   (torch::sigmoid(triggers.mask_logits) * terms->avoid).sum();
       }
       triggers.optimizer->zero_grad();
       loss.backward();
@@ -842,7 +897,8 @@ absl::Status ValidateOptions(const LfpmOptions& options) {
   }
   if (t.targets_per_task < 1 || t.restarts_per_target < 1 || t.scan_steps < 0 ||
       t.scan_batch_size < 1 || t.update_every < 1 || t.steps_per_update < 0 ||
-      t.merge_refine_steps < 0 ||
+      t.merge_refine_steps < 0 || t.dropout_refine_steps < 0 ||
+      !(t.mask_dropout >= 0.0 && t.mask_dropout < 1.0) ||
       !(t.trigger_alpha >= 0.0 && t.trigger_alpha <= 1.0) ||
       !(t.learning_rate > 0.0) || !(t.mask_l1_weight >= 0.0) ||
       !(t.restart_overlap_weight >= 0.0) || !(t.restart_mask_l1_scale > 0.0) ||
@@ -854,6 +910,7 @@ absl::Status ValidateOptions(const LfpmOptions& options) {
         "update_every >= 1, steps >= 0, trigger_alpha and reach_threshold in "
         "[0, 1], learning_rate > 0, mask_l1_weight >= 0, "
         "restart_overlap_weight >= 0, restart_mask_l1_scale > 0, "
+        "dropout_refine_steps >= 0, mask_dropout in [0, 1), "
         "anomaly_gate >= 0, "
         "differential_max_ratio >= 0");
   }
@@ -899,6 +956,8 @@ absl::StatusOr<std::unique_ptr<LfpmProblemForTesting::State>> CreateState(
   }
   if (options.threads > 0) at::set_num_threads(options.threads);
   state->generator = at::make_generator<at::CPUGeneratorImpl>(options.seed);
+  state->extra_generator =
+      at::make_generator<at::CPUGeneratorImpl>(options.seed ^ kExtraSeedSalt);
   state->lora_scale =
       options.lora_alpha / static_cast<double>(options.lora_rank);
 
@@ -1136,10 +1195,11 @@ absl::StatusOr<LfpmResult> Run(const Model& architecture,
                      anomaly.class_norms.size() < 3 ||
                      index > options.triggers.anomaly_gate;
     }
-    // InitialScan left the scanned model installed: the restarts are mined
-    // where the scan's trigger was.
+    // InitialScan left the scanned model installed: dropout refinement and
+    // the restarts run where the scan's trigger was mined.
     if (task.unlearn && !task.known &&
         options.triggers.targeting == TriggerTargeting::kEasiestClass) {
+      RETURN_IF_ERROR(state->DropoutRefine(task));
       RETURN_IF_ERROR(state->AddRestarts(task));
     }
     report.anomaly_merged.push_back(std::move(anomaly));
@@ -1515,6 +1575,8 @@ json OptionsJson(const LfpmOptions& o) {
             {"restarts_per_target", t.restarts_per_target},
             {"restart_overlap_weight", t.restart_overlap_weight},
             {"restart_mask_l1_scale", t.restart_mask_l1_scale},
+            {"dropout_refine_steps", t.dropout_refine_steps},
+            {"mask_dropout", t.mask_dropout},
             {"scan_own_model", t.scan_own_model},
             {"merge_refine_steps", t.merge_refine_steps},
             {"differential_gate", t.differential_gate},

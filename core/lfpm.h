@@ -119,10 +119,11 @@ struct LfpmTriggerOptions {
   // Targeted mode, tasks that pass the gate: triggers per target class in
   // all, counting the scan's. The other restarts_per_target − 1 are mined
   // from fresh random starts on the model the task was scanned on
-  // (scan_steps each), then kept fixed and unlearned at every step like a
-  // pinned copy. One start finds one of the ways into the target class; a
-  // fine-tune's backdoor may be reached by others that unlearning the first
-  // leaves in place (docs/lfpm.md, "Restarts").
+  // (scan_steps each; from a random stream of their own, so they leave
+  // later tasks' scans as they were), then kept fixed and unlearned at every
+  // step like a pinned copy. One start finds one of the ways into the target
+  // class; a fine-tune's backdoor may be reached by others that unlearning the
+  // first leaves in place (docs/lfpm.md, "Restarts").
   int64_t restarts_per_target = 1;
   // Weight of the overlap penalty on restarts: restart r is mined alone,
   // with restart_overlap_weight · Σ M_r ⊙ max(earlier masks of its class)
@@ -140,6 +141,20 @@ struct LfpmTriggerOptions {
   // "Where the mined triggers sit (session 18)"). At 0.33 they held a third,
   // and the repair's ASR did not improve over three seeds.
   double restart_mask_l1_scale = 1.0;
+  // Targeted mode, tasks that pass the gate: Adam steps on the task's
+  // online triggers (not the pinned copies) right after the scan, on the
+  // model the task was scanned on, with each stamp's mask multiplied by a
+  // fresh random keep-map that drops a `mask_dropout` share of its pixels.
+  // The smallest mask that sends inputs to the target holds one corner of
+  // a planted patch; one that must still work with a random part of it
+  // missing has to hold more of the backdoor's pixels (docs/lfpm.md,
+  // "Dropout refinement"). The L1 weight is the scan's times
+  // (1 − mask_dropout), the share of stamps a pixel's gradient reaches.
+  // 0 (default): none.
+  int64_t dropout_refine_steps = 0;
+  // Share of a mask's pixels each stamp drops in dropout refinement, in
+  // [0, 1).
+  double mask_dropout = 0.5;
   // Re-run the scan on the repaired model for the report's "after" anomaly
   // index (costs one more scan).
   bool rescan_after = true;

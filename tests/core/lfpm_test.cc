@@ -932,11 +932,9 @@ TEST(LfpmTest, RestartOverlapPenaltyPushesRestartsOffHeldPixels) {
     const torch::Tensor& before = plain->report.triggers[i].masks;
     const torch::Tensor& after = spread->report.triggers[i].masks;
     ASSERT_EQ(after.size(0), 3);
-    // The first task's scan runs before any restart draws random numbers:
-    // its trigger is the same in both runs.
-    if (i == 0) {
-      EXPECT_TRUE(torch::allclose(after[0], before[0]));
-    }
+    // Restarts draw from their own random stream: every task's scan
+    // trigger is the same in both runs.
+    EXPECT_TRUE(torch::allclose(after[0], before[0]));
     // Each restart holds less of the scan trigger's pixels than an
     // unpenalized one, and the second less of the first restart's.
     for (int64_t r : {1, 2}) {
@@ -961,17 +959,97 @@ TEST(LfpmTest, RestartMaskL1ScaleGrowsOnlyTheRestarts) {
   options.triggers.restart_mask_l1_scale = 0.1;
   auto grown = RunLfpm(*model, MergedTensors(), Tasks(), options);
   ASSERT_TRUE(grown.ok()) << grown.status();
-  // The first task's scan runs before any restart: same trigger; its
-  // restarts start from the same draws and end larger with a lighter L1.
-  const LfpmTriggerReport& before = plain->report.triggers[0];
-  const LfpmTriggerReport& after = grown->report.triggers[0];
-  EXPECT_NEAR(after.mask_l1[0], before.mask_l1[0], 1e-6);
-  for (size_t r : {1u, 2u}) {
-    EXPECT_GT(after.mask_l1[r], before.mask_l1[r] + 1.0) << "restart " << r;
+  // Same scan triggers; the restarts start from the same draws and end
+  // larger with a lighter L1.
+  for (size_t i = 0; i < grown->report.triggers.size(); ++i) {
+    const LfpmTriggerReport& before = plain->report.triggers[i];
+    const LfpmTriggerReport& after = grown->report.triggers[i];
+    EXPECT_NEAR(after.mask_l1[0], before.mask_l1[0], 1e-6);
+    for (size_t r : {1u, 2u}) {
+      EXPECT_GT(after.mask_l1[r], before.mask_l1[r] + 1.0)
+          << "task " << i << " restart " << r;
+    }
   }
   auto options_json = nlohmann::json::parse(LfpmOptionsToJson(options));
   EXPECT_EQ(options_json["triggers"]["restart_mask_l1_scale"], 0.1);
   options.triggers.restart_mask_l1_scale = 0.0;
+  EXPECT_EQ(RunLfpm(*model, MergedTensors(), Tasks(), options).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST(LfpmTest, RestartsLeaveEveryScanAsItWas) {
+  auto model = TinyModel();
+  LfpmOptions options = RestartOptions();
+  options.triggers.restarts_per_target = 1;
+  auto single = RunLfpm(*model, MergedTensors(), Tasks(), options);
+  ASSERT_TRUE(single.ok()) << single.status();
+  options.triggers.restarts_per_target = 3;
+  auto restarted = RunLfpm(*model, MergedTensors(), Tasks(), options);
+  ASSERT_TRUE(restarted.ok()) << restarted.status();
+  ASSERT_EQ(restarted->report.anomaly_merged.size(), 2u);
+  for (size_t i = 0; i < 2; ++i) {
+    const std::vector<double>& before =
+        single->report.anomaly_merged[i].class_norms;
+    const std::vector<double>& after =
+        restarted->report.anomaly_merged[i].class_norms;
+    ASSERT_EQ(after.size(), before.size());
+    for (size_t c = 0; c < before.size(); ++c) {
+      EXPECT_NEAR(after[c], before[c], 1e-6) << "task " << i << " class " << c;
+    }
+  }
+}
+
+// DropoutOptions: no outer steps, every task through the gate, the scan's
+// trigger pinned next to the online one.
+LfpmOptions DropoutOptions() {
+  LfpmOptions options = FastOptions(LfpmMode::kFull);
+  options.steps = 0;
+  options.triggers.anomaly_gate = 0.0;
+  options.triggers.pin_scan_trigger = true;
+  options.triggers.scan_steps = 40;
+  options.triggers.dropout_refine_steps = 40;
+  return options;
+}
+
+TEST(LfpmTest, DropoutRefineGrowsOnlyTheOnlineTriggers) {
+  auto model = TinyModel();
+  LfpmOptions options = DropoutOptions();
+  options.triggers.mask_dropout = 0.0;
+  auto whole = RunLfpm(*model, MergedTensors(), Tasks(), options);
+  ASSERT_TRUE(whole.ok()) << whole.status();
+  options.triggers.mask_dropout = 0.5;
+  auto thinned = RunLfpm(*model, MergedTensors(), Tasks(), options);
+  ASSERT_TRUE(thinned.ok()) << thinned.status();
+  options.triggers.dropout_refine_steps = 0;
+  auto scanned = RunLfpm(*model, MergedTensors(), Tasks(), options);
+  ASSERT_TRUE(scanned.ok()) << scanned.status();
+  for (size_t i = 0; i < thinned->report.triggers.size(); ++i) {
+    SCOPED_TRACE(absl::StrCat("task ", i));
+    const LfpmTriggerReport& plain = scanned->report.triggers[i];
+    const LfpmTriggerReport& full = whole->report.triggers[i];
+    const LfpmTriggerReport& dropped = thinned->report.triggers[i];
+    ASSERT_EQ(dropped.targets.size(), 2u);
+    // The pinned copy is the scan's trigger in every run: the refinement
+    // draws from its own stream and leaves the scans as they were.
+    EXPECT_NEAR(dropped.mask_l1[1], plain.mask_l1[1], 1e-6);
+    EXPECT_NEAR(full.mask_l1[1], plain.mask_l1[1], 1e-6);
+    // The same steps with a random half of each stamp's mask missing end
+    // with a larger mask than with the whole mask stamped.
+    EXPECT_GT(dropped.mask_l1[0], 1.3 * full.mask_l1[0]);
+  }
+  options.triggers.dropout_refine_steps = 40;
+  auto options_json = nlohmann::json::parse(LfpmOptionsToJson(options));
+  EXPECT_EQ(options_json["triggers"]["dropout_refine_steps"], 40);
+  EXPECT_EQ(options_json["triggers"]["mask_dropout"], 0.5);
+  for (double bad : {-0.1, 1.0}) {
+    options.triggers.mask_dropout = bad;
+    EXPECT_EQ(
+        RunLfpm(*model, MergedTensors(), Tasks(), options).status().code(),
+        absl::StatusCode::kInvalidArgument)
+        << bad;
+  }
+  options.triggers.mask_dropout = 0.5;
+  options.triggers.dropout_refine_steps = -1;
   EXPECT_EQ(RunLfpm(*model, MergedTensors(), Tasks(), options).status().code(),
             absl::StatusCode::kInvalidArgument);
 }
