@@ -354,6 +354,9 @@ std::vector<Field<LfpmOptions>> LfpmFields() {
       Number<O>(
           "trigger.mask_dropout",
           [](O & o) -> auto& { return o.triggers.mask_dropout; }),
+      Number<O>(
+          "trigger.dropout_base_weight",
+          [](O & o) -> auto& { return o.triggers.dropout_base_weight; }),
       Boolean<O>(
           "trigger.scan_own_model",
           [](O & o) -> auto& { return o.triggers.scan_own_model; }),

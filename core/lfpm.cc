@@ -258,6 +258,19 @@ torch::Tensor MiningLoss(const SurrogateTriggers& triggers,
   return (per_trigger + mask_l1_weight * mask_l1).sum();
 }
 
+// AvoidTargetLoss is Σ over triggers of the mean −log(1 − p(target)) over
+// each trigger's batch: low when the model is not sent to the target.
+torch::Tensor AvoidTargetLoss(const SurrogateTriggers& triggers,
+                              const torch::Tensor& logits, int64_t b) {
+  torch::Tensor targets =
+      TriggerTargets(triggers, b, logits.device()).clamp_min(0);
+  torch::Tensor p_target =
+      torch::softmax(logits, 1).gather(1, targets.unsqueeze(1)).squeeze(1);
+  torch::Tensor per_example =
+      -torch::log((1.0 - p_target).clamp_min(kProbabilityFloor));
+  return per_example.view({triggers.size(), b}).mean(1).sum();
+}
+
 // Success returns the trigger's success from `predictions` [b] on labels
 // [b]: targeted, the fraction of inputs not of the target class sent to it;
 // untargeted, the fraction moved off their label.
@@ -672,6 +685,11 @@ struct LfpmProblemForTesting::State {
     MiningTerms terms(options.triggers.mask_l1_weight * (1.0 - dropout),
                       &extra_generator);
     terms.mask_dropout = dropout;
+    if (options.triggers.dropout_base_weight > 0.0 &&
+        !task.base_model.empty()) {
+      terms.contrast = &task.base_model;
+      terms.contrast_weight = options.triggers.dropout_base_weight;
+    }
     RETURN_IF_ERROR(Mine(task, task.triggers, steps,
                          options.triggers.scan_batch_size, &terms));
     // Later mining starts from fresh Adam moments, as without this pass.
@@ -722,7 +740,10 @@ struct LfpmProblemForTesting::State {
   // (restarts, dropout refinement): their L1 weight and random stream; with
   // `avoid` ([triggers, 1, H, W]) defined, overlap_weight · Σ M ⊙ avoid per
   // trigger; with mask_dropout > 0, each stamp's mask thinned by a keep-map
-  // that drops that share of its pixels.
+  // that drops that share of its pixels; with `contrast` (a backbone, one
+  // tensor per parameter) set, contrast_weight · mean −log(1 − p(target))
+  // on that backbone per trigger, after which the task's scan model is
+  // installed again (so only for passes on the scan model).
   struct MiningTerms {
     MiningTerms(double l1_weight, at::Generator* from)
         : mask_l1_weight(l1_weight), generator(from) {}
@@ -731,6 +752,8 @@ struct LfpmProblemForTesting::State {
     torch::Tensor avoid;
     double overlap_weight = 0.0;
     double mask_dropout = 0.0;
+    const std::vector<torch::Tensor>* contrast = nullptr;
+    double contrast_weight = 0.0;
   };
 
   // Mine takes `steps` Adam steps on `triggers` of `task` against the model
@@ -769,6 +792,17 @@ struct LfpmProblemForTesting::State {
       }
       triggers.optimizer->zero_grad();
       loss.backward();
+      if (terms != nullptr && terms->contrast != nullptr) {
+        RETURN_IF_ERROR(InstallBackbone(*terms->contrast));
+        ASSIGN_OR_RETURN(
+            torch::Tensor contrast_features,
+            model->Features(StampTriggers(triggers, x, true, keep)));
+        (terms->contrast_weight *
+         AvoidTargetLoss(triggers, task.head.Logits(contrast_features),
+                         idx.size(0)))
+            .backward();
+        RETURN_IF_ERROR(InstallForScan(task));
+      }
       for (int64_t j = 0; j < triggers.size(); ++j) {
         if (triggers.pinned[j]) {
           triggers.mask_logits.mutable_grad()[j].zero_();
@@ -899,6 +933,7 @@ absl::Status ValidateOptions(const LfpmOptions& options) {
       t.scan_batch_size < 1 || t.update_every < 1 || t.steps_per_update < 0 ||
       t.merge_refine_steps < 0 || t.dropout_refine_steps < 0 ||
       !(t.mask_dropout >= 0.0 && t.mask_dropout < 1.0) ||
+      !(t.dropout_base_weight >= 0.0) ||
       !(t.trigger_alpha >= 0.0 && t.trigger_alpha <= 1.0) ||
       !(t.learning_rate > 0.0) || !(t.mask_l1_weight >= 0.0) ||
       !(t.restart_overlap_weight >= 0.0) || !(t.restart_mask_l1_scale > 0.0) ||
@@ -911,6 +946,7 @@ absl::Status ValidateOptions(const LfpmOptions& options) {
         "[0, 1], learning_rate > 0, mask_l1_weight >= 0, "
         "restart_overlap_weight >= 0, restart_mask_l1_scale > 0, "
         "dropout_refine_steps >= 0, mask_dropout in [0, 1), "
+        "dropout_base_weight >= 0, "
         "anomaly_gate >= 0, "
         "differential_max_ratio >= 0");
   }
@@ -1290,6 +1326,7 @@ absl::StatusOr<LfpmResult> Run(const Model& architecture,
     t.task = task.name;
     t.targets = task.triggers.targets;
     t.masks = torch::sigmoid(task.triggers.mask_logits).detach().cpu();
+    t.patterns = torch::sigmoid(task.triggers.pattern_logits).detach().cpu();
     torch::Tensor norms = t.masks.sum({1, 2, 3});
     const int64_t height = t.masks.size(2);
     const int64_t width = t.masks.size(3);
@@ -1577,6 +1614,7 @@ json OptionsJson(const LfpmOptions& o) {
             {"restart_mask_l1_scale", t.restart_mask_l1_scale},
             {"dropout_refine_steps", t.dropout_refine_steps},
             {"mask_dropout", t.mask_dropout},
+            {"dropout_base_weight", t.dropout_base_weight},
             {"scan_own_model", t.scan_own_model},
             {"merge_refine_steps", t.merge_refine_steps},
             {"differential_gate", t.differential_gate},

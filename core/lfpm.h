@@ -155,6 +155,12 @@ struct LfpmTriggerOptions {
   // Share of a mask's pixels each stamp drops in dropout refinement, in
   // [0, 1).
   double mask_dropout = 0.5;
+  // With differential_gate (a base model per task): dropout refinement
+  // also stamps the triggers on the base backbone and adds this weight
+  // times mean −log(1 − p_base(target)), so the trigger is pushed towards
+  // what the fine-tune answers to and the base does not, rather than
+  // towards an adversarial patch that works on both. 0 (default): off.
+  double dropout_base_weight = 0.0;
   // Re-run the scan on the repaired model for the report's "after" anomaly
   // index (costs one more scan).
   bool rescan_after = true;
@@ -321,6 +327,9 @@ struct LfpmTriggerReport {
   // The final masks M, [triggers, 1, H, W] on the CPU, for callers that
   // compare them with a known trigger; not in the JSON report.
   torch::Tensor masks;
+  // The final patterns P, [triggers, C, H, W] on the CPU, likewise: with
+  // the masks, enough to stamp the triggers again.
+  torch::Tensor patterns;
   // Success of each trigger on θm (α = 0) and on θm + τab (α = 1).
   std::vector<double> asr_merged;
   std::vector<double> asr_repaired;
