@@ -396,12 +396,12 @@ struct LfpmProblemForTesting::State {
     return scan;
   }
 
-  torch::Tensor Sample(int64_t n, int64_t batch) {
-    return Sample(n, batch, generator);
-  }
-
-  torch::Tensor Sample(int64_t n, int64_t batch, at::Generator& from) {
-    return torch::randperm(n, from, torch::kInt64)
+  // Sample draws `batch` of the `n` input indices from `from` (the main
+  // generator when null).
+  torch::Tensor Sample(int64_t n, int64_t batch,
+                       at::Generator* from = nullptr) {
+    return torch::randperm(n, from != nullptr ? *from : generator,
+                           torch::kInt64)
         .slice(0, 0, std::min(n, batch))
         .to(device);
   }
@@ -769,7 +769,7 @@ struct LfpmProblemForTesting::State {
                               : generator;
     for (int64_t step = 0; step < steps; ++step) {
       RETURN_IF_ERROR(Check());
-      torch::Tensor idx = Sample(task.inputs.size(0), batch_size, draw);
+      torch::Tensor idx = Sample(task.inputs.size(0), batch_size, &draw);
       torch::Tensor x = task.inputs.index_select(0, idx);
       torch::Tensor y = task.labels.index_select(0, idx);
       torch::Tensor keep;

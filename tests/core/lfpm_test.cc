@@ -696,20 +696,34 @@ TEST(LfpmTest, MergeRefineMinesOwnModelTriggersAgainstTheMerge) {
             absl::StatusCode::kInvalidArgument);
 }
 
+// BaseBackbone is the merged model's backbone, standing in for the base
+// the tasks were fine-tuned from.
+NamedTensors BaseBackbone() {
+  NamedTensors base;
+  for (const auto& [name, tensor] : MergedTensors()) {
+    if (!absl::StrContains(name, "/head.")) base.emplace_back(name, tensor);
+  }
+  return base;
+}
+
+// TasksWithOwnAndBase is Tasks(), each with OwnBackbone() as its own model
+// and `base` as its base.
+std::vector<LfpmTask> TasksWithOwnAndBase(const NamedTensors& base) {
+  std::vector<LfpmTask> tasks = Tasks();
+  for (LfpmTask& task : tasks) {
+    task.own_model = OwnBackbone();
+    task.base_model = base;
+  }
+  return tasks;
+}
+
 TEST(LfpmTest, DifferentialGateReadsOwnOverBaseNorms) {
   auto model = TinyModel();
   LfpmOptions options = FastOptions(LfpmMode::kFull);
   options.steps = 1;
   options.triggers.scan_own_model = true;
-  std::vector<LfpmTask> tasks = Tasks();
-  NamedTensors base;
-  for (const auto& [name, tensor] : MergedTensors()) {
-    if (!absl::StrContains(name, "/head.")) base.emplace_back(name, tensor);
-  }
-  for (LfpmTask& task : tasks) {
-    task.own_model = OwnBackbone();
-    task.base_model = base;
-  }
+  const NamedTensors base = BaseBackbone();
+  std::vector<LfpmTask> tasks = TasksWithOwnAndBase(base);
 
   // Off, the base is ignored.
   auto own = RunLfpm(*model, MergedTensors(), tasks, options);
@@ -1060,15 +1074,16 @@ TEST(LfpmTest, DropoutRefineGrowsOnlyTheOnlineTriggers) {
 double TargetProbability(const NamedTensors& backbone, const std::string& head,
                          const torch::Tensor& inputs, const torch::Tensor& mask,
                          const torch::Tensor& pattern, int64_t target) {
+  auto model = TinyModel();
+  for (const auto& [name, tensor] : backbone) {
+    EXPECT_TRUE(model->InstallTensor(name, tensor).ok()) << name;
+  }
+  auto features = model->Features((1.0 - mask) * inputs + mask * pattern);
+  EXPECT_TRUE(features.ok()) << features.status();
+  if (!features.ok()) return 0.0;
   const NamedTensors merged = MergedTensors();
-  torch::Tensor x = (1.0 - mask) * inputs + mask * pattern;
-  torch::Tensor h = torch::relu(torch::conv2d(x, Find(backbone, "conv.weight"),
-                                              Find(backbone, "conv.bias"), 2));
-  torch::Tensor features = torch::relu(
-      torch::linear(torch::flatten(h, 1), Find(backbone, "fc.weight"),
-                    Find(backbone, "fc.bias")));
   torch::Tensor logits =
-      torch::linear(features, Find(merged, head + "/head.weight"),
+      torch::linear(*features, Find(merged, head + "/head.weight"),
                     Find(merged, head + "/head.bias"));
   return torch::softmax(logits, 1).select(1, target).mean().item<double>();
 }
@@ -1079,15 +1094,8 @@ TEST(LfpmTest, DropoutBaseWeightSteersTriggersOffTheBase) {
   options.triggers.pin_scan_trigger = false;
   options.triggers.scan_own_model = true;
   options.triggers.differential_gate = true;
-  std::vector<LfpmTask> tasks = Tasks();
-  NamedTensors base;
-  for (const auto& [name, tensor] : MergedTensors()) {
-    if (!absl::StrContains(name, "/head.")) base.emplace_back(name, tensor);
-  }
-  for (LfpmTask& task : tasks) {
-    task.own_model = OwnBackbone();
-    task.base_model = base;
-  }
+  const NamedTensors base = BaseBackbone();
+  std::vector<LfpmTask> tasks = TasksWithOwnAndBase(base);
   auto plain = RunLfpm(*model, MergedTensors(), tasks, options);
   ASSERT_TRUE(plain.ok()) << plain.status();
   options.triggers.dropout_base_weight = 50.0;
