@@ -3,6 +3,7 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -118,9 +119,38 @@ json PatchOverlapJson(const std::vector<TriggerPatchOverlap>& overlaps) {
   for (const TriggerPatchOverlap& o : overlaps) {
     out.push_back({{"task", o.task},
                    {"mass_on_patch", o.mass_on_patch},
-                   {"patch_covered", o.patch_covered}});
+                   {"patch_covered", o.patch_covered},
+                   {"pattern_gap", o.pattern_gap},
+                   {"pattern_correlation", o.pattern_correlation}});
   }
   return out;
+}
+
+struct PatternAgreement {
+  double gap = 0.0;
+  double correlation = 0.0;
+};
+
+// ComparePatterns weighs mined [C, H, W] against planted [C, H, W] with
+// weights [1, H, W] (see TriggerPatchOverlap); both 0 when the weights are.
+PatternAgreement ComparePatterns(const torch::Tensor& mined,
+                                 const torch::Tensor& planted,
+                                 const torch::Tensor& weights) {
+  torch::Tensor w = weights.expand_as(mined);
+  const double total = w.sum().item<double>();
+  PatternAgreement agreement;
+  if (total <= 1e-12) return agreement;
+  agreement.gap = (w * (mined - planted).abs()).sum().item<double>() / total;
+  torch::Tensor mined_centred = mined - (w * mined).sum() / total;
+  torch::Tensor planted_centred = planted - (w * planted).sum() / total;
+  const double covariance =
+      (w * mined_centred * planted_centred).sum().item<double>();
+  const double spread =
+      std::sqrt((w * mined_centred.square()).sum().item<double>() *
+                (w * planted_centred.square()).sum().item<double>());
+  // A pattern constant where the weights are has no correlation to report.
+  if (spread > 1e-12) agreement.correlation = covariance / spread;
+  return agreement;
 }
 
 json AdaptiveJson(const std::vector<AdaptiveAttack>& attacks) {
@@ -162,6 +192,12 @@ absl::StatusOr<std::vector<TriggerPatchOverlap>> PatchOverlaps(
         overlap.mass_on_patch.push_back(
             shared / std::max(mask.sum().item<double>(), 1e-12));
         overlap.patch_covered.push_back(shared / std::max(patch_area, 1e-12));
+        if (t.patterns.defined()) {
+          const PatternAgreement agreement = ComparePatterns(
+              t.patterns[j].to(torch::kFloat32), planted.pattern, mask * patch);
+          overlap.pattern_gap.push_back(agreement.gap);
+          overlap.pattern_correlation.push_back(agreement.correlation);
+        }
       }
       overlaps.push_back(std::move(overlap));
       return absl::OkStatus();
@@ -371,7 +407,8 @@ std::string LfpmRowsToText(const Scenario& scenario, const LfpmRows& rows) {
   if (any_overlap) {
     out +=
         "mined triggers on the attack's patch (backdoored run): share of "
-        "each mask on the patch / share of the patch covered\n";
+        "each mask on the patch / share of the patch covered [pattern gap, "
+        "correlation with the patch's pattern where they meet]\n";
     for (const LfpmRow& row : rows.rows) {
       absl::StrAppendFormat(&out, "%-10s", row.row.method);
       for (const TriggerPatchOverlap& o : row.patch_overlap) {
@@ -379,6 +416,10 @@ std::string LfpmRowsToText(const Scenario& scenario, const LfpmRows& rows) {
         for (size_t j = 0; j < o.mass_on_patch.size(); ++j) {
           absl::StrAppendFormat(&out, " %.2f/%.2f", o.mass_on_patch[j],
                                 o.patch_covered[j]);
+          if (j < o.pattern_gap.size()) {
+            absl::StrAppendFormat(&out, " [%.2f, %+.2f]", o.pattern_gap[j],
+                                  o.pattern_correlation[j]);
+          }
         }
       }
       out += "\n";

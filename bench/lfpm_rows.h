@@ -75,11 +75,18 @@ struct AdaptiveAttack {
 // mass_on_patch = Σ M⊙P / ‖M‖1, the share of the mask that lies on the
 // patch, and patch_covered = Σ M⊙P / ‖P‖1, the share of the patch the mask
 // holds. It says whether LFPM unlearned the planted trigger or another way
-// into the target class.
+// into the target class. Where the report has the patterns, it also says
+// whether the mined pattern Q is the patch's pattern R where the two meet,
+// with weights w = M⊙P summed over channels: pattern_gap = Σ w|Q − R| /
+// Σ w (0 when they agree; in pixel units, as the patterns are in [0, 1])
+// and pattern_correlation, the w-weighted Pearson correlation of Q and R
+// (0 when unrelated, or when either is constant where w is).
 struct TriggerPatchOverlap {
   std::string task;
   std::vector<double> mass_on_patch;
   std::vector<double> patch_covered;
+  std::vector<double> pattern_gap;
+  std::vector<double> pattern_correlation;
 };
 
 // PatchOverlaps returns the overlaps of `report`'s triggers on the tasks

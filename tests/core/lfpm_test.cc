@@ -1397,6 +1397,14 @@ TEST(LfpmScenarioTest, TinyScenarioAsrBelowTaskArithmetic) {
     EXPECT_GE(share, 0.0);
     EXPECT_LE(share, 1.0);
   }
+  ASSERT_EQ(row.patch_overlap[0].pattern_gap.size(),
+            row.patch_overlap[0].mass_on_patch.size());
+  for (size_t j = 0; j < row.patch_overlap[0].pattern_gap.size(); ++j) {
+    EXPECT_GE(row.patch_overlap[0].pattern_gap[j], 0.0);
+    EXPECT_LE(row.patch_overlap[0].pattern_gap[j], 1.0);
+    EXPECT_GE(row.patch_overlap[0].pattern_correlation[j], -1.0 - 1e-6);
+    EXPECT_LE(row.patch_overlap[0].pattern_correlation[j], 1.0 + 1e-6);
+  }
   EXPECT_EQ(rows_json["lfpm"][0]["patch_overlap"][0]["patch_covered"].size(),
             row.patch_overlap[0].mass_on_patch.size());
   EXPECT_NE(bench::LfpmRowsToText(built->scenario, *rows)
@@ -1421,6 +1429,32 @@ TEST(LfpmScenarioTest, TinyScenarioAsrBelowTaskArithmetic) {
   ASSERT_EQ(overlaps->size(), 1u);
   EXPECT_EQ((*overlaps)[0].mass_on_patch, (std::vector<double>{1.0, 0.0}));
   EXPECT_EQ((*overlaps)[0].patch_covered, (std::vector<double>{1.0, 0.0}));
+  EXPECT_TRUE((*overlaps)[0].pattern_gap.empty());
+  // With patterns: the patch's own pattern agrees with it, its negative is
+  // as far from it as it can be, and a mask off the patch compares nothing.
+  crafted.triggers[0].masks = torch::stack({stamp->mask, stamp->mask});
+  crafted.triggers[0].patterns =
+      torch::stack({stamp->pattern, 1.0 - stamp->pattern});
+  overlaps = bench::PatchOverlaps(built->scenario, crafted);
+  ASSERT_TRUE(overlaps.ok()) << overlaps.status();
+  const bench::TriggerPatchOverlap& same_and_negative = (*overlaps)[0];
+  ASSERT_EQ(same_and_negative.pattern_gap.size(), 2u);
+  EXPECT_NEAR(same_and_negative.pattern_gap[0], 0.0, 1e-6);
+  EXPECT_NEAR(same_and_negative.pattern_correlation[0], 1.0, 1e-5);
+  const torch::Tensor on_patch = stamp->mask.expand_as(stamp->pattern).gt(0);
+  const double negative_gap =
+      (1.0 - 2.0 * stamp->pattern.masked_select(on_patch))
+          .abs()
+          .mean()
+          .item<double>();
+  EXPECT_NEAR(same_and_negative.pattern_gap[1], negative_gap, 1e-5);
+  EXPECT_NEAR(same_and_negative.pattern_correlation[1], -1.0, 1e-5);
+  crafted.triggers[0].masks = stamp->mask.flip({1, 2}).unsqueeze(0);
+  crafted.triggers[0].patterns = stamp->pattern.unsqueeze(0);
+  overlaps = bench::PatchOverlaps(built->scenario, crafted);
+  ASSERT_TRUE(overlaps.ok()) << overlaps.status();
+  EXPECT_EQ((*overlaps)[0].pattern_gap, (std::vector<double>{0.0}));
+  EXPECT_EQ((*overlaps)[0].pattern_correlation, (std::vector<double>{0.0}));
   const double ta_asr = bench::MeanAsr(rows->ta.backdoored);
   const double lfpm_asr = bench::MeanAsr(rows->rows[0].row.backdoored);
   // The scenario must plant a backdoor that survives TA, or the comparison
