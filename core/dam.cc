@@ -186,8 +186,10 @@ absl::StatusOr<FinalMaskMode> ParseFinalMaskMode(absl::string_view name) {
   if (name == "expected") return FinalMaskMode::kExpected;
   if (name == "sample") return FinalMaskMode::kSample;
   if (name == "hard") return FinalMaskMode::kHard;
-  return absl::InvalidArgumentError(absl::StrCat(
-      "unknown final mask \"", name, "\" (expected, sample, hard)"));
+  if (name == "hard_detection") return FinalMaskMode::kHardDetection;
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown final mask \"", name,
+                   "\" (expected, sample, hard, hard_detection)"));
 }
 
 absl::string_view FinalMaskModeName(FinalMaskMode mode) {
@@ -198,6 +200,8 @@ absl::string_view FinalMaskModeName(FinalMaskMode mode) {
       return "sample";
     case FinalMaskMode::kHard:
       return "hard";
+    case FinalMaskMode::kHardDetection:
+      return "hard_detection";
   }
   return "expected";
 }
@@ -697,6 +701,9 @@ std::vector<torch::Tensor> DamTrainer::FinalMask(FinalMaskMode mode) {
         // sigmoid(s) > 0.5 exactly when s > 0.
         combined = (s.s1[k] > 0).to(torch::kFloat32) *
                    (s.s2[k] > 0).to(torch::kFloat32);
+        break;
+      case FinalMaskMode::kHardDetection:
+        combined = torch::sigmoid(s.s1[k]) * (s.s2[k] > 0).to(torch::kFloat32);
         break;
     }
     mask.push_back(NormalizeMaskByMean(combined).detach());

@@ -38,8 +38,12 @@ enum class FinalMaskMode {
   kSample,
   // 1[sigmoid(s1) > 0.5] * 1[sigmoid(s2) > 0.5].
   kHard,
+  // sigmoid(s1) * 1[sigmoid(s2) > 0.5]: M2's flags removed outright, the
+  // task-shared mask kept soft (a departure; docs/dam.md).
+  kHardDetection,
 };
-// ParseFinalMaskMode accepts "expected", "sample" and "hard".
+// ParseFinalMaskMode accepts "expected", "sample", "hard" and
+// "hard_detection".
 absl::StatusOr<FinalMaskMode> ParseFinalMaskMode(absl::string_view name);
 absl::string_view FinalMaskModeName(FinalMaskMode mode);
 

@@ -218,7 +218,7 @@ std::vector<Field<DamOptions>> DamFields() {
           [](O & o) -> auto& { return o.detection_clean_loss; },
           ParseDetectionCleanLoss, DetectionCleanLossName),
       Enum<O, FinalMaskMode>(
-          "final_mask", "expected|sample|hard",
+          "final_mask", "expected|sample|hard|hard_detection",
           [](O & o) -> auto& { return o.final_mask; }, ParseFinalMaskMode,
           FinalMaskModeName),
       Integer<O, int64_t>(

@@ -378,7 +378,16 @@ TEST(DamTrainerTest, FinalMaskModes) {
   auto sample = (*trainer)->FinalMask(FinalMaskMode::kSample);
   auto sample2 = (*trainer)->FinalMask(FinalMaskMode::kSample);
   auto hard = (*trainer)->FinalMask(FinalMaskMode::kHard);
+  auto hard_detection = (*trainer)->FinalMask(FinalMaskMode::kHardDetection);
   for (size_t k = 0; k < s1.size(); ++k) {
+    // hard_detection: zero exactly where M2 flags, sigmoid(s1) elsewhere.
+    torch::Tensor unflagged = s2[k] > 0;
+    EXPECT_TRUE(torch::equal(hard_detection[k] > 0, unflagged));
+    if (unflagged.any().item<bool>()) {
+      torch::Tensor soft = torch::sigmoid(s1[k]) * unflagged;
+      EXPECT_TRUE(
+          torch::allclose(hard_detection[k], soft / soft.mean(), 1e-5, 1e-6));
+    }
     EXPECT_TRUE(torch::equal(expected[k], again[k]));
     EXPECT_NEAR(expected[k].mean().item<double>(), 1.0, 1e-5);
     torch::Tensor product = torch::sigmoid(s1[k]) * torch::sigmoid(s2[k]);
