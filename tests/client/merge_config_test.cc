@@ -154,7 +154,8 @@ TEST(MergeConfigTest, DefenseParameterTableListsDefaults) {
   EXPECT_THAT(*markdown, HasSubstr("| Parameter | Type | Default |"));
   EXPECT_THAT(*markdown, HasSubstr("| `steps` | `integer` | `1000` |"));
   EXPECT_THAT(*markdown,
-              HasSubstr("| `final_mask` | `expected\\|sample\\|hard` |"));
+              HasSubstr("| `final_mask` | "
+                        "`expected\\|sample\\|hard\\|hard_detection` |"));
   absl::StatusOr<std::string> text =
       DefenseParameterTable(JobMethod::kLfpm, /*markdown=*/false);
   ASSERT_TRUE(text.ok()) << text.status();
@@ -261,7 +262,8 @@ INSTANTIATE_TEST_SUITE_P(
                              ">= 0"},
         BadDefenseParameters{"dam", "  final_mask: soft\n",
                              "line 8: parameters.final_mask: expected "
-                             "expected, sample, hard, got \"soft\""},
+                             "expected, sample, hard, hard_detection, got "
+                             "\"soft\""},
         BadDefenseParameters{"lfpm", "  steps: [1, 2]\n",
                              "line 8: parameters.steps: expected a single "
                              "value, got a list"},
