@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <iterator>
 #include <nlohmann/json.hpp>
 #include <utility>
 
@@ -39,6 +40,7 @@ json OptionsJson(const DamOptions& options) {
       {"detection_clean_loss",
        std::string(DetectionCleanLossName(options.detection_clean_loss))},
       {"final_mask", std::string(FinalMaskModeName(options.final_mask))},
+      {"hard_mask_margin", options.hard_mask_margin},
       {"adamerging_steps", options.adamerging_steps},
       {"adamerging_learning_rate", options.adamerging_learning_rate},
       {"adamerging_from_meta_lambda", options.adamerging_from_meta_lambda},
@@ -91,6 +93,30 @@ double Fraction(const torch::Tensor& condition) {
   return condition.numel() == 0
              ? 0.0
              : condition.to(torch::kFloat64).mean().item<double>();
+}
+
+// LogitQuantiles returns the quantiles at kMaskLogitQuantiles of all entries
+// of `logits`, by sorting (torch::quantile refuses more than 2^24 entries).
+std::vector<double> LogitQuantiles(const std::vector<torch::Tensor>& logits) {
+  std::vector<torch::Tensor> flat;
+  for (const torch::Tensor& t : logits) flat.push_back(t.detach().flatten());
+  if (flat.empty()) return {};
+  torch::Tensor sorted =
+      std::get<0>(torch::cat(flat).to(torch::kCPU, torch::kFloat64).sort());
+  const int64_t n = sorted.numel();
+  std::vector<double> out;
+  if (n == 0) return out;
+  for (double p : kMaskLogitQuantiles) {
+    // Nearest rank; the report needs the shape, not interpolation.
+    const int64_t index = std::min<int64_t>(
+        n - 1, static_cast<int64_t>(p * static_cast<double>(n)));
+    out.push_back(sorted[index].item<double>());
+  }
+  return out;
+}
+
+std::vector<double> LogitQuantileLevels() {
+  return {std::begin(kMaskLogitQuantiles), std::end(kMaskLogitQuantiles)};
 }
 
 // DifferentialRatio is class c's own/base mask ratio (0 without a base
@@ -282,6 +308,10 @@ absl::Status ValidateDamOptions(const DamOptions& options) {
   if (!(options.temperature > 0)) return bad("temperature", "> 0");
   if (!(options.trigger_epsilon >= 0)) return bad("trigger_epsilon", ">= 0");
   if (!(options.beta >= 0)) return bad("beta", ">= 0");
+  if (!(options.hard_mask_margin >= 0) ||
+      !std::isfinite(options.hard_mask_margin)) {
+    return bad("hard_mask_margin", ">= 0 and finite");
+  }
   if (!(options.detection_mask_learning_rate >= 0)) {
     return bad("detection_mask_learning_rate", ">= 0");
   }
@@ -686,6 +716,7 @@ std::vector<torch::Tensor> DamTrainer::FinalMask(FinalMaskMode mode) {
   torch::NoGradGuard no_grad;
   State& s = *state_;
   std::vector<torch::Tensor> mask;
+  const double margin = -options_.hard_mask_margin;
   for (size_t k = 0; k < s.s1.size(); ++k) {
     torch::Tensor combined;
     switch (mode) {
@@ -698,12 +729,13 @@ std::vector<torch::Tensor> DamTrainer::FinalMask(FinalMaskMode mode) {
             SampleConcreteMask(s.s2[k], options_.temperature, s.generator);
         break;
       case FinalMaskMode::kHard:
-        // sigmoid(s) > 0.5 exactly when s > 0.
-        combined = (s.s1[k] > 0).to(torch::kFloat32) *
-                   (s.s2[k] > 0).to(torch::kFloat32);
+        // At margin 0, sigmoid(s) > 0.5 exactly when s > 0.
+        combined = (s.s1[k] > margin).to(torch::kFloat32) *
+                   (s.s2[k] > margin).to(torch::kFloat32);
         break;
       case FinalMaskMode::kHardDetection:
-        combined = torch::sigmoid(s.s1[k]) * (s.s2[k] > 0).to(torch::kFloat32);
+        combined =
+            torch::sigmoid(s.s1[k]) * (s.s2[k] > margin).to(torch::kFloat32);
         break;
     }
     mask.push_back(NormalizeMaskByMean(combined).detach());
@@ -740,6 +772,8 @@ DamReport DamTrainer::MakeReport(
     report.final_mask_zeros = zeros / total;
   }
   report.m2_flagged_fraction = report.m2_sparsity;
+  report.m1_logit_quantiles = LogitQuantiles(s.s1);
+  report.m2_logit_quantiles = LogitQuantiles(s.s2);
   torch::Tensor delta = Perturbations().to(torch::kFloat64);
   torch::Tensor patch_masks = PatchMasks();
   for (size_t t = 0; t < task_names_.size(); ++t) {
@@ -847,6 +881,9 @@ std::string DamReportToJson(const DamReport& report,
       {"m2_sparsity", report.m2_sparsity},
       {"m2_flagged_fraction", report.m2_flagged_fraction},
       {"final_mask_zeros", report.final_mask_zeros},
+      {"logit_quantile_levels", LogitQuantileLevels()},
+      {"m1_logit_quantiles", report.m1_logit_quantiles},
+      {"m2_logit_quantiles", report.m2_logit_quantiles},
       {"tensors", tensors},
       {"meta_lambdas", TensorToJson(report.meta_lambdas)},
       {"lambdas", TensorToJson(report.lambdas)},
@@ -881,6 +918,10 @@ absl::StatusOr<DamResult> DamMergeFiles(
       {"m2_sparsity", result.report.m2_sparsity},
       {"m2_flagged_fraction", result.report.m2_flagged_fraction},
       {"final_mask_zeros", result.report.final_mask_zeros},
+      {"logit_quantile_levels", LogitQuantileLevels()},
+      {"m1_logit_quantiles", result.report.m1_logit_quantiles},
+      {"m2_logit_quantiles", result.report.m2_logit_quantiles},
+      {"lambdas", TensorToJson(result.report.lambdas)},
       {"outer_steps", result.report.outer_steps},
       {"seconds", result.report.seconds},
   };

@@ -221,6 +221,9 @@ std::vector<Field<DamOptions>> DamFields() {
           "final_mask", "expected|sample|hard|hard_detection",
           [](O & o) -> auto& { return o.final_mask; }, ParseFinalMaskMode,
           FinalMaskModeName),
+      Number<O>(
+          "hard_mask_margin",
+          [](O & o) -> auto& { return o.hard_mask_margin; }),
       Integer<O, int64_t>(
           "adamerging_steps",
           [](O & o) -> auto& { return o.adamerging_steps; }),

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <iterator>
 #include <nlohmann/json.hpp>
 
 #include "core/checkpoint.h"
@@ -407,6 +408,56 @@ TEST(DamTrainerTest, FinalMaskModes) {
   }
 }
 
+TEST(DamTrainerTest, HardMaskMarginDropsOnlyLogitsPushedPastIt) {
+  TinyWorld run;
+  DamOptions options = FastOptions();
+  options.mask_learning_rate = 0.05;
+  options.hard_mask_margin = 0.1;
+  auto trainer =
+      DamTrainer::Create(*run.model, run.set, run.calibration, options);
+  ASSERT_TRUE(trainer.ok()) << trainer.status();
+  for (int i = 0; i < 6; ++i) ASSERT_TRUE((*trainer)->Step().ok());
+  std::vector<torch::Tensor> s1 = (*trainer)->SharedMaskLogits();
+  std::vector<torch::Tensor> s2 = (*trainer)->DetectionMaskLogits();
+  auto hard = (*trainer)->FinalMask(FinalMaskMode::kHard);
+  auto hard_detection = (*trainer)->FinalMask(FinalMaskMode::kHardDetection);
+  int64_t kept_with_margin = 0, kept_at_zero = 0;
+  for (size_t k = 0; k < s1.size(); ++k) {
+    torch::Tensor kept = (s1[k] > -0.1).logical_and(s2[k] > -0.1);
+    EXPECT_TRUE(torch::equal(hard[k] > 0, kept));
+    EXPECT_TRUE(torch::equal(hard_detection[k] > 0, s2[k] > -0.1));
+    kept_with_margin += kept.sum().item<int64_t>();
+    kept_at_zero += (s1[k] > 0).logical_and(s2[k] > 0).sum().item<int64_t>();
+  }
+  // Six steps at learning rate 0.05 move logits by up to 0.15, so the margin
+  // keeps entries that the spec's hard mask drops.
+  EXPECT_GT(kept_with_margin, kept_at_zero);
+}
+
+TEST(DamTest, ReportsMaskLogitQuantiles) {
+  TinyWorld run;
+  DamOptions options = FastOptions();
+  options.mask_learning_rate = 0.05;
+  auto result = RunDam(*run.model, run.set, run.calibration, options);
+  ASSERT_TRUE(result.ok()) << result.status();
+  const DamReport& report = result->report;
+  const size_t levels = std::size(kMaskLogitQuantiles);
+  ASSERT_EQ(report.m1_logit_quantiles.size(), levels);
+  ASSERT_EQ(report.m2_logit_quantiles.size(), levels);
+  EXPECT_TRUE(std::is_sorted(report.m1_logit_quantiles.begin(),
+                             report.m1_logit_quantiles.end()));
+  // Training moved s1 from 0 in both directions.
+  EXPECT_LT(report.m1_logit_quantiles.front(), 0.0);
+  EXPECT_GT(report.m1_logit_quantiles.back(), 0.0);
+  // The median sits where the sparsity says: M1's sparsity is the share of
+  // negative logits.
+  const double median = report.m1_logit_quantiles[3];
+  EXPECT_EQ(median<0, report.m1_sparsity> 0.5);
+  nlohmann::json json = nlohmann::json::parse(DamReportToJson(report, options));
+  EXPECT_EQ(json["m2_logit_quantiles"].size(), levels);
+  EXPECT_EQ(json["logit_quantile_levels"][3].get<double>(), 0.5);
+}
+
 TEST(DamTest, SeedMakesCpuRunsDeterministic) {
   auto run_once = [](uint64_t seed) {
     TinyWorld run;
@@ -746,6 +797,11 @@ TEST(DamTest, RejectsBadOptions) {
   auto status = RunDam(*run.model, run.set, run.calibration, options).status();
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(status.message(), HasSubstr("trigger_epsilon"));
+  options = FastOptions();
+  options.hard_mask_margin = -0.5;
+  status = RunDam(*run.model, run.set, run.calibration, options).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("hard_mask_margin"));
   EXPECT_EQ(ParseFinalMaskMode("soft").status().code(),
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(*ParseBackdoorLoss("consistency"), BackdoorLoss::kConsistency);
