@@ -716,7 +716,8 @@ std::vector<torch::Tensor> DamTrainer::FinalMask(FinalMaskMode mode) {
   torch::NoGradGuard no_grad;
   State& s = *state_;
   std::vector<torch::Tensor> mask;
-  const double margin = -options_.hard_mask_margin;
+  // The hard modes keep an entry whose logit is above this.
+  const double keep_above = -options_.hard_mask_margin;
   for (size_t k = 0; k < s.s1.size(); ++k) {
     torch::Tensor combined;
     switch (mode) {
@@ -730,12 +731,12 @@ std::vector<torch::Tensor> DamTrainer::FinalMask(FinalMaskMode mode) {
         break;
       case FinalMaskMode::kHard:
         // At margin 0, sigmoid(s) > 0.5 exactly when s > 0.
-        combined = (s.s1[k] > margin).to(torch::kFloat32) *
-                   (s.s2[k] > margin).to(torch::kFloat32);
+        combined = (s.s1[k] > keep_above).to(torch::kFloat32) *
+                   (s.s2[k] > keep_above).to(torch::kFloat32);
         break;
       case FinalMaskMode::kHardDetection:
-        combined =
-            torch::sigmoid(s.s1[k]) * (s.s2[k] > margin).to(torch::kFloat32);
+        combined = torch::sigmoid(s.s1[k]) *
+                   (s.s2[k] > keep_above).to(torch::kFloat32);
         break;
     }
     mask.push_back(NormalizeMaskByMean(combined).detach());
