@@ -115,8 +115,20 @@ std::vector<double> LogitQuantiles(const std::vector<torch::Tensor>& logits) {
   return out;
 }
 
-std::vector<double> LogitQuantileLevels() {
-  return {std::begin(kMaskLogitQuantiles), std::end(kMaskLogitQuantiles)};
+// MaskTotalsJson is the report's whole-backbone mask figures, shared by the
+// full report and the merged file's summary.
+json MaskTotalsJson(const DamReport& report) {
+  return {
+      {"m1_sparsity", report.m1_sparsity},
+      {"m2_sparsity", report.m2_sparsity},
+      {"m2_flagged_fraction", report.m2_flagged_fraction},
+      {"final_mask_zeros", report.final_mask_zeros},
+      {"logit_quantile_levels",
+       std::vector<double>(std::begin(kMaskLogitQuantiles),
+                           std::end(kMaskLogitQuantiles))},
+      {"m1_logit_quantiles", report.m1_logit_quantiles},
+      {"m2_logit_quantiles", report.m2_logit_quantiles},
+  };
 }
 
 // DifferentialRatio is class c's own/base mask ratio (0 without a base
@@ -878,13 +890,6 @@ std::string DamReportToJson(const DamReport& report,
       {"method", "dam"},
       {"options", OptionsJson(options)},
       {"tasks", report.task_names},
-      {"m1_sparsity", report.m1_sparsity},
-      {"m2_sparsity", report.m2_sparsity},
-      {"m2_flagged_fraction", report.m2_flagged_fraction},
-      {"final_mask_zeros", report.final_mask_zeros},
-      {"logit_quantile_levels", LogitQuantileLevels()},
-      {"m1_logit_quantiles", report.m1_logit_quantiles},
-      {"m2_logit_quantiles", report.m2_logit_quantiles},
       {"tensors", tensors},
       {"meta_lambdas", TensorToJson(report.meta_lambdas)},
       {"lambdas", TensorToJson(report.lambdas)},
@@ -902,6 +907,7 @@ std::string DamReportToJson(const DamReport& report,
       {"seconds_per_outer_step", report.seconds_per_outer_step},
       {"seconds", report.seconds},
   };
+  out.update(MaskTotalsJson(report));
   return out.dump();
 }
 
@@ -915,17 +921,11 @@ absl::StatusOr<DamResult> DamMergeFiles(
   ASSIGN_OR_RETURN(DamResult result,
                    RunDam(*job.model, job.set, job.calibration, options));
   json summary = {
-      {"m1_sparsity", result.report.m1_sparsity},
-      {"m2_sparsity", result.report.m2_sparsity},
-      {"m2_flagged_fraction", result.report.m2_flagged_fraction},
-      {"final_mask_zeros", result.report.final_mask_zeros},
-      {"logit_quantile_levels", LogitQuantileLevels()},
-      {"m1_logit_quantiles", result.report.m1_logit_quantiles},
-      {"m2_logit_quantiles", result.report.m2_logit_quantiles},
       {"lambdas", TensorToJson(result.report.lambdas)},
       {"outer_steps", result.report.outer_steps},
       {"seconds", result.report.seconds},
   };
+  summary.update(MaskTotalsJson(result.report));
   if (!result.report.scanned_triggers.empty()) {
     summary["scanned_triggers"] =
         ScannedTriggersJson(result.report.scanned_triggers);

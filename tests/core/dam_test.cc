@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <iterator>
+#include <memory>
 #include <nlohmann/json.hpp>
 
 #include "core/checkpoint.h"
@@ -364,22 +365,30 @@ TEST(DamTrainerTest, MasksAlternateOddSharedEvenDetection) {
   EXPECT_EQ(changed((*trainer)->SharedMaskLogits()), shared_after_one);
 }
 
+// TrainSixSteps runs six outer steps of a trainer on `run` with a mask
+// learning rate that moves the logits visibly, for the final-mask tests.
+void TrainSixSteps(TinyWorld& run, DamOptions options,
+                   std::unique_ptr<DamTrainer>* trainer) {
+  options.mask_learning_rate = 0.05;
+  auto created =
+      DamTrainer::Create(*run.model, run.set, run.calibration, options);
+  ASSERT_TRUE(created.ok()) << created.status();
+  *trainer = std::move(*created);
+  for (int i = 0; i < 6; ++i) ASSERT_TRUE((*trainer)->Step().ok());
+}
+
 TEST(DamTrainerTest, FinalMaskModes) {
   TinyWorld run;
-  DamOptions options = FastOptions();
-  options.mask_learning_rate = 0.05;
-  auto trainer =
-      DamTrainer::Create(*run.model, run.set, run.calibration, options);
-  ASSERT_TRUE(trainer.ok()) << trainer.status();
-  for (int i = 0; i < 6; ++i) ASSERT_TRUE((*trainer)->Step().ok());
-  std::vector<torch::Tensor> s1 = (*trainer)->SharedMaskLogits();
-  std::vector<torch::Tensor> s2 = (*trainer)->DetectionMaskLogits();
-  auto expected = (*trainer)->FinalMask(FinalMaskMode::kExpected);
-  auto again = (*trainer)->FinalMask(FinalMaskMode::kExpected);
-  auto sample = (*trainer)->FinalMask(FinalMaskMode::kSample);
-  auto sample2 = (*trainer)->FinalMask(FinalMaskMode::kSample);
-  auto hard = (*trainer)->FinalMask(FinalMaskMode::kHard);
-  auto hard_detection = (*trainer)->FinalMask(FinalMaskMode::kHardDetection);
+  std::unique_ptr<DamTrainer> trainer;
+  ASSERT_NO_FATAL_FAILURE(TrainSixSteps(run, FastOptions(), &trainer));
+  std::vector<torch::Tensor> s1 = trainer->SharedMaskLogits();
+  std::vector<torch::Tensor> s2 = trainer->DetectionMaskLogits();
+  auto expected = trainer->FinalMask(FinalMaskMode::kExpected);
+  auto again = trainer->FinalMask(FinalMaskMode::kExpected);
+  auto sample = trainer->FinalMask(FinalMaskMode::kSample);
+  auto sample2 = trainer->FinalMask(FinalMaskMode::kSample);
+  auto hard = trainer->FinalMask(FinalMaskMode::kHard);
+  auto hard_detection = trainer->FinalMask(FinalMaskMode::kHardDetection);
   for (size_t k = 0; k < s1.size(); ++k) {
     // hard_detection: zero exactly where M2 flags, sigmoid(s1) elsewhere.
     torch::Tensor unflagged = s2[k] > 0;
@@ -411,16 +420,13 @@ TEST(DamTrainerTest, FinalMaskModes) {
 TEST(DamTrainerTest, HardMaskMarginDropsOnlyLogitsPushedPastIt) {
   TinyWorld run;
   DamOptions options = FastOptions();
-  options.mask_learning_rate = 0.05;
   options.hard_mask_margin = 0.1;
-  auto trainer =
-      DamTrainer::Create(*run.model, run.set, run.calibration, options);
-  ASSERT_TRUE(trainer.ok()) << trainer.status();
-  for (int i = 0; i < 6; ++i) ASSERT_TRUE((*trainer)->Step().ok());
-  std::vector<torch::Tensor> s1 = (*trainer)->SharedMaskLogits();
-  std::vector<torch::Tensor> s2 = (*trainer)->DetectionMaskLogits();
-  auto hard = (*trainer)->FinalMask(FinalMaskMode::kHard);
-  auto hard_detection = (*trainer)->FinalMask(FinalMaskMode::kHardDetection);
+  std::unique_ptr<DamTrainer> trainer;
+  ASSERT_NO_FATAL_FAILURE(TrainSixSteps(run, options, &trainer));
+  std::vector<torch::Tensor> s1 = trainer->SharedMaskLogits();
+  std::vector<torch::Tensor> s2 = trainer->DetectionMaskLogits();
+  auto hard = trainer->FinalMask(FinalMaskMode::kHard);
+  auto hard_detection = trainer->FinalMask(FinalMaskMode::kHardDetection);
   int64_t kept_with_margin = 0, kept_at_zero = 0;
   for (size_t k = 0; k < s1.size(); ++k) {
     torch::Tensor kept = (s1[k] > -0.1).logical_and(s2[k] > -0.1);
@@ -451,8 +457,9 @@ TEST(DamTest, ReportsMaskLogitQuantiles) {
   EXPECT_GT(report.m1_logit_quantiles.back(), 0.0);
   // The median sits where the sparsity says: M1's sparsity is the share of
   // negative logits.
-  const double median = report.m1_logit_quantiles[3];
-  EXPECT_EQ(median<0, report.m1_sparsity> 0.5);
+  const bool median_negative = report.m1_logit_quantiles[3] < 0;
+  const bool mostly_sparse = report.m1_sparsity > 0.5;
+  EXPECT_EQ(median_negative, mostly_sparse);
   nlohmann::json json = nlohmann::json::parse(DamReportToJson(report, options));
   EXPECT_EQ(json["m2_logit_quantiles"].size(), levels);
   EXPECT_EQ(json["logit_quantile_levels"][3].get<double>(), 0.5);
@@ -853,6 +860,11 @@ TEST(DamTest, FilesJobWritesHeadsAndProvenance) {
   EXPECT_EQ(metadata.at("mergeguard.job"), "j1");
   auto summary = nlohmann::json::parse(metadata.at("mergeguard.dam_summary"));
   EXPECT_EQ(summary["outer_steps"], 6);
+  // The summary carries the report's mask totals, quantiles included.
+  EXPECT_EQ(summary["m2_flagged_fraction"].get<double>(),
+            result->report.m2_flagged_fraction);
+  EXPECT_EQ(summary["m1_logit_quantiles"].size(),
+            std::size(kMaskLogitQuantiles));
   auto options_json = nlohmann::json::parse(metadata.at("mergeguard.options"));
   EXPECT_EQ(options_json["trigger_epsilon"], 0.1);
 
