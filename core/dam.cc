@@ -29,6 +29,8 @@ json OptionsJson(const DamOptions& options) {
       {"reset_lambda_each_step", options.reset_lambda_each_step},
       {"mask_learning_rate", options.mask_learning_rate},
       {"detection_mask_learning_rate", options.detection_mask_learning_rate},
+      {"mask_optimizer",
+       std::string(MaskOptimizerName(options.mask_optimizer))},
       {"initial_mask_logit", options.initial_mask_logit},
       {"temperature", options.temperature},
       {"trigger_shape", std::string(TriggerShapeName(options.trigger_shape))},
@@ -276,6 +278,17 @@ absl::string_view DetectionCleanLossName(DetectionCleanLoss loss) {
   return loss == DetectionCleanLoss::kEntropy ? "entropy" : "fidelity";
 }
 
+absl::StatusOr<MaskOptimizer> ParseMaskOptimizer(absl::string_view name) {
+  if (name == "adam") return MaskOptimizer::kAdam;
+  if (name == "normalized_sgd") return MaskOptimizer::kNormalizedSgd;
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown mask optimizer \"", name, "\" (adam, normalized_sgd)"));
+}
+
+absl::string_view MaskOptimizerName(MaskOptimizer optimizer) {
+  return optimizer == MaskOptimizer::kAdam ? "adam" : "normalized_sgd";
+}
+
 absl::StatusOr<TriggerShape> ParseTriggerShape(absl::string_view name) {
   if (name == "dense") return TriggerShape::kDense;
   if (name == "patch") return TriggerShape::kPatch;
@@ -458,10 +471,7 @@ absl::Status DamTrainer::Init(const TaskVectorSet& set,
     s.s1_optimizer = std::make_unique<torch::optim::Adam>(
         s.s1, torch::optim::AdamOptions(options_.mask_learning_rate));
     s.s2_optimizer = std::make_unique<torch::optim::Adam>(
-        s.s2,
-        torch::optim::AdamOptions(options_.detection_mask_learning_rate > 0
-                                      ? options_.detection_mask_learning_rate
-                                      : options_.mask_learning_rate));
+        s.s2, torch::optim::AdamOptions(DetectionMaskLearningRate()));
     s.delta_optimizer = std::make_unique<torch::optim::Adam>(
         trigger_parameters,
         torch::optim::AdamOptions(options_.trigger_learning_rate));
@@ -656,7 +666,13 @@ absl::Status DamTrainer::StepImpl() {
       update_shared ? *s.s1_optimizer : *s.s2_optimizer;
   mask_optimizer.zero_grad();
   mask_loss.backward();
-  mask_optimizer.step();
+  if (options_.mask_optimizer == MaskOptimizer::kAdam) {
+    mask_optimizer.step();
+  } else {
+    StepByNormalizedGradient(update_shared ? s.s1 : s.s2,
+                             update_shared ? options_.mask_learning_rate
+                                           : DetectionMaskLearningRate());
+  }
   // The detached mask received no gradient; keep both clean for the next
   // step regardless.
   s.s1_optimizer->zero_grad();

@@ -82,6 +82,22 @@ absl::StatusOr<DetectionCleanLoss> ParseDetectionCleanLoss(
     absl::string_view name);
 absl::string_view DetectionCleanLossName(DetectionCleanLoss loss);
 
+// MaskOptimizer: how the mask logits s1 and s2 take their steps.
+enum class MaskOptimizer {
+  // Adam (the spec's and the reference's): every entry moves by about the
+  // learning rate per step, whatever the size of its gradient.
+  kAdam,
+  // The gradient of each tensor divided by its root mean square: the
+  // typical entry moves by the learning rate, as with Adam, but an entry
+  // whose gradient is ten times the typical one moves ten times as far, so
+  // the logits keep how strongly the loss pushed each entry. A departure
+  // (docs/dam.md).
+  kNormalizedSgd,
+};
+// ParseMaskOptimizer accepts "adam" and "normalized_sgd".
+absl::StatusOr<MaskOptimizer> ParseMaskOptimizer(absl::string_view name);
+absl::string_view MaskOptimizerName(MaskOptimizer optimizer);
+
 // TriggerShape: the form of the synthesized per-task trigger.
 enum class TriggerShape {
   // delta_t, a dense additive perturbation with ||delta_t||_inf <= epsilon,
@@ -135,6 +151,8 @@ struct DamOptions {
   // When > 0, the Adam learning rate of s2 (M2) alone; 0 uses
   // `mask_learning_rate` for both masks, as the reference does. Default 0.
   double detection_mask_learning_rate = 0.0;
+  // The mask logits' optimizer. Default adam (the spec's).
+  MaskOptimizer mask_optimizer = MaskOptimizer::kAdam;
   // Initial mask logits (0: each entry kept with probability 1/2).
   // Default 0.
   double initial_mask_logit = 0.0;
@@ -372,6 +390,13 @@ class DamTrainer {
                     const std::vector<torch::Tensor>& calibration);
   absl::Status StepImpl();
   DamReport MakeReport(const std::vector<torch::Tensor>& final_mask) const;
+  // s2's learning rate: `detection_mask_learning_rate`, or when that is 0
+  // `mask_learning_rate`.
+  double DetectionMaskLearningRate() const {
+    return options_.detection_mask_learning_rate > 0
+               ? options_.detection_mask_learning_rate
+               : options_.mask_learning_rate;
+  }
 
   Model& model_;
   DamOptions options_;

@@ -179,6 +179,10 @@ std::vector<Field<DamOptions>> DamFields() {
       Number<O>(
           "initial_mask_logit",
           [](O & o) -> auto& { return o.initial_mask_logit; }),
+      Enum<O, MaskOptimizer>(
+          "mask_optimizer", "adam|normalized_sgd",
+          [](O & o) -> auto& { return o.mask_optimizer; }, ParseMaskOptimizer,
+          MaskOptimizerName),
       Number<O>(
           "temperature", [](O & o) -> auto& { return o.temperature; }),
       Number<O>(

@@ -84,6 +84,19 @@ torch::Tensor NormalizeMaskByMean(const torch::Tensor& mask) {
   return mask / torch::where(mean > 0, mean, torch::ones_like(mean));
 }
 
+void StepByNormalizedGradient(std::vector<torch::Tensor>& parameters,
+                              double learning_rate) {
+  torch::NoGradGuard no_grad;
+  for (torch::Tensor& parameter : parameters) {
+    const torch::Tensor& grad = parameter.grad();
+    if (!grad.defined()) continue;
+    const double rms =
+        grad.to(torch::kFloat64).square().mean().sqrt().item<double>();
+    if (!(rms > 0)) continue;
+    parameter.sub_(grad, learning_rate / rms);
+  }
+}
+
 torch::Tensor MeanEntropy(const torch::Tensor& logits) {
   torch::Tensor log_p = torch::log_softmax(logits, /*dim=*/1);
   return -(log_p.exp() * log_p).sum(1).mean();

@@ -71,6 +71,14 @@ torch::Tensor SampleConcreteMask(const torch::Tensor& logits,
 // vector keeps its scale; an all-zero mask stays zero.
 torch::Tensor NormalizeMaskByMean(const torch::Tensor& mask);
 
+// StepByNormalizedGradient moves every tensor of `parameters` that has a
+// gradient by -learning_rate * grad / rms(grad), the root mean square taken
+// over that tensor: the typical entry moves by the learning rate, and the
+// entries keep their gradients' relative sizes. A tensor whose gradient is
+// undefined or all zero is left alone. No gradient is recorded.
+void StepByNormalizedGradient(std::vector<torch::Tensor>& parameters,
+                              double learning_rate);
+
 // MeanEntropy returns the batch mean of the Shannon entropy (nats) of
 // softmax(logits) for logits [B, C].
 torch::Tensor MeanEntropy(const torch::Tensor& logits);

@@ -92,6 +92,24 @@ TEST(MaskNormalisationTest, EveryTensorHasMeanOne) {
   EXPECT_FALSE(zeros.isnan().any().item<bool>());
 }
 
+TEST(MaskStepTest, NormalizedGradientKeepsRelativeSizesAtTheLearningRate) {
+  torch::Tensor a = torch::zeros({4}).requires_grad_(true);
+  torch::Tensor flat = torch::full({3}, 0.5).requires_grad_(true);
+  torch::Tensor untouched = torch::ones({2}).requires_grad_(true);
+  // Gradients 1, -2, 0, 4 on a; zero on `flat`; none on `untouched`.
+  const torch::Tensor weights = torch::tensor({1.0f, -2.0f, 0.0f, 4.0f});
+  ((a * weights).sum() + flat.sum() * 0.0).backward();
+  std::vector<torch::Tensor> parameters = {a, flat, untouched};
+  StepByNormalizedGradient(parameters, 0.1);
+  // rms(1, -2, 0, 4) = sqrt(21 / 4).
+  const double rms = std::sqrt(21.0 / 4.0);
+  EXPECT_TRUE(torch::allclose(a.detach(), -0.1 * weights / rms, 1e-6, 1e-7));
+  // The typical entry moves by the learning rate.
+  EXPECT_NEAR(a.detach().square().mean().sqrt().item<double>(), 0.1, 1e-6);
+  EXPECT_TRUE(torch::equal(flat.detach(), torch::full({3}, 0.5)));
+  EXPECT_TRUE(torch::equal(untouched.detach(), torch::ones({2})));
+}
+
 TEST(PerturbationTest, ProjectionBoundsDeltaAndInputsStayValid) {
   torch::manual_seed(0);
   torch::Tensor delta = torch::randn({1, 28, 28});
@@ -248,6 +266,15 @@ TEST(DamOptionsTest, ParsesTriggerShapes) {
   EXPECT_EQ(DamOptions().trigger_shape, TriggerShape::kDense);
 }
 
+TEST(DamOptionsTest, ParsesMaskOptimizers) {
+  EXPECT_EQ(*ParseMaskOptimizer("adam"), MaskOptimizer::kAdam);
+  EXPECT_EQ(*ParseMaskOptimizer("normalized_sgd"),
+            MaskOptimizer::kNormalizedSgd);
+  EXPECT_FALSE(ParseMaskOptimizer("sgd").ok());
+  EXPECT_EQ(MaskOptimizerName(MaskOptimizer::kNormalizedSgd), "normalized_sgd");
+  EXPECT_EQ(DamOptions().mask_optimizer, MaskOptimizer::kAdam);
+}
+
 TEST(DamTrainerTest, LambdaStepDescendsTheHandComputedGradient) {
   for (LambdaGranularity granularity :
        {LambdaGranularity::kTaskWise, LambdaGranularity::kLayerWise}) {
@@ -363,6 +390,47 @@ TEST(DamTrainerTest, MasksAlternateOddSharedEvenDetection) {
   ASSERT_TRUE((*trainer)->Step().ok());  // step 2: s2
   EXPECT_GT(changed((*trainer)->DetectionMaskLogits()), 0.0);
   EXPECT_EQ(changed((*trainer)->SharedMaskLogits()), shared_after_one);
+}
+
+// FirstSharedMaskStep returns how far each entry of s1 that moved moved in
+// the first outer step (s1 starts at 0 and step 1 updates it).
+torch::Tensor FirstSharedMaskStep(const DamOptions& options) {
+  TinyWorld run;
+  auto trainer =
+      DamTrainer::Create(*run.model, run.set, run.calibration, options);
+  EXPECT_TRUE(trainer.ok()) << trainer.status();
+  if (!trainer.ok()) return torch::zeros({0});
+  EXPECT_TRUE((*trainer)->Step().ok());
+  std::vector<torch::Tensor> moved;
+  for (const torch::Tensor& s : (*trainer)->SharedMaskLogits()) {
+    torch::Tensor size = s.abs().flatten();
+    moved.push_back(size.masked_select(size > 0));
+  }
+  return torch::cat(moved);
+}
+
+TEST(DamTrainerTest, NormalizedSgdMasksMoveByTheirGradientsNotByTheirSign) {
+  DamOptions options = FastOptions();
+  options.mask_learning_rate = 0.01;
+  torch::Tensor adam = FirstSharedMaskStep(options);
+  options.mask_optimizer = MaskOptimizer::kNormalizedSgd;
+  torch::Tensor normalized = FirstSharedMaskStep(options);
+  ASSERT_GT(adam.numel(), 0);
+  ASSERT_GT(normalized.numel(), 0);
+  auto quantile = [](const torch::Tensor& sizes, double q) {
+    return sizes.quantile(q).item<double>();
+  };
+  // Adam's first step moves nearly every entry by its learning rate (all
+  // but those whose gradient is near Adam's epsilon, 1e-8).
+  EXPECT_NEAR(quantile(adam, 0.1), 0.01, 1e-3);
+  EXPECT_NEAR(quantile(adam, 0.5), 0.01, 1e-4);
+  EXPECT_NEAR(adam.max().item<double>(), 0.01, 1e-4);
+  // The normalised step keeps the gradients' spread: the typical (root mean
+  // square) entry moves by the learning rate, the median far less, the
+  // strongest far more.
+  EXPECT_NEAR(normalized.square().mean().sqrt().item<double>(), 0.01, 2e-3);
+  EXPECT_LT(quantile(normalized, 0.5), 0.001);
+  EXPECT_GT(quantile(normalized, 0.99), 0.02);
 }
 
 // TrainSixSteps runs six outer steps of a trainer on `run` with a mask
@@ -809,6 +877,8 @@ TEST(DamTest, RejectsBadOptions) {
   status = RunDam(*run.model, run.set, run.calibration, options).status();
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(status.message(), HasSubstr("hard_mask_margin"));
+  EXPECT_EQ(ParseMaskOptimizer("lbfgs").status().code(),
+            absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(ParseFinalMaskMode("soft").status().code(),
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(*ParseBackdoorLoss("consistency"), BackdoorLoss::kConsistency);
