@@ -48,7 +48,8 @@ nlohmann::json EvaluationJson(const ModelEvaluation& evaluation) {
   for (const TaskAttack& attack : evaluation.asr) {
     asr.push_back({{"task", attack.task},
                    {"target", attack.target},
-                   {"asr", attack.asr}});
+                   {"asr", attack.asr},
+                   {"untriggered", attack.untriggered}});
   }
   return {{"tasks", tasks},
           {"mean_accuracy", evaluation.mean_accuracy},
@@ -163,6 +164,7 @@ std::string TableToJson(const Scenario& scenario,
       asr.push_back({{"task", row.backdoored.asr[i].task},
                      {"target", row.backdoored.asr[i].target},
                      {"asr", row.backdoored.asr[i].asr},
+                     {"untriggered", row.backdoored.asr[i].untriggered},
                      {"clean_merge_asr",
                       i < row.clean.asr.size() ? row.clean.asr[i].asr : 0.0}});
     }

@@ -78,8 +78,9 @@ absl::StatusOr<ModelEvaluation> EvaluateModelFile(
       ASSIGN_OR_RETURN(std::unique_ptr<Model> model, architecture->Clone());
       ASSIGN_OR_RETURN(LabeledImages test,
                        LoadLabeledImages(scenario.Path(task.test)));
-      ASSIGN_OR_RETURN(result.accuracy,
-                       EvaluateAccuracy(*model, *head, test, eval_options));
+      ASSIGN_OR_RETURN(torch::Tensor predictions,
+                       Predict(*model, *head, test.inputs, eval_options));
+      result.accuracy = Accuracy(predictions, test.labels);
       result.normalized_accuracy =
           NormalizedAccuracy(result.accuracy, task.clean_finetuned_accuracy);
       if (task.compromised && trigger) {
@@ -87,8 +88,10 @@ absl::StatusOr<ModelEvaluation> EvaluateModelFile(
         ASSIGN_OR_RETURN(AttackResult attack,
                          EvaluateAttack(*model, *head, test, *trigger, target,
                                         eval_options));
-        attacks[i] = TaskAttack{task.name, target, task.classes[target],
-                                attack.asr, attack.evaluated};
+        attacks[i] = TaskAttack{
+            task.name, target, task.classes[target], attack.asr,
+            attack.evaluated,
+            AttackSuccessRate(predictions, test.labels, target).asr};
       }
       return absl::OkStatus();
     }();
@@ -125,6 +128,7 @@ std::string EvaluationToJson(const Scenario& scenario,
                    {"target", attack.target},
                    {"target_name", attack.target_name},
                    {"asr", attack.asr},
+                   {"untriggered", attack.untriggered},
                    {"evaluated", attack.evaluated}});
   }
   nlohmann::json root = {
@@ -151,9 +155,10 @@ std::string EvaluationToText(const ModelEvaluation& evaluation) {
   for (const TaskAttack& attack : evaluation.asr) {
     absl::StrAppendFormat(&out,
                           "ASR %s -> class %d (%s): %.2f%% of %d triggered "
-                          "test images\n",
+                          "test images (%.2f%% untriggered)\n",
                           attack.task, attack.target, attack.target_name,
-                          100.0 * attack.asr, attack.evaluated);
+                          100.0 * attack.asr, attack.evaluated,
+                          100.0 * attack.untriggered);
   }
   return out;
 }

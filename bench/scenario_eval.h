@@ -31,6 +31,10 @@ struct TaskAttack {
   std::string target_name;
   double asr = 0.0;
   int64_t evaluated = 0;
+  // The same examples without the trigger: the share the model sends to the
+  // target on its own. ASR counts these too, so this is the floor the
+  // trigger's effect sits on.
+  double untriggered = 0.0;
 };
 
 struct ModelEvaluation {

@@ -102,6 +102,15 @@ void CheckEvalOfTaskCheckpoints(const Scenario* scenario) {
   ASSERT_TRUE(backdoored.ok());
   EXPECT_DOUBLE_EQ(backdoored->tasks[1].accuracy, fashion->finetuned_accuracy);
   EXPECT_DOUBLE_EQ(backdoored->asr[0].asr, *fashion->finetuned_asr);
+  // What goes to the target without the trigger is among the fine-tune's
+  // errors on fashion (the tiny scenario's fine-tune may send everything
+  // there, so the rate is not compared with the ASR).
+  const TaskAttack& attack = backdoored->asr[0];
+  EXPECT_GE(attack.untriggered, 0.0);
+  const double test_size = static_cast<double>(
+      LoadLabeledImages(scenario->Path(fashion->test))->size());
+  EXPECT_LE(attack.untriggered * attack.evaluated,
+            (1.0 - backdoored->tasks[1].accuracy) * test_size + 1e-9);
 
   nlohmann::json json = nlohmann::json::parse(
       EvaluationToJson(*scenario, "m.safetensors", *evaluation));
@@ -111,6 +120,7 @@ void CheckEvalOfTaskCheckpoints(const Scenario* scenario) {
   EXPECT_EQ(json["asr"][0]["task"], "fashion");
   EXPECT_EQ(json["asr"][0]["target"], 3);
   EXPECT_TRUE(json["asr"][0]["asr"].is_number());
+  EXPECT_TRUE(json["asr"][0]["untriggered"].is_number());
 }
 
 void CheckEvalOfMergedModel(const Scenario* scenario, const fs::path* root) {
