@@ -364,6 +364,12 @@ std::vector<Field<LfpmOptions>> LfpmFields() {
       Number<O>(
           "trigger.dropout_base_weight",
           [](O & o) -> auto& { return o.triggers.dropout_base_weight; }),
+      Integer<O, int64_t>(
+          "trigger.window_steps",
+          [](O & o) -> auto& { return o.triggers.window_steps; }),
+      Integer<O, int64_t>(
+          "trigger.window_margin",
+          [](O & o) -> auto& { return o.triggers.window_margin; }),
       Boolean<O>(
           "trigger.scan_own_model",
           [](O & o) -> auto& { return o.triggers.scan_own_model; }),

@@ -697,6 +697,63 @@ struct LfpmProblemForTesting::State {
     return absl::OkStatus();
   }
 
+  // AddWindowTriggers appends one pinned trigger per target class of
+  // `task` whose mask is the box around the class's held pixels (mask ≥
+  // 0.5) grown by window_margin, fixed, and whose pattern, started from the
+  // class's first trigger's, is mined window_steps steps against the
+  // installed model. A class holding no pixel at 0.5 gets none.
+  absl::Status AddWindowTriggers(TaskState& task) {
+    const int64_t steps = options.triggers.window_steps;
+    if (steps < 1 || task.triggers.size() == 0) return absl::OkStatus();
+    // sigmoid(±20) is 1 and 0 to float precision: a hard box.
+    constexpr double kWindowLogit = 20.0;
+    const int64_t margin = options.triggers.window_margin;
+    std::vector<int64_t> classes;
+    std::vector<torch::Tensor> masks;
+    std::vector<torch::Tensor> patterns;
+    for (int64_t j = 0; j < task.triggers.size(); ++j) {
+      const int64_t target = task.triggers.targets[j];
+      if (std::find(classes.begin(), classes.end(), target) != classes.end()) {
+        continue;
+      }
+      torch::Tensor held = HeldMask(task, target)[0].to(torch::kCPU);
+      torch::Tensor pixels = held.ge(0.5).nonzero();
+      if (pixels.size(0) == 0) continue;
+      const int64_t height = held.size(0);
+      const int64_t width = held.size(1);
+      torch::Tensor rows = pixels.select(1, 0);
+      torch::Tensor cols = pixels.select(1, 1);
+      const int64_t top = std::max<int64_t>(0, rows.min().item<int64_t>() - margin);
+      const int64_t bottom =
+          std::min(height, rows.max().item<int64_t>() + margin + 1);
+      const int64_t left = std::max<int64_t>(0, cols.min().item<int64_t>() - margin);
+      const int64_t right =
+          std::min(width, cols.max().item<int64_t>() + margin + 1);
+      torch::Tensor box = torch::full({1, height, width}, -kWindowLogit);
+      box.slice(1, top, bottom).slice(2, left, right).fill_(kWindowLogit);
+      classes.push_back(target);
+      masks.push_back(box.to(device));
+      patterns.push_back(task.triggers.pattern_logits[j].detach().clone());
+    }
+    if (classes.empty()) return absl::OkStatus();
+    SurrogateTriggers window;
+    window.active.assign(classes.size(), 1.0);
+    window.pinned.assign(classes.size(), false);
+    window.targets = std::move(classes);
+    {
+      torch::NoGradGuard no_grad;
+      window.mask_logits = torch::stack(masks).set_requires_grad(true);
+      window.pattern_logits = torch::stack(patterns).set_requires_grad(true);
+    }
+    ResetTriggerOptimizer(window);
+    MiningTerms terms(0.0, &extra_generator);
+    terms.freeze_masks = true;
+    RETURN_IF_ERROR(
+        Mine(task, window, steps, options.triggers.scan_batch_size, &terms));
+    AppendPinned(task.triggers, window);
+    return absl::OkStatus();
+  }
+
   // HeldMask is the pixel-wise maximum of the masks of `task`'s triggers
   // for `target`, [1, H, W], detached.
   torch::Tensor HeldMask(const TaskState& task, int64_t target) const {
@@ -754,6 +811,8 @@ struct LfpmProblemForTesting::State {
     double mask_dropout = 0.0;
     const std::vector<torch::Tensor>* contrast = nullptr;
     double contrast_weight = 0.0;
+    // Mine only the patterns; the masks stay as they are.
+    bool freeze_masks = false;
   };
 
   // Mine takes `steps` Adam steps on `triggers` of `task` against the model
@@ -808,6 +867,10 @@ struct LfpmProblemForTesting::State {
           triggers.mask_logits.mutable_grad()[j].zero_();
           triggers.pattern_logits.mutable_grad()[j].zero_();
         }
+      }
+      // Adam from fresh moments leaves a parameter with zero gradient put.
+      if (terms != nullptr && terms->freeze_masks) {
+        triggers.mask_logits.mutable_grad().zero_();
       }
       triggers.optimizer->step();
     }
@@ -932,6 +995,7 @@ absl::Status ValidateOptions(const LfpmOptions& options) {
   if (t.targets_per_task < 1 || t.restarts_per_target < 1 || t.scan_steps < 0 ||
       t.scan_batch_size < 1 || t.update_every < 1 || t.steps_per_update < 0 ||
       t.merge_refine_steps < 0 || t.dropout_refine_steps < 0 ||
+      t.window_steps < 0 || t.window_margin < 0 ||
       !(t.mask_dropout >= 0.0 && t.mask_dropout < 1.0) ||
       !(t.dropout_base_weight >= 0.0) ||
       !(t.trigger_alpha >= 0.0 && t.trigger_alpha <= 1.0) ||
@@ -946,6 +1010,7 @@ absl::Status ValidateOptions(const LfpmOptions& options) {
         "[0, 1], learning_rate > 0, mask_l1_weight >= 0, "
         "restart_overlap_weight >= 0, restart_mask_l1_scale > 0, "
         "dropout_refine_steps >= 0, mask_dropout in [0, 1), "
+        "window_steps >= 0, window_margin >= 0, "
         "dropout_base_weight >= 0, "
         "anomaly_gate >= 0, "
         "differential_max_ratio >= 0");
@@ -1237,6 +1302,7 @@ absl::StatusOr<LfpmResult> Run(const Model& architecture,
         options.triggers.targeting == TriggerTargeting::kEasiestClass) {
       RETURN_IF_ERROR(state->DropoutRefine(task));
       RETURN_IF_ERROR(state->AddRestarts(task));
+      RETURN_IF_ERROR(state->AddWindowTriggers(task));
     }
     report.anomaly_merged.push_back(std::move(anomaly));
   }
@@ -1615,6 +1681,8 @@ json OptionsJson(const LfpmOptions& o) {
             {"dropout_refine_steps", t.dropout_refine_steps},
             {"mask_dropout", t.mask_dropout},
             {"dropout_base_weight", t.dropout_base_weight},
+            {"window_steps", t.window_steps},
+            {"window_margin", t.window_margin},
             {"scan_own_model", t.scan_own_model},
             {"merge_refine_steps", t.merge_refine_steps},
             {"differential_gate", t.differential_gate},

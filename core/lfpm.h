@@ -161,6 +161,18 @@ struct LfpmTriggerOptions {
   // what the fine-tune answers to and the base does not, rather than
   // towards an adversarial patch that works on both. 0 (default): off.
   double dropout_base_weight = 0.0;
+  // Targeted mode, tasks that pass the gate, > 0: one more trigger per
+  // target class, pinned, whose mask is fixed to the box around the pixels
+  // the class's triggers hold (mask ≥ 0.5), grown by `window_margin` on
+  // each side, and whose pattern (started from the scan trigger's) takes
+  // this many mining steps on the model the task was scanned on. The
+  // smallest mask that sends inputs to the target holds a corner of a
+  // planted patch; the box around it, filled with the pattern the model
+  // answers to most, holds more of the patch (docs/lfpm.md, "Window
+  // triggers"). 0 (default): none.
+  int64_t window_steps = 0;
+  // Pixels the window box grows by on each side, clamped to the image.
+  int64_t window_margin = 2;
   // Re-run the scan on the repaired model for the report's "after" anomaly
   // index (costs one more scan).
   bool rescan_after = true;

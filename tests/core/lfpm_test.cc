@@ -991,6 +991,57 @@ TEST(LfpmTest, RestartMaskL1ScaleGrowsOnlyTheRestarts) {
             absl::StatusCode::kInvalidArgument);
 }
 
+TEST(LfpmTest, WindowTriggersAreFixedBoxesAroundTheHeldPixels) {
+  auto model = TinyModel();
+  LfpmOptions options = RestartOptions();
+  options.triggers.restarts_per_target = 1;
+  auto plain = RunLfpm(*model, MergedTensors(), Tasks(), options);
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  options.triggers.window_steps = 10;
+  options.triggers.window_margin = 1;
+  auto windowed = RunLfpm(*model, MergedTensors(), Tasks(), options);
+  ASSERT_TRUE(windowed.ok()) << windowed.status();
+  int boxes = 0;
+  for (size_t i = 0; i < windowed->report.triggers.size(); ++i) {
+    SCOPED_TRACE(absl::StrCat("task ", i));
+    const LfpmTriggerReport& before = plain->report.triggers[i];
+    const LfpmTriggerReport& after = windowed->report.triggers[i];
+    // The window pass draws from the extra stream: the scan trigger is
+    // the same in both runs.
+    EXPECT_TRUE(torch::allclose(after.masks[0], before.masks[0]));
+    torch::Tensor held = before.masks[0][0].ge(0.5);
+    if (!held.any().item<bool>()) {
+      EXPECT_EQ(after.masks.size(0), 1);
+      continue;
+    }
+    ++boxes;
+    ASSERT_EQ(after.masks.size(0), 2);
+    EXPECT_EQ(after.targets[1], after.targets[0]);
+    // A hard box: the held pixels' rows and columns, one more on each side.
+    torch::Tensor pixels = held.nonzero();
+    const int64_t h = held.size(0), w = held.size(1);
+    const int64_t top = std::max<int64_t>(0, pixels.select(1, 0).min().item<int64_t>() - 1);
+    const int64_t bottom = std::min<int64_t>(h, pixels.select(1, 0).max().item<int64_t>() + 2);
+    const int64_t left = std::max<int64_t>(0, pixels.select(1, 1).min().item<int64_t>() - 1);
+    const int64_t right = std::min<int64_t>(w, pixels.select(1, 1).max().item<int64_t>() + 2);
+    torch::Tensor expected = torch::zeros({h, w}, torch::kBool);
+    expected.slice(0, top, bottom).slice(1, left, right).fill_(true);
+    torch::Tensor box = after.masks[1][0];
+    EXPECT_TRUE(box.gt(0.999).logical_or(box.lt(0.001)).all().item<bool>());
+    EXPECT_TRUE(box.gt(0.5).equal(expected));
+    EXPECT_NEAR(after.mask_l1[1], (bottom - top) * (right - left), 1e-2);
+    // Its pattern was mined from the scan trigger's.
+    EXPECT_FALSE(torch::allclose(after.patterns[1], after.patterns[0]));
+  }
+  EXPECT_GT(boxes, 0);
+  auto options_json = nlohmann::json::parse(LfpmOptionsToJson(options));
+  EXPECT_EQ(options_json["triggers"]["window_steps"], 10);
+  EXPECT_EQ(options_json["triggers"]["window_margin"], 1);
+  options.triggers.window_margin = -1;
+  EXPECT_EQ(RunLfpm(*model, MergedTensors(), Tasks(), options).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST(LfpmTest, RestartsLeaveEveryScanAsItWas) {
   auto model = TinyModel();
   LfpmOptions options = RestartOptions();
