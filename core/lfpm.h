@@ -168,8 +168,9 @@ struct LfpmTriggerOptions {
   // this many mining steps on the model the task was scanned on. The
   // smallest mask that sends inputs to the target holds a corner of a
   // planted patch; the box around it, filled with the pattern the model
-  // answers to most, holds more of the patch (docs/lfpm.md, "Window
-  // triggers"). 0 (default): none.
+  // answers to most, holds more of the patch. On the two-compromised CNN
+  // the held pixels were scattered and the boxes nearly image-sized
+  // (docs/lfpm.md, "Window triggers"). 0 (default): none.
   int64_t window_steps = 0;
   // Pixels the window box grows by on each side, clamped to the image.
   int64_t window_margin = 2;
