@@ -370,6 +370,10 @@ std::vector<Field<LfpmOptions>> LfpmFields() {
       Integer<O, int64_t>(
           "trigger.window_margin",
           [](O & o) -> auto& { return o.triggers.window_margin; }),
+      Enum<O, WindowPlacement>(
+          "trigger.window_placement", "extent|densest",
+          [](O & o) -> auto& { return o.triggers.window_placement; },
+          ParseWindowPlacement, WindowPlacementName),
       Boolean<O>(
           "trigger.scan_own_model",
           [](O & o) -> auto& { return o.triggers.scan_own_model; }),

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <optional>
 #include <set>
 #include <utility>
 
@@ -71,6 +72,17 @@ absl::StatusOr<LearningRateSchedule> ParseLearningRateSchedule(
   if (name == "cosine") return LearningRateSchedule::kCosine;
   return absl::InvalidArgumentError(absl::StrCat(
       "unknown learning_rate_schedule \"", name, "\" (constant, cosine)"));
+}
+
+absl::string_view WindowPlacementName(WindowPlacement placement) {
+  return placement == WindowPlacement::kDensest ? "densest" : "extent";
+}
+
+absl::StatusOr<WindowPlacement> ParseWindowPlacement(absl::string_view name) {
+  if (name == "extent") return WindowPlacement::kExtent;
+  if (name == "densest") return WindowPlacement::kDensest;
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown window_placement \"", name, "\" (extent, densest)"));
 }
 
 double LfpmLearningRateAt(const LfpmOptions& options, int64_t step) {
@@ -698,10 +710,10 @@ struct LfpmProblemForTesting::State {
   }
 
   // AddWindowTriggers appends one pinned trigger per target class of
-  // `task` whose mask is the box around the class's held pixels (mask ≥
-  // 0.5) grown by window_margin, fixed, and whose pattern, started from the
+  // `task` whose mask is a box placed on the class's held mask (PlaceWindow)
+  // grown by window_margin, fixed, and whose pattern, started from the
   // class's first trigger's, is mined window_steps steps against the
-  // installed model. A class holding no pixel at 0.5 gets none.
+  // installed model. A class with nothing to place the box on gets none.
   absl::Status AddWindowTriggers(TaskState& task) {
     const int64_t steps = options.triggers.window_steps;
     if (steps < 1 || task.triggers.size() == 0) return absl::OkStatus();
@@ -717,18 +729,14 @@ struct LfpmProblemForTesting::State {
         continue;
       }
       torch::Tensor held = HeldMask(task, target)[0].to(torch::kCPU);
-      torch::Tensor pixels = held.ge(0.5).nonzero();
-      if (pixels.size(0) == 0) continue;
+      std::optional<PixelBox> placed = PlaceWindow(held);
+      if (!placed.has_value()) continue;
       const int64_t height = held.size(0);
       const int64_t width = held.size(1);
-      torch::Tensor rows = pixels.select(1, 0);
-      torch::Tensor cols = pixels.select(1, 1);
-      const int64_t top = std::max<int64_t>(0, rows.min().item<int64_t>() - margin);
-      const int64_t bottom =
-          std::min(height, rows.max().item<int64_t>() + margin + 1);
-      const int64_t left = std::max<int64_t>(0, cols.min().item<int64_t>() - margin);
-      const int64_t right =
-          std::min(width, cols.max().item<int64_t>() + margin + 1);
+      const int64_t top = std::max<int64_t>(0, placed->top - margin);
+      const int64_t bottom = std::min(height, placed->bottom + margin);
+      const int64_t left = std::max<int64_t>(0, placed->left - margin);
+      const int64_t right = std::min(width, placed->right + margin);
       torch::Tensor box = torch::full({1, height, width}, -kWindowLogit);
       box.slice(1, top, bottom).slice(2, left, right).fill_(kWindowLogit);
       classes.push_back(target);
@@ -752,6 +760,42 @@ struct LfpmProblemForTesting::State {
         Mine(task, window, steps, options.triggers.scan_batch_size, &terms));
     AppendPinned(task.triggers, window);
     return absl::OkStatus();
+  }
+
+  // Half-open pixel box [top, bottom) × [left, right).
+  struct PixelBox {
+    int64_t top, bottom, left, right;
+  };
+
+  // PlaceWindow is the window's box before the margin, from the held mask
+  // `held` [H, W], per options.triggers.window_placement; nullopt when the
+  // mask holds nothing to place it on.
+  std::optional<PixelBox> PlaceWindow(const torch::Tensor& held) const {
+    const int64_t height = held.size(0);
+    const int64_t width = held.size(1);
+    if (options.triggers.window_placement == WindowPlacement::kExtent) {
+      torch::Tensor pixels = held.ge(0.5).nonzero();
+      if (pixels.size(0) == 0) return std::nullopt;
+      torch::Tensor rows = pixels.select(1, 0);
+      torch::Tensor cols = pixels.select(1, 1);
+      return PixelBox{rows.min().item<int64_t>(), rows.max().item<int64_t>() + 1,
+                      cols.min().item<int64_t>(), cols.max().item<int64_t>() + 1};
+    }
+    const double mass = held.sum().item<double>();
+    if (!(mass > 0.0)) return std::nullopt;
+    const int64_t side = std::clamp<int64_t>(
+        static_cast<int64_t>(std::ceil(std::sqrt(mass))), 1,
+        std::min(height, width));
+    // Mass inside every side × side square, [H − side + 1, W − side + 1];
+    // the first maximum in row-major order wins ties.
+    torch::Tensor inside =
+        torch::avg_pool2d(held.unsqueeze(0).unsqueeze(0), {side, side}, {1, 1})
+            .squeeze(0)
+            .squeeze(0);
+    const int64_t best = inside.flatten().argmax().item<int64_t>();
+    const int64_t top = best / inside.size(1);
+    const int64_t left = best % inside.size(1);
+    return PixelBox{top, top + side, left, left + side};
   }
 
   // HeldMask is the pixel-wise maximum of the masks of `task`'s triggers
@@ -1683,6 +1727,8 @@ json OptionsJson(const LfpmOptions& o) {
             {"dropout_base_weight", t.dropout_base_weight},
             {"window_steps", t.window_steps},
             {"window_margin", t.window_margin},
+            {"window_placement",
+             std::string(WindowPlacementName(t.window_placement))},
             {"scan_own_model", t.scan_own_model},
             {"merge_refine_steps", t.merge_refine_steps},
             {"differential_gate", t.differential_gate},

@@ -61,6 +61,19 @@ absl::string_view LearningRateScheduleName(LearningRateSchedule schedule);
 absl::StatusOr<LearningRateSchedule> ParseLearningRateSchedule(
     absl::string_view name);
 
+// WindowPlacement: where a window trigger's box goes (before the margin).
+enum class WindowPlacement {
+  // The bounding box of every pixel the class's triggers hold (mask ≥ 0.5).
+  // Scattered held pixels make it nearly image-sized.
+  kExtent,
+  // The square of side ⌈√‖M‖₁⌉ (M: the class's held mask) that holds the
+  // most of M's mass: the densest patch-sized region, so scattered pixels
+  // elsewhere do not stretch it.
+  kDensest,
+};
+absl::string_view WindowPlacementName(WindowPlacement placement);
+absl::StatusOr<WindowPlacement> ParseWindowPlacement(absl::string_view name);
+
 // Anomaly index above which a task's scan flags it (Neural Cleanse's 2).
 inline constexpr double kLfpmAnomalyThreshold = 2.0;
 
@@ -162,10 +175,11 @@ struct LfpmTriggerOptions {
   // towards an adversarial patch that works on both. 0 (default): off.
   double dropout_base_weight = 0.0;
   // Targeted mode, tasks that pass the gate, > 0: one more trigger per
-  // target class, pinned, whose mask is fixed to the box around the pixels
-  // the class's triggers hold (mask ≥ 0.5), grown by `window_margin` on
-  // each side, and whose pattern (started from the scan trigger's) takes
-  // this many mining steps on the model the task was scanned on. The
+  // target class, pinned, whose mask is fixed to a box placed on the mask
+  // the class's triggers hold (`window_placement`), grown by
+  // `window_margin` on each side, and whose pattern (started from the scan
+  // trigger's) takes this many mining steps on the model the task was
+  // scanned on. The
   // smallest mask that sends inputs to the target holds a corner of a
   // planted patch; the box around it, filled with the pattern the model
   // answers to most, holds more of the patch. On the two-compromised CNN
@@ -174,6 +188,8 @@ struct LfpmTriggerOptions {
   int64_t window_steps = 0;
   // Pixels the window box grows by on each side, clamped to the image.
   int64_t window_margin = 2;
+  // How the box is placed before the margin (see WindowPlacement).
+  WindowPlacement window_placement = WindowPlacement::kExtent;
   // Re-run the scan on the repaired model for the report's "after" anomaly
   // index (costs one more scan).
   bool rescan_after = true;

@@ -1042,6 +1042,64 @@ TEST(LfpmTest, WindowTriggersAreFixedBoxesAroundTheHeldPixels) {
             absl::StatusCode::kInvalidArgument);
 }
 
+TEST(LfpmTest, DensestWindowIsTheSquareHoldingMostOfTheMask) {
+  auto model = TinyModel();
+  LfpmOptions options = RestartOptions();
+  options.triggers.restarts_per_target = 1;
+  auto plain = RunLfpm(*model, MergedTensors(), Tasks(), options);
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  options.triggers.window_steps = 10;
+  options.triggers.window_margin = 1;
+  options.triggers.window_placement = WindowPlacement::kDensest;
+  auto windowed = RunLfpm(*model, MergedTensors(), Tasks(), options);
+  ASSERT_TRUE(windowed.ok()) << windowed.status();
+  for (size_t i = 0; i < windowed->report.triggers.size(); ++i) {
+    SCOPED_TRACE(absl::StrCat("task ", i));
+    const LfpmTriggerReport& before = plain->report.triggers[i];
+    const LfpmTriggerReport& after = windowed->report.triggers[i];
+    EXPECT_TRUE(torch::allclose(after.masks[0], before.masks[0]));
+    // Every mask has mass, so every class gets a window.
+    ASSERT_EQ(after.masks.size(0), 2);
+    // Search every square of side ⌈√‖M‖₁⌉ for the most mass, in doubles.
+    torch::Tensor held = before.masks[0][0].to(torch::kDouble);
+    const int64_t h = held.size(0), w = held.size(1);
+    const int64_t side = std::min<int64_t>(
+        std::min(h, w),
+        static_cast<int64_t>(std::ceil(std::sqrt(held.sum().item<double>()))));
+    double best_mass = -1.0;
+    int64_t best_top = 0, best_left = 0;
+    for (int64_t top = 0; top + side <= h; ++top) {
+      for (int64_t left = 0; left + side <= w; ++left) {
+        const double mass = held.slice(0, top, top + side)
+                                .slice(1, left, left + side)
+                                .sum()
+                                .item<double>();
+        if (mass > best_mass + 1e-9) {
+          best_mass = mass;
+          best_top = top;
+          best_left = left;
+        }
+      }
+    }
+    torch::Tensor expected = torch::zeros({h, w}, torch::kBool);
+    expected
+        .slice(0, std::max<int64_t>(0, best_top - 1),
+               std::min<int64_t>(h, best_top + side + 1))
+        .slice(1, std::max<int64_t>(0, best_left - 1),
+               std::min<int64_t>(w, best_left + side + 1))
+        .fill_(true);
+    torch::Tensor box = after.masks[1][0];
+    EXPECT_TRUE(box.gt(0.999).logical_or(box.lt(0.001)).all().item<bool>());
+    EXPECT_TRUE(box.gt(0.5).equal(expected)) << "side " << side;
+  }
+  auto options_json = nlohmann::json::parse(LfpmOptionsToJson(options));
+  EXPECT_EQ(options_json["triggers"]["window_placement"], "densest");
+  EXPECT_EQ(ParseWindowPlacement("extent").value(), WindowPlacement::kExtent);
+  EXPECT_EQ(ParseWindowPlacement("densest").value(), WindowPlacement::kDensest);
+  EXPECT_EQ(ParseWindowPlacement("centre").status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST(LfpmTest, RestartsLeaveEveryScanAsItWas) {
   auto model = TinyModel();
   LfpmOptions options = RestartOptions();
