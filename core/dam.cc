@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <iterator>
+#include <optional>
 #include <nlohmann/json.hpp>
 #include <utility>
 
@@ -29,6 +30,7 @@ json OptionsJson(const DamOptions& options) {
       {"reset_lambda_each_step", options.reset_lambda_each_step},
       {"mask_learning_rate", options.mask_learning_rate},
       {"detection_mask_learning_rate", options.detection_mask_learning_rate},
+      {"ties_pretrim_percent", options.ties_pretrim_percent},
       {"mask_optimizer",
        std::string(MaskOptimizerName(options.mask_optimizer))},
       {"initial_mask_logit", options.initial_mask_logit},
@@ -340,6 +342,10 @@ absl::Status ValidateDamOptions(const DamOptions& options) {
   if (!(options.detection_mask_learning_rate >= 0)) {
     return bad("detection_mask_learning_rate", ">= 0");
   }
+  if (!(options.ties_pretrim_percent >= 0 &&
+        options.ties_pretrim_percent <= 100)) {
+    return bad("ties_pretrim_percent", "in [0, 100] (0: off)");
+  }
   if (!(options.patch_mask_l1_weight >= 0)) {
     return bad("patch_mask_l1_weight", ">= 0");
   }
@@ -424,8 +430,14 @@ absl::Status DamTrainer::Init(const TaskVectorSet& set,
                                        stamp->pattern.to(device)};
   }
   SetTorchThreads(options_.threads);
-  ASSIGN_OR_RETURN(TaskVectorMerger merger,
-                   TaskVectorMerger::Create(set, model_, device));
+  std::optional<TaskVectorSet> trimmed;
+  if (options_.ties_pretrim_percent > 0) {
+    ASSIGN_OR_RETURN(trimmed,
+                     TiesTrimmedTaskVectors(set, options_.ties_pretrim_percent));
+  }
+  ASSIGN_OR_RETURN(
+      TaskVectorMerger merger,
+      TaskVectorMerger::Create(trimmed ? *trimmed : set, model_, device));
   if (options_.trigger_source == DamTriggerSource::kScan) {
     RETURN_IF_ERROR(ScanTriggers(model_, set, merger, calibration, options_,
                                  known, curves_));

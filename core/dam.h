@@ -181,6 +181,12 @@ struct DamOptions {
   // i.e. when training pushed it at least this far towards dropping; 0 is
   // the spec's 1[sigmoid(s) > 0.5]. A departure (docs/dam.md). Default 0.
   double hard_mask_margin = 0.0;
+  // When > 0, the task vectors DAM masks and merges are first cut as TIES
+  // cuts them (TiesTrimmedTaskVectors: each task's top this-percent by
+  // |τ|, then only the entries agreeing with the elected sign), so the
+  // masks start from what TIES keeps. The scan's own models stay the full
+  // fine-tunes. A departure (docs/dam.md). Default 0 (off).
+  double ties_pretrim_percent = 0.0;
   // Phase-2 AdaMerging steps. Default 500.
   int64_t adamerging_steps = 500;
   // Phase-2 AdaMerging Adam learning rate. Default 1e-3.

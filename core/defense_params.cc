@@ -177,6 +177,9 @@ std::vector<Field<DamOptions>> DamFields() {
           "detection_mask_learning_rate",
           [](O & o) -> auto& { return o.detection_mask_learning_rate; }),
       Number<O>(
+          "ties_pretrim_percent",
+          [](O & o) -> auto& { return o.ties_pretrim_percent; }),
+      Number<O>(
           "initial_mask_logit",
           [](O & o) -> auto& { return o.initial_mask_logit; }),
       Enum<O, MaskOptimizer>(

@@ -2,6 +2,8 @@
 
 #include <torch/torch.h>
 
+#include <algorithm>
+#include <cmath>
 #include <map>
 #include <memory>
 #include <set>
@@ -141,6 +143,48 @@ int64_t TaskVectorSet::NumElements() const {
   int64_t total = 0;
   for (const torch::Tensor& tensor : base) total += tensor.numel();
   return total;
+}
+
+absl::StatusOr<TaskVectorSet> TiesTrimmedTaskVectors(const TaskVectorSet& set,
+                                                     double top_k_percent) {
+  if (!(top_k_percent > 0.0 && top_k_percent <= 100.0)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "TIES trim percentage must be in (0, 100], got ", top_k_percent));
+  }
+  return CallTorch("TiesTrimmedTaskVectors", [&]() -> absl::StatusOr<TaskVectorSet> {
+    torch::NoGradGuard no_grad;
+    TaskVectorSet trimmed = set;
+    const int64_t n = set.NumElements();
+    if (n == 0) return trimmed;
+    const int64_t keep = std::min<int64_t>(
+        n, std::max<int64_t>(
+               1, std::llround(top_k_percent / 100.0 * static_cast<double>(n))));
+    for (int t = 0; t < set.num_tasks(); ++t) {
+      std::vector<torch::Tensor> flat;
+      for (const torch::Tensor& tau : set.task_vectors[t]) {
+        flat.push_back(tau.abs().flatten());
+      }
+      // The keep-th largest |τ| is the (n − keep + 1)-th smallest.
+      const torch::Tensor threshold =
+          std::get<0>(torch::cat(flat).kthvalue(n - keep + 1));
+      for (int k = 0; k < set.num_tensors(); ++k) {
+        const torch::Tensor& tau = set.task_vectors[t][k];
+        trimmed.task_vectors[t][k] = tau * tau.abs().ge(threshold);
+      }
+    }
+    for (int k = 0; k < set.num_tensors(); ++k) {
+      torch::Tensor sum = torch::zeros_like(set.base[k]);
+      for (int t = 0; t < set.num_tasks(); ++t) {
+        sum += trimmed.task_vectors[t][k];
+      }
+      const torch::Tensor elected = sum.sign();
+      for (int t = 0; t < set.num_tasks(); ++t) {
+        torch::Tensor& tau = trimmed.task_vectors[t][k];
+        tau = tau * (tau * elected).gt(0);
+      }
+    }
+    return trimmed;
+  });
 }
 
 absl::StatusOr<TaskVectorSet> LoadTaskVectors(

@@ -76,6 +76,17 @@ absl::StatusOr<TaskVectorSet> LoadTaskVectors(
 // first offending key otherwise.
 absl::Status CheckFitsModel(const TaskVectorSet& set, const Model& model);
 
+// TiesTrimmedTaskVectors returns `set` with its task vectors cut as TIES
+// cuts them before combining: each task keeps its max(1, round(p/100 · n))
+// entries of largest |τ| over all n backbone entries (entries equal to the
+// threshold too), and then only those whose sign agrees with the elected
+// sign sign(Σ_t kept τ_t). TIES at λ = 1 is base + Σ_t τ'_t / (number of
+// agreeing tasks); an exact zero sum, where TIES takes the tensor's
+// majority sign, keeps nothing here. INVALID_ARGUMENT unless p is in
+// (0, 100].
+absl::StatusOr<TaskVectorSet> TiesTrimmedTaskVectors(const TaskVectorSet& set,
+                                                     double top_k_percent);
+
 // MergedModelTensors returns what a merged model file holds: `backbone`
 // (parallel to set.keys), the constants, and each task's head as
 // `<task>/head.weight` and `<task>/head.bias`.

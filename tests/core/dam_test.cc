@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <iterator>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -882,6 +883,77 @@ TEST(DamTest, RejectsBadOptions) {
   EXPECT_EQ(ParseFinalMaskMode("soft").status().code(),
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(*ParseBackdoorLoss("consistency"), BackdoorLoss::kConsistency);
+}
+
+TEST(TiesTrimTest, KeepsEachTasksLargestEntriesThatAgreeWithTheElectedSign) {
+  torch::manual_seed(3);
+  TaskVectorSet set;
+  set.keys = {"a", "b"};
+  set.base = {torch::zeros({4, 5}), torch::zeros({7})};
+  set.task_names = {"x", "y", "z"};
+  for (int t = 0; t < 3; ++t) {
+    set.task_vectors.push_back({torch::randn({4, 5}), torch::randn({7})});
+  }
+  auto trimmed = TiesTrimmedTaskVectors(set, 30.0);
+  ASSERT_TRUE(trimmed.ok()) << trimmed.status();
+  // By hand: 27 entries, keep round(8.1) = 8 per task, then elect.
+  const int64_t n = 27, keep = 8;
+  std::vector<torch::Tensor> kept(3);
+  for (int t = 0; t < 3; ++t) {
+    torch::Tensor flat = torch::cat({set.task_vectors[t][0].flatten(),
+                                     set.task_vectors[t][1].flatten()});
+    std::vector<float> magnitudes(n);
+    for (int64_t i = 0; i < n; ++i) magnitudes[i] = std::abs(flat[i].item<float>());
+    std::sort(magnitudes.begin(), magnitudes.end(), std::greater<float>());
+    kept[t] = flat * flat.abs().ge(magnitudes[keep - 1]);
+    EXPECT_EQ(kept[t].ne(0).sum().item<int64_t>(), keep);
+  }
+  torch::Tensor sum = kept[0] + kept[1] + kept[2];
+  for (int t = 0; t < 3; ++t) {
+    SCOPED_TRACE(t);
+    torch::Tensor expected = kept[t] * (kept[t] * sum).gt(0);
+    torch::Tensor got = torch::cat({trimmed->task_vectors[t][0].flatten(),
+                                    trimmed->task_vectors[t][1].flatten()});
+    EXPECT_TRUE(torch::equal(got, expected));
+    // The input set is left as it was.
+    EXPECT_GT(set.task_vectors[t][0].ne(0).sum().item<int64_t>(), keep);
+  }
+  EXPECT_TRUE(TiesTrimmedTaskVectors(set, 100.0)->task_vectors[0][1].ne(0)
+                  .any().item<bool>());
+  EXPECT_EQ(TiesTrimmedTaskVectors(set, 0.0).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(TiesTrimmedTaskVectors(set, 101.0).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST(DamTest, TiesPretrimMergesOnlyWhatTiesKeeps) {
+  TinyWorld run;
+  DamOptions options = FastOptions();
+  options.ties_pretrim_percent = 10.0;
+  auto result = RunDam(*run.model, run.set, run.calibration, options);
+  ASSERT_TRUE(result.ok()) << result.status();
+  auto trimmed = TiesTrimmedTaskVectors(run.set, 10.0);
+  ASSERT_TRUE(trimmed.ok());
+  int64_t untouched = 0, moved = 0;
+  for (int k = 0; k < run.set.num_tensors(); ++k) {
+    torch::Tensor any_kept = torch::zeros_like(run.set.base[k], torch::kBool);
+    for (int t = 0; t < run.set.num_tasks(); ++t) {
+      any_kept |= trimmed->task_vectors[t][k].ne(0);
+    }
+    torch::Tensor changed = result->backbone[k].ne(run.set.base[k]);
+    // Where TIES keeps nothing the output is θ0.
+    EXPECT_FALSE((changed & ~any_kept).any().item<bool>()) << run.set.keys[k];
+    untouched += (~any_kept).sum().item<int64_t>();
+    moved += changed.sum().item<int64_t>();
+  }
+  EXPECT_GT(untouched, run.set.NumElements() / 2);
+  EXPECT_GT(moved, 0);
+  auto json = nlohmann::json::parse(DamReportToJson(result->report, options));
+  EXPECT_EQ(json["options"]["ties_pretrim_percent"], 10.0);
+  options.ties_pretrim_percent = 150.0;
+  auto status = RunDam(*run.model, run.set, run.calibration, options).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("ties_pretrim_percent"));
 }
 
 TEST(DamTest, ConsistencyVariantRuns) {
