@@ -179,12 +179,12 @@ struct LfpmTriggerOptions {
   // the class's triggers hold (`window_placement`), grown by
   // `window_margin` on each side, and whose pattern (started from the scan
   // trigger's) takes this many mining steps on the model the task was
-  // scanned on. The
-  // smallest mask that sends inputs to the target holds a corner of a
-  // planted patch; the box around it, filled with the pattern the model
-  // answers to most, holds more of the patch. On the two-compromised CNN
-  // the held pixels were scattered and the boxes nearly image-sized
-  // (docs/lfpm.md, "Window triggers"). 0 (default): none.
+  // scanned on. The smallest mask that sends inputs to the target holds
+  // a corner of a planted patch; a box on it, filled with the pattern the
+  // model answers to most, holds more of the patch. On the two-compromised
+  // CNN the `extent` boxes came out nearly image-sized and the `densest`
+  // ones sat on the patch (docs/lfpm.md, "Window triggers"). 0 (default):
+  // none.
   int64_t window_steps = 0;
   // Pixels the window box grows by on each side, clamped to the image.
   int64_t window_margin = 2;
