@@ -31,6 +31,7 @@ json OptionsJson(const DamOptions& options) {
       {"mask_learning_rate", options.mask_learning_rate},
       {"detection_mask_learning_rate", options.detection_mask_learning_rate},
       {"ties_pretrim_percent", options.ties_pretrim_percent},
+      {"ties_pretrim_select", options.ties_pretrim_select},
       {"mask_optimizer",
        std::string(MaskOptimizerName(options.mask_optimizer))},
       {"initial_mask_logit", options.initial_mask_logit},
@@ -70,6 +71,16 @@ json OptionsJson(const DamOptions& options) {
     out["known_triggers"] = known;
   }
   return out;
+}
+
+json PretrimSelectionJson(const DamPretrimSelection& selection) {
+  return {{"tasks", selection.tasks},
+          {"reach_without", selection.reach_without},
+          {"reach_with", selection.reach_with},
+          {"mean_reach_without", selection.mean_reach_without},
+          {"mean_reach_with", selection.mean_reach_with},
+          {"kept_pretrim", selection.kept_pretrim},
+          {"probe_seconds", selection.probe_seconds}};
 }
 
 json ScannedTriggersJson(const std::vector<DamScannedTrigger>& scanned) {
@@ -363,6 +374,12 @@ absl::Status ValidateDamOptions(const DamOptions& options) {
   }
   if (options.scan_differential && !options.scan_own_model) {
     return bad("scan_differential", "used with scan_own_model=true");
+  }
+  if (options.ties_pretrim_select &&
+      !(options.ties_pretrim_percent > 0 &&
+        options.trigger_source == DamTriggerSource::kScan)) {
+    return bad("ties_pretrim_select",
+               "used with ties_pretrim_percent > 0 and trigger_source=scan");
   }
   return ParseDevice(options.device).status();
 }
@@ -745,6 +762,10 @@ torch::Tensor DamTrainer::Perturbations() const {
   return perturbations;
 }
 
+std::vector<MaskAndPattern> DamTrainer::FixedTriggers() const {
+  return state_->known;
+}
+
 torch::Tensor DamTrainer::PatchMasks() const {
   torch::NoGradGuard no_grad;
   const State& s = *state_;
@@ -878,9 +899,17 @@ absl::StatusOr<DamResult> DamTrainer::Finish() {
   return result;
 }
 
-absl::StatusOr<DamResult> RunDam(Model& model, const TaskVectorSet& set,
-                                 const std::vector<torch::Tensor>& calibration,
-                                 const DamOptions& options) {
+namespace {
+
+// DamRun is one DAM run's result and the fixed triggers its L2 used.
+struct DamRun {
+  DamResult result;
+  std::vector<MaskAndPattern> triggers;
+};
+
+absl::StatusOr<DamRun> RunDamOnce(Model& model, const TaskVectorSet& set,
+                                  const std::vector<torch::Tensor>& calibration,
+                                  const DamOptions& options) {
   ASSIGN_OR_RETURN(std::unique_ptr<DamTrainer> trainer,
                    DamTrainer::Create(model, set, calibration, options));
   for (int64_t step = 1; step <= options.steps; ++step) {
@@ -890,7 +919,100 @@ absl::StatusOr<DamResult> RunDam(Model& model, const TaskVectorSet& set,
     }
     RETURN_IF_ERROR(trainer->Step());
   }
-  return trainer->Finish();
+  DamRun run;
+  ASSIGN_OR_RETURN(run.result, trainer->Finish());
+  run.triggers = trainer->FixedTriggers();
+  return run;
+}
+
+// ProbeScannedReach is ProbeTriggerReach of each scanned task's trigger
+// (from `scan`, the run without the pretrim) on `backbone`, in the order of
+// scan.result.report.scanned_triggers.
+absl::StatusOr<std::vector<double>> ProbeScannedReach(
+    const Model& model, const TaskVectorSet& set,
+    const std::vector<torch::Tensor>& calibration, const DamRun& scan,
+    const std::vector<torch::Tensor>& backbone, const DamOptions& options) {
+  std::vector<LfpmTask> tasks;
+  std::vector<LfpmTriggerProbe> probes;
+  for (const DamScannedTrigger& scanned : scan.result.report.scanned_triggers) {
+    const int t = static_cast<int>(
+        std::find(set.task_names.begin(), set.task_names.end(), scanned.task) -
+        set.task_names.begin());
+    LfpmTask task;
+    task.name = scanned.task;
+    task.inputs = calibration[t];
+    tasks.push_back(std::move(task));
+    probes.push_back({{scan.triggers[t].mask.cpu(),
+                       scan.triggers[t].pattern.cpu()},
+                      scanned.target_class});
+  }
+  LfpmOptions probe;
+  probe.seed = options.seed;
+  probe.device = options.device;
+  probe.is_cancelled = options.is_cancelled;
+  return ProbeTriggerReach(model, MergedModelTensors(set, backbone), tasks,
+                           probes, options.scan_steps, probe);
+}
+
+double Mean(const std::vector<double>& values) {
+  double sum = 0.0;
+  for (double value : values) sum += value;
+  return values.empty() ? 0.0 : sum / static_cast<double>(values.size());
+}
+
+}  // namespace
+
+absl::StatusOr<DamResult> RunDam(Model& model, const TaskVectorSet& set,
+                                 const std::vector<torch::Tensor>& calibration,
+                                 const DamOptions& options) {
+  if (!options.ties_pretrim_select) {
+    ASSIGN_OR_RETURN(DamRun run, RunDamOnce(model, set, calibration, options));
+    return std::move(run.result);
+  }
+  RETURN_IF_ERROR(ValidateDamOptions(options));
+  const double start = SteadySeconds();
+  DamOptions without_options = options;
+  without_options.ties_pretrim_select = false;
+  without_options.ties_pretrim_percent = 0.0;
+  DamOptions with_options = options;
+  with_options.ties_pretrim_select = false;
+  ASSIGN_OR_RETURN(DamRun without,
+                   RunDamOnce(model, set, calibration, without_options));
+  ASSIGN_OR_RETURN(DamRun with,
+                   RunDamOnce(model, set, calibration, with_options));
+  const double probe_start = SteadySeconds();
+  // Both merges are probed from the same triggers, those the full
+  // fine-tunes' scan found, so neither is judged by its own L2 trigger.
+  DamPretrimSelection selection;
+  selection.ran = true;
+  for (const DamScannedTrigger& scanned :
+       without.result.report.scanned_triggers) {
+    selection.tasks.push_back(scanned.task);
+  }
+  ASSIGN_OR_RETURN(selection.reach_without,
+                   ProbeScannedReach(model, set, calibration, without,
+                                     without.result.backbone, options));
+  ASSIGN_OR_RETURN(selection.reach_with,
+                   ProbeScannedReach(model, set, calibration, without,
+                                     with.result.backbone, options));
+  selection.mean_reach_without = Mean(selection.reach_without);
+  selection.mean_reach_with = Mean(selection.reach_with);
+  selection.kept_pretrim =
+      selection.mean_reach_with < selection.mean_reach_without;
+  selection.probe_seconds = SteadySeconds() - probe_start;
+  DamResult kept =
+      std::move(selection.kept_pretrim ? with.result : without.result);
+  if (!selection.kept_pretrim) {
+    // The second run left its own merge installed.
+    ASSIGN_OR_RETURN(c10::Device device, ParseDevice(options.device));
+    for (int k = 0; k < set.num_tensors(); ++k) {
+      RETURN_IF_ERROR(
+          model.InstallTensor(set.keys[k], kept.backbone[k].to(device)));
+    }
+  }
+  kept.report.pretrim_selection = std::move(selection);
+  kept.report.seconds = SteadySeconds() - start;
+  return kept;
 }
 
 std::string DamReportToJson(const DamReport& report,
@@ -936,6 +1058,9 @@ std::string DamReportToJson(const DamReport& report,
       {"seconds", report.seconds},
   };
   out.update(MaskTotalsJson(report));
+  if (report.pretrim_selection.ran) {
+    out["pretrim_selection"] = PretrimSelectionJson(report.pretrim_selection);
+  }
   return out.dump();
 }
 
@@ -958,6 +1083,10 @@ absl::StatusOr<DamResult> DamMergeFiles(
     summary["scanned_triggers"] =
         ScannedTriggersJson(result.report.scanned_triggers);
     summary["scan_seconds"] = result.report.scan_seconds;
+  }
+  if (result.report.pretrim_selection.ran) {
+    summary["pretrim_selection"] =
+        PretrimSelectionJson(result.report.pretrim_selection);
   }
   std::map<std::string, std::string> metadata = {
       {"mergeguard.method", "dam"},

@@ -187,6 +187,11 @@ struct DamOptions {
   // masks start from what TIES keeps. The scan's own models stay the full
   // fine-tunes. A departure (docs/dam.md). Default 0 (off).
   double ties_pretrim_percent = 0.0;
+  // With ties_pretrim_percent > 0 and trigger_source = scan: run DAM twice,
+  // without the pretrim and with it, and keep the merge on which the
+  // scanned triggers reach less (DamPretrimSelection). Twice the cost. A
+  // departure (docs/dam.md). Default false.
+  bool ties_pretrim_select = false;
   // Phase-2 AdaMerging steps. Default 500.
   int64_t adamerging_steps = 500;
   // Phase-2 AdaMerging Adam learning rate. Default 1e-3.
@@ -291,6 +296,22 @@ struct DamScannedTrigger {
   double differential_ratio = 0.0;
 };
 
+// DamPretrimSelection is how ties_pretrim_select chose. Each scanned task's
+// trigger from the run without the pretrim (the full fine-tunes' scan) has
+// its pattern re-mined for `scan_steps` steps against each candidate merge,
+// its mask held fixed (ProbeTriggerReach); the merge whose mean reach over
+// the scanned tasks is lower is kept, the one without the pretrim on a tie.
+struct DamPretrimSelection {
+  bool ran = false;
+  std::vector<std::string> tasks;
+  std::vector<double> reach_without;  // per task in `tasks`
+  std::vector<double> reach_with;
+  double mean_reach_without = 0.0;
+  double mean_reach_with = 0.0;
+  bool kept_pretrim = false;
+  double probe_seconds = 0.0;
+};
+
 // The probabilities at which DamReport gives the mask logits' quantiles.
 inline constexpr double kMaskLogitQuantiles[] = {0.01, 0.05, 0.25, 0.5,
                                                  0.75, 0.95, 0.99};
@@ -326,6 +347,9 @@ struct DamReport {
   // trigger_source = scan: the scanned tasks, and the scan's seconds.
   std::vector<DamScannedTrigger> scanned_triggers;
   double scan_seconds = 0.0;
+  // ties_pretrim_select: the choice; the other fields describe the kept
+  // run, except `seconds`, which covers both runs and the probe.
+  DamPretrimSelection pretrim_selection;
   int64_t outer_steps = 0;
   double meta_seconds = 0.0;
   double adamerging_seconds = 0.0;
@@ -369,6 +393,10 @@ class DamTrainer {
   // PatchMasks() is M = sigmoid(mask logits), [N, 1, H, W], for patch
   // triggers; undefined for dense ones.
   torch::Tensor PatchMasks() const;
+  // FixedTriggers() is each task's known or scanned trigger (on the
+  // device), in task order; undefined tensors where the task's trigger is
+  // synthesized.
+  std::vector<MaskAndPattern> FixedTriggers() const;
   // FinalMask returns m* for `mode`, per backbone tensor (on the device).
   // kSample draws from the trainer's generator.
   std::vector<torch::Tensor> FinalMask(FinalMaskMode mode);

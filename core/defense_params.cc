@@ -179,6 +179,9 @@ std::vector<Field<DamOptions>> DamFields() {
       Number<O>(
           "ties_pretrim_percent",
           [](O & o) -> auto& { return o.ties_pretrim_percent; }),
+      Boolean<O>(
+          "ties_pretrim_select",
+          [](O & o) -> auto& { return o.ties_pretrim_select; }),
       Number<O>(
           "initial_mask_logit",
           [](O & o) -> auto& { return o.initial_mask_logit; }),

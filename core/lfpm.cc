@@ -183,6 +183,23 @@ struct TaskState {
   bool known = false;
 };
 
+// TriggerFromStamp is one surrogate trigger whose sigmoids give `stamp`'s
+// mask and pattern back to within 1e-6 (the logits are clamped).
+SurrogateTriggers TriggerFromStamp(const MaskAndPattern& stamp, int64_t target,
+                                   const torch::Device& device) {
+  auto logits = [&](const torch::Tensor& values) {
+    return torch::logit(values.to(torch::kFloat32).clamp(1e-6, 1.0 - 1e-6))
+        .to(device);
+  };
+  SurrogateTriggers triggers;
+  triggers.targets = {target};
+  triggers.active = {1.0};
+  triggers.pinned = {false};
+  triggers.mask_logits = logits(stamp.mask.unsqueeze(0));
+  triggers.pattern_logits = logits(stamp.pattern.unsqueeze(0));
+  return triggers;
+}
+
 // KnownTriggers turns a caller's trigger into one surrogate trigger
 // (TriggerMaskAndPattern). Logits are clamped so that sigmoid gives M and P
 // back to within 1e-6.
@@ -196,16 +213,7 @@ absl::StatusOr<SurrogateTriggers> KnownTriggers(
   }
   ASSIGN_OR_RETURN(MaskAndPattern stamp,
                    TriggerMaskAndPattern(known.trigger, input_shape));
-  auto logits = [&](const torch::Tensor& values) {
-    return torch::logit(values.clamp(1e-6, 1.0 - 1e-6)).to(device);
-  };
-  SurrogateTriggers triggers;
-  triggers.targets = {known.target};
-  triggers.active = {1.0};
-  triggers.pinned = {false};
-  triggers.mask_logits = logits(stamp.mask.unsqueeze(0));
-  triggers.pattern_logits = logits(stamp.pattern.unsqueeze(0));
-  return triggers;
+  return TriggerFromStamp(stamp, known.target, device);
 }
 
 struct LossParts {
@@ -1615,6 +1623,58 @@ absl::StatusOr<std::vector<LfpmTaskScan>> ScanLfpmTasks(
           scans.push_back(std::move(out));
         }
         return scans;
+      });
+}
+
+absl::StatusOr<std::vector<double>> ProbeTriggerReach(
+    const Model& architecture, const NamedTensors& model,
+    const std::vector<LfpmTask>& tasks,
+    const std::vector<LfpmTriggerProbe>& probes, int64_t steps,
+    const LfpmOptions& options) {
+  if (probes.size() != tasks.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("trigger probe: ", probes.size(), " probes for ",
+                     tasks.size(), " tasks; give one per task"));
+  }
+  if (steps < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("trigger probe: steps must be >= 0; got ", steps));
+  }
+  return CallTorch(
+      "LFPM trigger probe", [&]() -> absl::StatusOr<std::vector<double>> {
+        ASSIGN_OR_RETURN(auto state, lfpm_internal::CreateState(
+                                         architecture, model, tasks, options));
+        RETURN_IF_ERROR(state->InstallBackbone(state->merged));
+        std::vector<double> reach;
+        for (size_t i = 0; i < state->tasks.size(); ++i) {
+          lfpm_internal::TaskState& task = state->tasks[i];
+          const int64_t target = probes[i].target;
+          if (target < 0 || target >= task.head.NumClasses()) {
+            return absl::InvalidArgumentError(absl::StrCat(
+                "trigger probe for task \"", task.name, "\": target ",
+                target, " is not a class in [0, ", task.head.NumClasses(),
+                ")"));
+          }
+          lfpm_internal::SurrogateTriggers trigger =
+              lfpm_internal::TriggerFromStamp(probes[i].trigger, target,
+                                              state->device);
+          trigger.mask_logits.requires_grad_(true);
+          trigger.pattern_logits.requires_grad_(true);
+          state->ResetTriggerOptimizer(trigger);
+          // Only the pattern adapts: the footprint stays the probe's, so a
+          // model is not judged by a patch grown until anything flips.
+          lfpm_internal::LfpmProblemForTesting::State::MiningTerms terms(
+              options.triggers.mask_l1_weight, &state->generator);
+          terms.freeze_masks = true;
+          RETURN_IF_ERROR(state->Mine(task, trigger, steps,
+                                      options.triggers.scan_batch_size,
+                                      &terms));
+          ASSIGN_OR_RETURN(std::vector<double> success,
+                           state->Success(task, trigger,
+                                          options.report_examples));
+          reach.push_back(success.front());
+        }
+        return reach;
       });
 }
 

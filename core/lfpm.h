@@ -468,6 +468,29 @@ absl::StatusOr<std::vector<LfpmTaskScan>> ScanLfpmTasks(
     const Model& architecture, const NamedTensors& model,
     const std::vector<LfpmTask>& tasks, const LfpmOptions& options);
 
+// LfpmTriggerProbe is one task's trigger to probe a model with: its mask
+// and pattern (x' = (1−M)⊙x + M⊙P) and the class it sends inputs to.
+struct LfpmTriggerProbe {
+  MaskAndPattern trigger;
+  int64_t target = 0;
+};
+
+// ProbeTriggerReach re-mines the pattern of probes[i] (the mask held fixed,
+// so the trigger keeps its footprint) against `model` (backbone plus
+// `<task>/head.*`) for `steps` Adam steps on tasks[i]'s inputs
+// (options.triggers' scan_batch_size, learning_rate; seed, device,
+// threads), then returns the fraction of the task's other-class inputs
+// among the first `options.report_examples` that it sends to its class:
+// how far an attacker who knows where a trigger sits gets on `model`.
+// Unlabeled tasks are judged against `model`'s own predictions.
+// INVALID_ARGUMENT for mismatched probes or a target outside the head;
+// otherwise errors as RunLfpm's.
+absl::StatusOr<std::vector<double>> ProbeTriggerReach(
+    const Model& architecture, const NamedTensors& model,
+    const std::vector<LfpmTask>& tasks,
+    const std::vector<LfpmTriggerProbe>& probes, int64_t steps,
+    const LfpmOptions& options);
+
 // LfpmCalibrationFile names one task's calibration set: a safetensors file
 // with `inputs` [N, C, H, W] (float32 in [0, 1], or uint8 read as /255) and
 // optionally `labels` [N] int64.

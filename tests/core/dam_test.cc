@@ -956,6 +956,77 @@ TEST(DamTest, TiesPretrimMergesOnlyWhatTiesKeeps) {
   EXPECT_THAT(status.message(), HasSubstr("ties_pretrim_percent"));
 }
 
+TEST(DamTest, TiesPretrimSelectKeepsTheMergeTheScannedTriggersReachLess) {
+  TinyWorld run;
+  DamOptions options = ScanOptions();
+  options.ties_pretrim_percent = 10.0;
+  options.ties_pretrim_select = true;
+  auto selected = RunDam(*run.model, run.set, run.calibration, options);
+  ASSERT_TRUE(selected.ok()) << selected.status();
+  const DamPretrimSelection& selection = selected->report.pretrim_selection;
+  ASSERT_TRUE(selection.ran);
+  EXPECT_THAT(selection.tasks, ElementsAre("task0", "task1", "task2"));
+  ASSERT_EQ(selection.reach_without.size(), 3u);
+  ASSERT_EQ(selection.reach_with.size(), 3u);
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_GE(selection.reach_without[i], 0.0);
+    EXPECT_LE(selection.reach_without[i], 1.0);
+    EXPECT_GE(selection.reach_with[i], 0.0);
+    EXPECT_LE(selection.reach_with[i], 1.0);
+  }
+  EXPECT_NEAR(selection.mean_reach_without,
+              (selection.reach_without[0] + selection.reach_without[1] +
+               selection.reach_without[2]) / 3.0,
+              1e-12);
+  EXPECT_EQ(selection.kept_pretrim,
+            selection.mean_reach_with < selection.mean_reach_without);
+
+  // Each candidate is the run of its own setting alone (CPU runs are
+  // deterministic), and the kept one is what the model holds.
+  DamOptions alone = options;
+  alone.ties_pretrim_select = false;
+  auto with = RunDam(*run.model, run.set, run.calibration, alone);
+  ASSERT_TRUE(with.ok()) << with.status();
+  alone.ties_pretrim_percent = 0.0;
+  auto without = RunDam(*run.model, run.set, run.calibration, alone);
+  ASSERT_TRUE(without.ok()) << without.status();
+  const DamResult& kept = selection.kept_pretrim ? *with : *without;
+  const DamResult& dropped = selection.kept_pretrim ? *without : *with;
+  bool differs = false;
+  for (int k = 0; k < run.set.num_tensors(); ++k) {
+    EXPECT_TRUE(torch::equal(selected->backbone[k], kept.backbone[k]))
+        << run.set.keys[k];
+    differs |= !torch::equal(selected->backbone[k], dropped.backbone[k]);
+  }
+  EXPECT_TRUE(differs);
+  RunDam(*run.model, run.set, run.calibration, options).IgnoreError();
+  for (const auto& [name, tensor] : run.model->Backbone()) {
+    const size_t k = std::find(run.set.keys.begin(), run.set.keys.end(), name) -
+                     run.set.keys.begin();
+    ASSERT_LT(k, run.set.keys.size()) << name;
+    EXPECT_TRUE(torch::equal(tensor, kept.backbone[k])) << name;
+  }
+  EXPECT_GT(selection.probe_seconds, 0.0);
+  auto json = nlohmann::json::parse(DamReportToJson(selected->report, options));
+  EXPECT_EQ(json["options"]["ties_pretrim_select"], true);
+  EXPECT_EQ(json["pretrim_selection"]["kept_pretrim"], selection.kept_pretrim);
+  EXPECT_EQ(json["pretrim_selection"]["reach_with"].size(), 3u);
+  json = nlohmann::json::parse(DamReportToJson(without->report, alone));
+  EXPECT_FALSE(json.contains("pretrim_selection"));
+
+  // It needs the pretrim and scanned triggers.
+  options.ties_pretrim_percent = 0.0;
+  auto status = RunDam(*run.model, run.set, run.calibration, options).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("ties_pretrim_select"));
+  options.ties_pretrim_percent = 10.0;
+  options.trigger_source = DamTriggerSource::kSynthesized;
+  EXPECT_EQ(RunDam(*run.model, run.set, run.calibration, options)
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST(DamTest, ConsistencyVariantRuns) {
   TinyWorld run;
   DamOptions options = FastOptions();

@@ -1197,6 +1197,90 @@ double TargetProbability(const NamedTensors& backbone, const std::string& head,
   return torch::softmax(logits, 1).select(1, target).mean().item<double>();
 }
 
+// StampedPredictions are the tiny merged model's predictions for task
+// `head` on `inputs` stamped with `mask` and `pattern`.
+torch::Tensor StampedPredictions(const std::string& head,
+                                 const torch::Tensor& inputs,
+                                 const torch::Tensor& mask,
+                                 const torch::Tensor& pattern) {
+  auto model = TinyModel();
+  const NamedTensors merged = MergedTensors();
+  for (const auto& [name, tensor] : merged) {
+    if (absl::StrContains(name, "/head.")) continue;
+    EXPECT_TRUE(model->InstallTensor(name, tensor).ok()) << name;
+  }
+  torch::NoGradGuard no_grad;
+  auto features = model->Features((1.0 - mask) * inputs + mask * pattern);
+  EXPECT_TRUE(features.ok()) << features.status();
+  if (!features.ok()) return torch::Tensor();
+  return torch::linear(*features, Find(merged, head + "/head.weight"),
+                       Find(merged, head + "/head.bias"))
+      .argmax(1);
+}
+
+TEST(LfpmTest, ProbeTriggerReachCountsOtherClassInputsSentToTheTarget) {
+  auto model = TinyModel();
+  LfpmOptions options = FastOptions(LfpmMode::kFull);
+  options.report_examples = 16;
+  torch::manual_seed(5);
+  torch::Tensor mask = torch::zeros({1, 28, 28});
+  mask.slice(1, 0, 10).slice(2, 0, 10).fill_(1.0);
+  torch::Tensor pattern = torch::rand({1, 28, 28});
+  const std::vector<LfpmTask> tasks = Tasks();
+  const std::vector<LfpmTriggerProbe> probes = {{{mask, pattern}, 1},
+                                                {{mask, pattern}, 2}};
+  auto untouched =
+      ProbeTriggerReach(*model, MergedTensors(), tasks, probes, 0, options);
+  ASSERT_TRUE(untouched.ok()) << untouched.status();
+  ASSERT_EQ(untouched->size(), 2u);
+  // By hand: task a against its labels, task b (unlabeled) against the
+  // model's own clean predictions, on the first report_examples inputs.
+  const torch::Tensor no_mask = torch::zeros_like(mask);
+  for (size_t i = 0; i < 2; ++i) {
+    const std::string head = tasks[i].name;
+    const torch::Tensor inputs = tasks[i].inputs.slice(0, 0, 16);
+    const torch::Tensor labels =
+        tasks[i].labels.defined()
+            ? tasks[i].labels.slice(0, 0, 16)
+            : StampedPredictions(head, inputs, no_mask, pattern);
+    const torch::Tensor stamped =
+        StampedPredictions(head, inputs, mask, pattern);
+    const torch::Tensor other = labels.ne(probes[i].target);
+    const double expected =
+        stamped.eq(probes[i].target).logical_and(other).sum().item<double>() /
+        other.sum().item<double>();
+    EXPECT_NEAR((*untouched)[i], expected, 1e-12) << head;
+  }
+  // Re-mining the pattern towards the target sends more inputs there.
+  auto remined =
+      ProbeTriggerReach(*model, MergedTensors(), tasks, probes, 40, options);
+  ASSERT_TRUE(remined.ok()) << remined.status();
+  EXPECT_GT((*remined)[0] + (*remined)[1], (*untouched)[0] + (*untouched)[1]);
+  for (size_t i = 0; i < 2; ++i) {
+    EXPECT_GE((*remined)[i], (*untouched)[i]);
+    EXPECT_LE((*remined)[i], 1.0);
+  }
+
+  // Bad input: one probe per task, a class of the head, steps >= 0.
+  EXPECT_EQ(ProbeTriggerReach(*model, MergedTensors(), tasks, {probes[0]}, 0,
+                              options)
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+  std::vector<LfpmTriggerProbe> outside = probes;
+  outside[0].target = 3;  // task a has 3 classes
+  auto status =
+      ProbeTriggerReach(*model, MergedTensors(), tasks, outside, 0, options)
+          .status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status.message(), ::testing::HasSubstr("task \"a\""));
+  EXPECT_EQ(
+      ProbeTriggerReach(*model, MergedTensors(), tasks, probes, -1, options)
+          .status()
+          .code(),
+      absl::StatusCode::kInvalidArgument);
+}
+
 TEST(LfpmTest, DropoutBaseWeightSteersTriggersOffTheBase) {
   auto model = TinyModel();
   LfpmOptions options = DropoutOptions();
