@@ -184,8 +184,8 @@ struct DamOptions {
   // When > 0, the task vectors DAM masks and merges are first cut as TIES
   // cuts them (TiesTrimmedTaskVectors: each task's top this-percent by
   // |τ|, then only the entries agreeing with the elected sign), so the
-  // masks start from what TIES keeps. The scan's own models stay the full
-  // fine-tunes. A departure (docs/dam.md). Default 0 (off).
+  // masks start from what TIES keeps. The scan sees the cut vectors too
+  // (own models θ0 + cut τ_t). A departure (docs/dam.md). Default 0 (off).
   double ties_pretrim_percent = 0.0;
   // With ties_pretrim_percent > 0 and trigger_source = scan: run DAM twice,
   // without the pretrim and with it, and keep the merge on which the
