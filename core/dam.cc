@@ -32,6 +32,8 @@ json OptionsJson(const DamOptions& options) {
       {"detection_mask_learning_rate", options.detection_mask_learning_rate},
       {"ties_pretrim_percent", options.ties_pretrim_percent},
       {"ties_pretrim_select", options.ties_pretrim_select},
+      {"pretrim_select_control_classes",
+       options.pretrim_select_control_classes},
       {"mask_optimizer",
        std::string(MaskOptimizerName(options.mask_optimizer))},
       {"initial_mask_logit", options.initial_mask_logit},
@@ -79,6 +81,11 @@ json PretrimSelectionJson(const DamPretrimSelection& selection) {
           {"reach_with", selection.reach_with},
           {"mean_reach_without", selection.mean_reach_without},
           {"mean_reach_with", selection.mean_reach_with},
+          {"control_classes", selection.control_classes},
+          {"control_reach_without", selection.control_reach_without},
+          {"control_reach_with", selection.control_reach_with},
+          {"score_without", selection.score_without},
+          {"score_with", selection.score_with},
           {"kept_pretrim", selection.kept_pretrim},
           {"probe_seconds", selection.probe_seconds}};
 }
@@ -380,6 +387,14 @@ absl::Status ValidateDamOptions(const DamOptions& options) {
         options.trigger_source == DamTriggerSource::kScan)) {
     return bad("ties_pretrim_select",
                "used with ties_pretrim_percent > 0 and trigger_source=scan");
+  }
+  if (options.pretrim_select_control_classes < 0) {
+    return bad("pretrim_select_control_classes", ">= 0");
+  }
+  if (options.pretrim_select_control_classes > 0 &&
+      !options.ties_pretrim_select) {
+    return bad("pretrim_select_control_classes",
+               "used with ties_pretrim_select=true");
   }
   return ParseDevice(options.device).status();
 }
@@ -925,16 +940,28 @@ absl::StatusOr<DamRun> RunDamOnce(Model& model, const TaskVectorSet& set,
   return run;
 }
 
-// ProbeScannedReach is ProbeTriggerReach of each scanned task's trigger
-// (from `scan`, the run without the pretrim) on `backbone`, in the order of
-// scan.result.report.scanned_triggers.
+// ScannedProbe is one probe of a scanned trigger: the trigger of
+// scan.result.report.scanned_triggers[scanned] with its pattern re-mined
+// towards `target`.
+struct ScannedProbe {
+  size_t scanned = 0;
+  int64_t target = 0;
+};
+
+// ProbeScannedReach is ProbeTriggerReach of `probes` (scanned triggers of
+// `scan`, the run without the pretrim) on `backbone`, in their order. A
+// probe state holds a task once, so each call takes at most one probe per
+// task.
 absl::StatusOr<std::vector<double>> ProbeScannedReach(
     const Model& model, const TaskVectorSet& set,
     const std::vector<torch::Tensor>& calibration, const DamRun& scan,
-    const std::vector<torch::Tensor>& backbone, const DamOptions& options) {
+    const std::vector<torch::Tensor>& backbone,
+    const std::vector<ScannedProbe>& probes, const DamOptions& options) {
   std::vector<LfpmTask> tasks;
-  std::vector<LfpmTriggerProbe> probes;
-  for (const DamScannedTrigger& scanned : scan.result.report.scanned_triggers) {
+  std::vector<LfpmTriggerProbe> triggers;
+  for (const ScannedProbe& probe : probes) {
+    const DamScannedTrigger& scanned =
+        scan.result.report.scanned_triggers[probe.scanned];
     const int t = static_cast<int>(
         std::find(set.task_names.begin(), set.task_names.end(), scanned.task) -
         set.task_names.begin());
@@ -942,16 +969,75 @@ absl::StatusOr<std::vector<double>> ProbeScannedReach(
     task.name = scanned.task;
     task.inputs = calibration[t];
     tasks.push_back(std::move(task));
-    probes.push_back({{scan.triggers[t].mask.cpu(),
-                       scan.triggers[t].pattern.cpu()},
-                      scanned.target_class});
+    triggers.push_back({{scan.triggers[t].mask.cpu(),
+                         scan.triggers[t].pattern.cpu()},
+                        probe.target});
   }
   LfpmOptions probe;
   probe.seed = options.seed;
   probe.device = options.device;
   probe.is_cancelled = options.is_cancelled;
   return ProbeTriggerReach(model, MergedModelTensors(set, backbone), tasks,
-                           probes, options.scan_steps, probe);
+                           triggers, options.scan_steps, probe);
+}
+
+// ControlClasses is `count` classes of a `num_classes`-class task other
+// than `target`, evenly spaced after it (every other class when count is
+// larger).
+std::vector<int64_t> ControlClasses(int64_t target, int64_t num_classes,
+                                    int64_t count) {
+  const int64_t others = num_classes - 1;
+  count = std::min(count, others);
+  std::vector<int64_t> classes;
+  for (int64_t j = 0; j < count; ++j) {
+    classes.push_back((target + 1 + j * others / count) % num_classes);
+  }
+  return classes;
+}
+
+// SelectionReach fills `target_reach` and `control_reach` (per scanned task)
+// with the probes of `scan`'s triggers on `backbone`: the target first, then
+// each control class of `control_classes`, one call per round.
+absl::Status SelectionReach(
+    const Model& model, const TaskVectorSet& set,
+    const std::vector<torch::Tensor>& calibration, const DamRun& scan,
+    const std::vector<torch::Tensor>& backbone,
+    const std::vector<std::vector<int64_t>>& control_classes,
+    const DamOptions& options, std::vector<double>& target_reach,
+    std::vector<double>& control_reach) {
+  const size_t num_scanned = scan.result.report.scanned_triggers.size();
+  std::vector<ScannedProbe> targets;
+  for (size_t i = 0; i < num_scanned; ++i) {
+    targets.push_back({i, scan.result.report.scanned_triggers[i].target_class});
+  }
+  ASSIGN_OR_RETURN(target_reach,
+                   ProbeScannedReach(model, set, calibration, scan, backbone,
+                                     targets, options));
+  control_reach.clear();
+  if (control_classes.empty()) return absl::OkStatus();
+  std::vector<double> sums(num_scanned, 0.0);
+  for (size_t round = 0;; ++round) {
+    std::vector<ScannedProbe> controls;
+    for (size_t i = 0; i < num_scanned; ++i) {
+      if (round < control_classes[i].size()) {
+        controls.push_back({i, control_classes[i][round]});
+      }
+    }
+    if (controls.empty()) break;
+    ASSIGN_OR_RETURN(std::vector<double> reach,
+                     ProbeScannedReach(model, set, calibration, scan,
+                                       backbone, controls, options));
+    for (size_t j = 0; j < controls.size(); ++j) {
+      sums[controls[j].scanned] += reach[j];
+    }
+  }
+  for (size_t i = 0; i < num_scanned; ++i) {
+    control_reach.push_back(
+        control_classes[i].empty()
+            ? 0.0
+            : sums[i] / static_cast<double>(control_classes[i].size()));
+  }
+  return absl::OkStatus();
 }
 
 double Mean(const std::vector<double>& values) {
@@ -973,9 +1059,10 @@ absl::StatusOr<DamResult> RunDam(Model& model, const TaskVectorSet& set,
   const double start = SteadySeconds();
   DamOptions without_options = options;
   without_options.ties_pretrim_select = false;
+  without_options.pretrim_select_control_classes = 0;
   without_options.ties_pretrim_percent = 0.0;
-  DamOptions with_options = options;
-  with_options.ties_pretrim_select = false;
+  DamOptions with_options = without_options;
+  with_options.ties_pretrim_percent = options.ties_pretrim_percent;
   ASSIGN_OR_RETURN(DamRun without,
                    RunDamOnce(model, set, calibration, without_options));
   ASSIGN_OR_RETURN(DamRun with,
@@ -988,17 +1075,35 @@ absl::StatusOr<DamResult> RunDam(Model& model, const TaskVectorSet& set,
   for (const DamScannedTrigger& scanned :
        without.result.report.scanned_triggers) {
     selection.tasks.push_back(scanned.task);
+    if (options.pretrim_select_control_classes > 0) {
+      const int t = static_cast<int>(
+          std::find(set.task_names.begin(), set.task_names.end(),
+                    scanned.task) -
+          set.task_names.begin());
+      selection.control_classes.push_back(
+          ControlClasses(scanned.target_class, set.heads[t].NumClasses(),
+                         options.pretrim_select_control_classes));
+    }
   }
-  ASSIGN_OR_RETURN(selection.reach_without,
-                   ProbeScannedReach(model, set, calibration, without,
-                                     without.result.backbone, options));
-  ASSIGN_OR_RETURN(selection.reach_with,
-                   ProbeScannedReach(model, set, calibration, without,
-                                     with.result.backbone, options));
+  RETURN_IF_ERROR(SelectionReach(model, set, calibration, without,
+                                 without.result.backbone,
+                                 selection.control_classes, options,
+                                 selection.reach_without,
+                                 selection.control_reach_without));
+  RETURN_IF_ERROR(SelectionReach(model, set, calibration, without,
+                                 with.result.backbone,
+                                 selection.control_classes, options,
+                                 selection.reach_with,
+                                 selection.control_reach_with));
   selection.mean_reach_without = Mean(selection.reach_without);
   selection.mean_reach_with = Mean(selection.reach_with);
-  selection.kept_pretrim =
-      selection.mean_reach_with < selection.mean_reach_without;
+  // A task's control reach is what a patch of its trigger's footprint gets
+  // on any class; subtracting it leaves what is particular to the target.
+  selection.score_without =
+      selection.mean_reach_without - Mean(selection.control_reach_without);
+  selection.score_with =
+      selection.mean_reach_with - Mean(selection.control_reach_with);
+  selection.kept_pretrim = selection.score_with < selection.score_without;
   selection.probe_seconds = SteadySeconds() - probe_start;
   DamResult kept =
       std::move(selection.kept_pretrim ? with.result : without.result);

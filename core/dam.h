@@ -192,6 +192,14 @@ struct DamOptions {
   // scanned triggers reach less (DamPretrimSelection). Twice the cost. A
   // departure (docs/dam.md). Default false.
   bool ties_pretrim_select = false;
+  // With ties_pretrim_select, > 0: each scanned trigger's mask is also
+  // probed towards this many other classes of its task (evenly spaced from
+  // the target), and the merges are compared by the mean over tasks of the
+  // target's reach minus the controls' mean reach. A merge on which any
+  // class is easier to reach with a patch of that footprint raises both; a
+  // backdoor raises only its target's. 0 (default): the target's reach
+  // alone.
+  int64_t pretrim_select_control_classes = 0;
   // Phase-2 AdaMerging steps. Default 500.
   int64_t adamerging_steps = 500;
   // Phase-2 AdaMerging Adam learning rate. Default 1e-3.
@@ -299,8 +307,10 @@ struct DamScannedTrigger {
 // DamPretrimSelection is how ties_pretrim_select chose. Each scanned task's
 // trigger from the run without the pretrim (the full fine-tunes' scan) has
 // its pattern re-mined for `scan_steps` steps against each candidate merge,
-// its mask held fixed (ProbeTriggerReach); the merge whose mean reach over
-// the scanned tasks is lower is kept, the one without the pretrim on a tie.
+// its mask held fixed (ProbeTriggerReach); the merge with the lower score
+// is kept, the one without the pretrim on a tie. The score is the mean over
+// the scanned tasks of the target's reach, less the control classes' mean
+// reach when pretrim_select_control_classes > 0.
 struct DamPretrimSelection {
   bool ran = false;
   std::vector<std::string> tasks;
@@ -308,6 +318,14 @@ struct DamPretrimSelection {
   std::vector<double> reach_with;
   double mean_reach_without = 0.0;
   double mean_reach_with = 0.0;
+  // Per task: the classes probed as controls and their mean reach on each
+  // merge; empty without control classes.
+  std::vector<std::vector<int64_t>> control_classes;
+  std::vector<double> control_reach_without;
+  std::vector<double> control_reach_with;
+  // What was compared.
+  double score_without = 0.0;
+  double score_with = 0.0;
   bool kept_pretrim = false;
   double probe_seconds = 0.0;
 };

@@ -182,6 +182,9 @@ std::vector<Field<DamOptions>> DamFields() {
       Boolean<O>(
           "ties_pretrim_select",
           [](O & o) -> auto& { return o.ties_pretrim_select; }),
+      Integer<O, int64_t>(
+          "pretrim_select_control_classes",
+          [](O & o) -> auto& { return o.pretrim_select_control_classes; }),
       Number<O>(
           "initial_mask_logit",
           [](O & o) -> auto& { return o.initial_mask_logit; }),

@@ -961,6 +961,7 @@ TEST(DamTest, TiesPretrimSelectKeepsTheMergeTheScannedTriggersReachLess) {
   DamOptions options = ScanOptions();
   options.ties_pretrim_percent = 10.0;
   options.ties_pretrim_select = true;
+  options.pretrim_select_control_classes = 2;
   auto selected = RunDam(*run.model, run.set, run.calibration, options);
   ASSERT_TRUE(selected.ok()) << selected.status();
   const DamPretrimSelection& selection = selected->report.pretrim_selection;
@@ -978,13 +979,42 @@ TEST(DamTest, TiesPretrimSelectKeepsTheMergeTheScannedTriggersReachLess) {
               (selection.reach_without[0] + selection.reach_without[1] +
                selection.reach_without[2]) / 3.0,
               1e-12);
+  // Two control classes per task, evenly spaced after the target among
+  // the other classes; the score is the target's reach less theirs.
+  const int64_t num_classes = run.set.heads[0].NumClasses();
+  ASSERT_EQ(selection.control_classes.size(), 3u);
+  for (size_t i = 0; i < 3; ++i) {
+    const int64_t target =
+        selected->report.scanned_triggers[i].target_class;
+    EXPECT_THAT(selection.control_classes[i],
+                ElementsAre((target + 1) % num_classes,
+                            (target + 1 + (num_classes - 1) / 2) %
+                                num_classes));
+  }
+  ASSERT_EQ(selection.control_reach_without.size(), 3u);
+  ASSERT_EQ(selection.control_reach_with.size(), 3u);
+  double control_without = 0.0;
+  double control_with = 0.0;
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_GE(selection.control_reach_without[i], 0.0);
+    EXPECT_LE(selection.control_reach_without[i], 1.0);
+    EXPECT_GE(selection.control_reach_with[i], 0.0);
+    EXPECT_LE(selection.control_reach_with[i], 1.0);
+    control_without += selection.control_reach_without[i] / 3.0;
+    control_with += selection.control_reach_with[i] / 3.0;
+  }
+  EXPECT_NEAR(selection.score_without,
+              selection.mean_reach_without - control_without, 1e-12);
+  EXPECT_NEAR(selection.score_with, selection.mean_reach_with - control_with,
+              1e-12);
   EXPECT_EQ(selection.kept_pretrim,
-            selection.mean_reach_with < selection.mean_reach_without);
+            selection.score_with < selection.score_without);
 
   // Each candidate is the run of its own setting alone (CPU runs are
   // deterministic), and the kept one is what the model holds.
   DamOptions alone = options;
   alone.ties_pretrim_select = false;
+  alone.pretrim_select_control_classes = 0;
   auto with = RunDam(*run.model, run.set, run.calibration, alone);
   ASSERT_TRUE(with.ok()) << with.status();
   alone.ties_pretrim_percent = 0.0;
@@ -999,24 +1029,49 @@ TEST(DamTest, TiesPretrimSelectKeepsTheMergeTheScannedTriggersReachLess) {
     differs |= !torch::equal(selected->backbone[k], dropped.backbone[k]);
   }
   EXPECT_TRUE(differs);
-  RunDam(*run.model, run.set, run.calibration, options).IgnoreError();
+
+  // Without control classes the targets' probes are the same and the score
+  // is their mean reach; the model holds what that choice kept.
+  DamOptions targets_only = options;
+  targets_only.pretrim_select_control_classes = 0;
+  auto rerun = RunDam(*run.model, run.set, run.calibration, targets_only);
+  ASSERT_TRUE(rerun.ok()) << rerun.status();
+  const DamPretrimSelection& plain = rerun->report.pretrim_selection;
+  EXPECT_EQ(plain.reach_without, selection.reach_without);
+  EXPECT_EQ(plain.reach_with, selection.reach_with);
+  EXPECT_TRUE(plain.control_classes.empty());
+  EXPECT_TRUE(plain.control_reach_with.empty());
+  EXPECT_DOUBLE_EQ(plain.score_with, plain.mean_reach_with);
+  EXPECT_EQ(plain.kept_pretrim,
+            plain.mean_reach_with < plain.mean_reach_without);
+  const DamResult& plain_kept = plain.kept_pretrim ? *with : *without;
   for (const auto& [name, tensor] : run.model->Backbone()) {
     const size_t k = std::find(run.set.keys.begin(), run.set.keys.end(), name) -
                      run.set.keys.begin();
     ASSERT_LT(k, run.set.keys.size()) << name;
-    EXPECT_TRUE(torch::equal(tensor, kept.backbone[k])) << name;
+    EXPECT_TRUE(torch::equal(tensor, plain_kept.backbone[k])) << name;
   }
   EXPECT_GT(selection.probe_seconds, 0.0);
   auto json = nlohmann::json::parse(DamReportToJson(selected->report, options));
   EXPECT_EQ(json["options"]["ties_pretrim_select"], true);
   EXPECT_EQ(json["pretrim_selection"]["kept_pretrim"], selection.kept_pretrim);
   EXPECT_EQ(json["pretrim_selection"]["reach_with"].size(), 3u);
+  EXPECT_EQ(json["options"]["pretrim_select_control_classes"], 2);
+  EXPECT_EQ(json["pretrim_selection"]["control_classes"].size(), 3u);
+  EXPECT_EQ(json["pretrim_selection"]["score_with"], selection.score_with);
   json = nlohmann::json::parse(DamReportToJson(without->report, alone));
   EXPECT_FALSE(json.contains("pretrim_selection"));
 
-  // It needs the pretrim and scanned triggers.
+  // Control classes need the selection; the selection needs the pretrim
+  // and scanned triggers.
+  targets_only.ties_pretrim_select = false;
+  targets_only.pretrim_select_control_classes = 1;
+  auto status = RunDam(*run.model, run.set, run.calibration, targets_only)
+                    .status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("pretrim_select_control_classes"));
   options.ties_pretrim_percent = 0.0;
-  auto status = RunDam(*run.model, run.set, run.calibration, options).status();
+  status = RunDam(*run.model, run.set, run.calibration, options).status();
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(status.message(), HasSubstr("ties_pretrim_select"));
   options.ties_pretrim_percent = 10.0;
