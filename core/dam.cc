@@ -940,6 +940,14 @@ absl::StatusOr<DamRun> RunDamOnce(Model& model, const TaskVectorSet& set,
   return run;
 }
 
+// The index of a scanned trigger's task in the set; the scan names only
+// tasks of the set, so the name is always found.
+int TaskIndex(const TaskVectorSet& set, const std::string& name) {
+  return static_cast<int>(
+      std::find(set.task_names.begin(), set.task_names.end(), name) -
+      set.task_names.begin());
+}
+
 // ScannedProbe is one probe of a scanned trigger: the trigger of
 // scan.result.report.scanned_triggers[scanned] with its pattern re-mined
 // towards `target`.
@@ -962,9 +970,7 @@ absl::StatusOr<std::vector<double>> ProbeScannedReach(
   for (const ScannedProbe& probe : probes) {
     const DamScannedTrigger& scanned =
         scan.result.report.scanned_triggers[probe.scanned];
-    const int t = static_cast<int>(
-        std::find(set.task_names.begin(), set.task_names.end(), scanned.task) -
-        set.task_names.begin());
+    const int t = TaskIndex(set, scanned.task);
     LfpmTask task;
     task.name = scanned.task;
     task.inputs = calibration[t];
@@ -1076,10 +1082,7 @@ absl::StatusOr<DamResult> RunDam(Model& model, const TaskVectorSet& set,
        without.result.report.scanned_triggers) {
     selection.tasks.push_back(scanned.task);
     if (options.pretrim_select_control_classes > 0) {
-      const int t = static_cast<int>(
-          std::find(set.task_names.begin(), set.task_names.end(),
-                    scanned.task) -
-          set.task_names.begin());
+      const int t = TaskIndex(set, scanned.task);
       selection.control_classes.push_back(
           ControlClasses(scanned.target_class, set.heads[t].NumClasses(),
                          options.pretrim_select_control_classes));
