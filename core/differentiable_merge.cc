@@ -87,13 +87,24 @@ torch::Tensor NormalizeMaskByMean(const torch::Tensor& mask) {
 void StepByNormalizedGradient(std::vector<torch::Tensor>& parameters,
                               double learning_rate) {
   torch::NoGradGuard no_grad;
+  // Every rms is computed where the gradients live and read back in one
+  // transfer: reading each with item() would wait on the device once per
+  // tensor.
+  std::vector<torch::Tensor*> stepped;
+  std::vector<torch::Tensor> squared_means;
   for (torch::Tensor& parameter : parameters) {
     const torch::Tensor& grad = parameter.grad();
     if (!grad.defined()) continue;
-    const double rms =
-        grad.to(torch::kFloat64).square().mean().sqrt().item<double>();
-    if (!(rms > 0)) continue;
-    parameter.sub_(grad, learning_rate / rms);
+    stepped.push_back(&parameter);
+    squared_means.push_back(grad.to(torch::kFloat64).square().mean());
+  }
+  if (stepped.empty()) return;
+  const torch::Tensor rms_values =
+      torch::stack(squared_means).sqrt().to(torch::kCPU);
+  const auto rms = rms_values.accessor<double, 1>();
+  for (size_t i = 0; i < stepped.size(); ++i) {
+    if (!(rms[i] > 0)) continue;
+    stepped[i]->sub_(stepped[i]->grad(), learning_rate / rms[i]);
   }
 }
 
