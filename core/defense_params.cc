@@ -383,6 +383,9 @@ std::vector<Field<LfpmOptions>> LfpmFields() {
           "trigger.window_placement", "extent|densest",
           [](O & o) -> auto& { return o.triggers.window_placement; },
           ParseWindowPlacement, WindowPlacementName),
+      Integer<O, int64_t>(
+          "trigger.window_refresh_steps",
+          [](O & o) -> auto& { return o.triggers.window_refresh_steps; }),
       Boolean<O>(
           "trigger.scan_own_model",
           [](O & o) -> auto& { return o.triggers.scan_own_model; }),

@@ -170,6 +170,8 @@ struct TaskState {
   // Mean ‖f(θm; x)‖² over the set: scales the CTL path term.
   double feature_scale = 1.0;
   SurrogateTriggers triggers;
+  // Rows of `triggers` that are window triggers (AddWindowTriggers).
+  std::vector<int64_t> window_rows;
   // The task's own backbone per model parameter, on the device; empty
   // unless trigger.scan_own_model and the caller gave one.
   std::vector<torch::Tensor> own_model;
@@ -766,7 +768,44 @@ struct LfpmProblemForTesting::State {
     terms.freeze_masks = true;
     RETURN_IF_ERROR(
         Mine(task, window, steps, options.triggers.scan_batch_size, &terms));
+    for (int64_t j = 0; j < window.size(); ++j) {
+      task.window_rows.push_back(task.triggers.size() + j);
+    }
     AppendPinned(task.triggers, window);
+    return absl::OkStatus();
+  }
+
+  // RefreshWindows takes window_refresh_steps mining steps on `task`'s
+  // window patterns against the installed model, boxes fixed, and writes
+  // the patterns back; the windows stay pinned for every other pass.
+  absl::Status RefreshWindows(TaskState& task) {
+    const int64_t steps = options.triggers.window_refresh_steps;
+    if (steps < 1 || task.window_rows.empty()) return absl::OkStatus();
+    const torch::Tensor rows =
+        torch::tensor(task.window_rows, torch::kInt64).to(device);
+    SurrogateTriggers window;
+    for (int64_t row : task.window_rows) {
+      window.targets.push_back(task.triggers.targets[row]);
+    }
+    window.active.assign(window.targets.size(), 1.0);
+    window.pinned.assign(window.targets.size(), false);
+    {
+      torch::NoGradGuard no_grad;
+      window.mask_logits = task.triggers.mask_logits.index_select(0, rows)
+                               .clone()
+                               .set_requires_grad(true);
+      window.pattern_logits = task.triggers.pattern_logits.index_select(0, rows)
+                                  .clone()
+                                  .set_requires_grad(true);
+    }
+    ResetTriggerOptimizer(window);
+    MiningTerms terms(0.0, &extra_generator);
+    terms.freeze_masks = true;
+    RETURN_IF_ERROR(
+        Mine(task, window, steps, options.triggers.scan_batch_size, &terms));
+    torch::NoGradGuard no_grad;
+    task.triggers.pattern_logits.index_copy_(0, rows,
+                                             window.pattern_logits.detach());
     return absl::OkStatus();
   }
 
@@ -1048,6 +1087,7 @@ absl::Status ValidateOptions(const LfpmOptions& options) {
       t.scan_batch_size < 1 || t.update_every < 1 || t.steps_per_update < 0 ||
       t.merge_refine_steps < 0 || t.dropout_refine_steps < 0 ||
       t.window_steps < 0 || t.window_margin < 0 ||
+      t.window_refresh_steps < 0 ||
       !(t.mask_dropout >= 0.0 && t.mask_dropout < 1.0) ||
       !(t.dropout_base_weight >= 0.0) ||
       !(t.trigger_alpha >= 0.0 && t.trigger_alpha <= 1.0) ||
@@ -1062,7 +1102,7 @@ absl::Status ValidateOptions(const LfpmOptions& options) {
         "[0, 1], learning_rate > 0, mask_l1_weight >= 0, "
         "restart_overlap_weight >= 0, restart_mask_l1_scale > 0, "
         "dropout_refine_steps >= 0, mask_dropout in [0, 1), "
-        "window_steps >= 0, window_margin >= 0, "
+        "window_steps >= 0, window_margin >= 0, window_refresh_steps >= 0, "
         "dropout_base_weight >= 0, "
         "anomaly_gate >= 0, "
         "differential_max_ratio >= 0");
@@ -1387,8 +1427,9 @@ absl::StatusOr<LfpmResult> Run(const Model& architecture,
   const auto loop_start = std::chrono::steady_clock::now();
   for (int64_t step = 1; step <= options.steps; ++step) {
     RETURN_IF_ERROR(state->Check());
-    if (step > 1 && (step - 1) % options.triggers.update_every == 0 &&
-        options.triggers.steps_per_update > 0) {
+    const bool update_step =
+        step > 1 && (step - 1) % options.triggers.update_every == 0;
+    if (update_step && options.triggers.steps_per_update > 0) {
       RETURN_IF_ERROR(state->InstallDetached(options.triggers.trigger_alpha));
       active = 0;
       for (TaskState& task : state->tasks) {
@@ -1400,6 +1441,15 @@ absl::StatusOr<LfpmResult> Run(const Model& architecture,
         }
         ASSIGN_OR_RETURN(int64_t count, state->Gate(task));
         active += count;
+      }
+    }
+    // Windows are pinned, so neither the mining above nor the reach gate
+    // touches them; their refresh is its own pass.
+    if (update_step && options.triggers.window_refresh_steps > 0) {
+      RETURN_IF_ERROR(state->InstallDetached(options.triggers.trigger_alpha));
+      for (TaskState& task : state->tasks) {
+        if (!task.unlearn || task.known) continue;
+        RETURN_IF_ERROR(state->RefreshWindows(task));
       }
     }
     report.active_triggers.push_back(active);
@@ -1789,6 +1839,7 @@ json OptionsJson(const LfpmOptions& o) {
             {"window_margin", t.window_margin},
             {"window_placement",
              std::string(WindowPlacementName(t.window_placement))},
+            {"window_refresh_steps", t.window_refresh_steps},
             {"scan_own_model", t.scan_own_model},
             {"merge_refine_steps", t.merge_refine_steps},
             {"differential_gate", t.differential_gate},

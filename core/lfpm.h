@@ -190,6 +190,16 @@ struct LfpmTriggerOptions {
   int64_t window_margin = 2;
   // How the box is placed before the margin (see WindowPlacement).
   WindowPlacement window_placement = WindowPlacement::kExtent;
+  // With window triggers, > 0: every `update_every` outer steps, this many
+  // mining steps on the unlearned tasks' window patterns against
+  // θ(trigger_alpha), the boxes fixed. A window's pattern is otherwise
+  // mined once, on the scanned model; an attacker who knows the defense
+  // re-optimizes the patch against the repaired model (the bench's
+  // adaptive check), and this has the repair face the best pattern in the
+  // box as it goes (docs/lfpm.md, "Window refresh"). Draws from the extra
+  // random stream, so the repair's batches and nodes stay as without it.
+  // 0 (default): the windows stay as mined.
+  int64_t window_refresh_steps = 0;
   // Re-run the scan on the repaired model for the report's "after" anomaly
   // index (costs one more scan).
   bool rescan_after = true;

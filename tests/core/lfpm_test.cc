@@ -1100,6 +1100,47 @@ TEST(LfpmTest, DensestWindowIsTheSquareHoldingMostOfTheMask) {
             absl::StatusCode::kInvalidArgument);
 }
 
+TEST(LfpmTest, WindowRefreshReminesOnlyTheWindowPatterns) {
+  auto model = TinyModel();
+  LfpmOptions options = RestartOptions();
+  options.triggers.restarts_per_target = 1;
+  options.triggers.window_steps = 10;
+  options.triggers.window_margin = 1;
+  options.triggers.window_placement = WindowPlacement::kDensest;
+  options.triggers.steps_per_update = 0;
+  options.triggers.update_every = 2;
+  options.steps = 5;
+  auto fixed = RunLfpm(*model, MergedTensors(), Tasks(), options);
+  ASSERT_TRUE(fixed.ok()) << fixed.status();
+  options.triggers.window_refresh_steps = 3;
+  auto refreshed = RunLfpm(*model, MergedTensors(), Tasks(), options);
+  ASSERT_TRUE(refreshed.ok()) << refreshed.status();
+  // The repair's first update (step 3) saw the same τab in both runs; the
+  // refresh draws from the extra stream, so the scan triggers, every box
+  // and the first two steps' losses are as without it.
+  for (int s = 0; s < 2; ++s) {
+    EXPECT_EQ(refreshed->report.loss_curve[s], fixed->report.loss_curve[s]);
+  }
+  for (size_t i = 0; i < refreshed->report.triggers.size(); ++i) {
+    SCOPED_TRACE(absl::StrCat("task ", i));
+    const LfpmTriggerReport& before = fixed->report.triggers[i];
+    const LfpmTriggerReport& after = refreshed->report.triggers[i];
+    ASSERT_EQ(after.masks.size(0), 2);
+    EXPECT_TRUE(torch::equal(after.masks, before.masks));
+    EXPECT_TRUE(torch::equal(after.patterns[0], before.patterns[0]));
+    // Row 1 is the window: its pattern moved on the repaired model.
+    EXPECT_FALSE(torch::allclose(after.patterns[1], before.patterns[1]));
+  }
+  // Later steps train against the refreshed windows.
+  EXPECT_NE(refreshed->report.loss_curve.back(),
+            fixed->report.loss_curve.back());
+  auto options_json = nlohmann::json::parse(LfpmOptionsToJson(options));
+  EXPECT_EQ(options_json["triggers"]["window_refresh_steps"], 3);
+  options.triggers.window_refresh_steps = -1;
+  EXPECT_EQ(RunLfpm(*model, MergedTensors(), Tasks(), options).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST(LfpmTest, RestartsLeaveEveryScanAsItWas) {
   auto model = TinyModel();
   LfpmOptions options = RestartOptions();
