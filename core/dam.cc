@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <iterator>
+#include <limits>
 #include <optional>
 #include <nlohmann/json.hpp>
 #include <utility>
@@ -34,6 +35,7 @@ json OptionsJson(const DamOptions& options) {
       {"ties_pretrim_select", options.ties_pretrim_select},
       {"pretrim_select_control_classes",
        options.pretrim_select_control_classes},
+      {"pretrim_select_max_ratio", options.pretrim_select_max_ratio},
       {"mask_optimizer",
        std::string(MaskOptimizerName(options.mask_optimizer))},
       {"initial_mask_logit", options.initial_mask_logit},
@@ -84,6 +86,8 @@ json PretrimSelectionJson(const DamPretrimSelection& selection) {
           {"control_classes", selection.control_classes},
           {"control_reach_without", selection.control_reach_without},
           {"control_reach_with", selection.control_reach_with},
+          {"flagged", selection.flagged},
+          {"score_rule", selection.score_rule},
           {"score_without", selection.score_without},
           {"score_with", selection.score_with},
           {"kept_pretrim", selection.kept_pretrim},
@@ -395,6 +399,14 @@ absl::Status ValidateDamOptions(const DamOptions& options) {
       !options.ties_pretrim_select) {
     return bad("pretrim_select_control_classes",
                "used with ties_pretrim_select=true");
+  }
+  if (!(options.pretrim_select_max_ratio >= 0)) {
+    return bad("pretrim_select_max_ratio", ">= 0");
+  }
+  if (options.pretrim_select_max_ratio > 0 &&
+      !(options.ties_pretrim_select && options.scan_differential)) {
+    return bad("pretrim_select_max_ratio",
+               "used with ties_pretrim_select=true and scan_differential=true");
   }
   return ParseDevice(options.device).status();
 }
@@ -1066,6 +1078,7 @@ absl::StatusOr<DamResult> RunDam(Model& model, const TaskVectorSet& set,
   DamOptions without_options = options;
   without_options.ties_pretrim_select = false;
   without_options.pretrim_select_control_classes = 0;
+  without_options.pretrim_select_max_ratio = 0.0;
   without_options.ties_pretrim_percent = 0.0;
   DamOptions with_options = without_options;
   with_options.ties_pretrim_percent = options.ties_pretrim_percent;
@@ -1106,6 +1119,31 @@ absl::StatusOr<DamResult> RunDam(Model& model, const TaskVectorSet& set,
       selection.mean_reach_without - Mean(selection.control_reach_without);
   selection.score_with =
       selection.mean_reach_with - Mean(selection.control_reach_with);
+  if (options.pretrim_select_max_ratio > 0) {
+    const auto& scanned = without.result.report.scanned_triggers;
+    double worst_without = -std::numeric_limits<double>::infinity();
+    double worst_with = -std::numeric_limits<double>::infinity();
+    for (size_t i = 0; i < scanned.size(); ++i) {
+      const bool flagged =
+          scanned[i].differential_ratio <= options.pretrim_select_max_ratio;
+      selection.flagged.push_back(flagged);
+      if (!flagged) continue;
+      const auto control = [&](const std::vector<double>& reach) {
+        return reach.empty() ? 0.0 : reach[i];
+      };
+      worst_without =
+          std::max(worst_without, selection.reach_without[i] -
+                                      control(selection.control_reach_without));
+      worst_with = std::max(worst_with,
+                            selection.reach_with[i] -
+                                control(selection.control_reach_with));
+    }
+    if (std::isfinite(worst_without)) {
+      selection.score_rule = "max_flagged";
+      selection.score_without = worst_without;
+      selection.score_with = worst_with;
+    }
+  }
   selection.kept_pretrim = selection.score_with < selection.score_without;
   selection.probe_seconds = SteadySeconds() - probe_start;
   DamResult kept =

@@ -200,6 +200,14 @@ struct DamOptions {
   // backdoor raises only its target's. 0 (default): the target's reach
   // alone.
   int64_t pretrim_select_control_classes = 0;
+  // With ties_pretrim_select and scan_differential, > 0: only the scanned
+  // tasks whose differential ratio is at most this bound (the tasks the
+  // scan flags as backdoored, as LFPM's differential gate does) are
+  // scored, and a merge's score is the highest of theirs: the merge is as
+  // weak as its worst backdoor, and the clean tasks' easiest classes, which
+  // the pretrim makes easier, no longer decide. With no task flagged the
+  // score is the mean over all tasks, as with 0 (default).
+  double pretrim_select_max_ratio = 0.0;
   // Phase-2 AdaMerging steps. Default 500.
   int64_t adamerging_steps = 500;
   // Phase-2 AdaMerging Adam learning rate. Default 1e-3.
@@ -310,7 +318,9 @@ struct DamScannedTrigger {
 // its mask held fixed (ProbeTriggerReach); the merge with the lower score
 // is kept, the one without the pretrim on a tie. The score is the mean over
 // the scanned tasks of the target's reach, less the control classes' mean
-// reach when pretrim_select_control_classes > 0.
+// reach when pretrim_select_control_classes > 0. With
+// pretrim_select_max_ratio > 0 and a task flagged, it is instead the highest
+// of the flagged tasks' (target reach less control reach).
 struct DamPretrimSelection {
   bool ran = false;
   std::vector<std::string> tasks;
@@ -323,6 +333,11 @@ struct DamPretrimSelection {
   std::vector<std::vector<int64_t>> control_classes;
   std::vector<double> control_reach_without;
   std::vector<double> control_reach_with;
+  // Per task: whether pretrim_select_max_ratio flagged it; empty when that
+  // option is 0.
+  std::vector<bool> flagged;
+  // "mean" (over all tasks) or "max_flagged".
+  std::string score_rule = "mean";
   // What was compared.
   double score_without = 0.0;
   double score_with = 0.0;

@@ -186,6 +186,9 @@ std::vector<Field<DamOptions>> DamFields() {
           "pretrim_select_control_classes",
           [](O & o) -> auto& { return o.pretrim_select_control_classes; }),
       Number<O>(
+          "pretrim_select_max_ratio",
+          [](O & o) -> auto& { return o.pretrim_select_max_ratio; }),
+      Number<O>(
           "initial_mask_logit",
           [](O & o) -> auto& { return o.initial_mask_logit; }),
       Enum<O, MaskOptimizer>(

@@ -1082,6 +1082,94 @@ TEST(DamTest, TiesPretrimSelectKeepsTheMergeTheScannedTriggersReachLess) {
             absl::StatusCode::kInvalidArgument);
 }
 
+// pretrim_select_max_ratio scores only the tasks the differential scan
+// flags (ratio at most the bound), by the worst of them; with none flagged
+// the score is the mean rule's.
+TEST(DamTest, PretrimSelectMaxRatioScoresTheWorstFlaggedTask) {
+  TinyWorld run;
+  DamOptions options = ScanOptions();
+  options.scan_own_model = true;
+  options.scan_differential = true;
+  options.ties_pretrim_percent = 10.0;
+  options.ties_pretrim_select = true;
+  options.pretrim_select_control_classes = 1;
+  // The scan is the same with or without the pretrim choice, so a plain
+  // run gives the ratios the bound is set from.
+  DamOptions scan_only = options;
+  scan_only.ties_pretrim_select = false;
+  scan_only.pretrim_select_control_classes = 0;
+  scan_only.ties_pretrim_percent = 0.0;
+  auto plain = RunDam(*run.model, run.set, run.calibration, scan_only);
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  std::vector<double> ratios;
+  for (const auto& scanned : plain->report.scanned_triggers) {
+    ratios.push_back(scanned.differential_ratio);
+  }
+  ASSERT_EQ(ratios.size(), 3u);
+  std::vector<double> sorted = ratios;
+  std::sort(sorted.begin(), sorted.end());
+  ASSERT_LT(sorted[0], sorted[1]);
+  ASSERT_LT(sorted[1], sorted[2]);
+
+  // The middle ratio as the bound flags two tasks of three.
+  options.pretrim_select_max_ratio = sorted[1];
+  auto selected = RunDam(*run.model, run.set, run.calibration, options);
+  ASSERT_TRUE(selected.ok()) << selected.status();
+  const DamPretrimSelection& selection = selected->report.pretrim_selection;
+  ASSERT_EQ(selection.flagged.size(), 3u);
+  ASSERT_EQ(selection.control_reach_with.size(), 3u);
+  EXPECT_EQ(selection.score_rule, "max_flagged");
+  double worst_without = -1.0;
+  double worst_with = -1.0;
+  int flagged = 0;
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(selection.flagged[i], ratios[i] <= sorted[1]) << i;
+    if (!selection.flagged[i]) continue;
+    ++flagged;
+    worst_without =
+        std::max(worst_without, selection.reach_without[i] -
+                                    selection.control_reach_without[i]);
+    worst_with = std::max(worst_with, selection.reach_with[i] -
+                                          selection.control_reach_with[i]);
+  }
+  EXPECT_EQ(flagged, 2);
+  EXPECT_DOUBLE_EQ(selection.score_without, worst_without);
+  EXPECT_DOUBLE_EQ(selection.score_with, worst_with);
+  EXPECT_EQ(selection.kept_pretrim,
+            selection.score_with < selection.score_without);
+  auto json = nlohmann::json::parse(DamReportToJson(selected->report, options));
+  EXPECT_EQ(json["options"]["pretrim_select_max_ratio"], sorted[1]);
+  EXPECT_EQ(json["pretrim_selection"]["score_rule"], "max_flagged");
+  EXPECT_EQ(json["pretrim_selection"]["flagged"].size(), 3u);
+
+  // A bound under every ratio flags nothing: the mean rule decides, on the
+  // same probes.
+  options.pretrim_select_max_ratio = sorted[0] / 2;
+  auto unflagged = RunDam(*run.model, run.set, run.calibration, options);
+  ASSERT_TRUE(unflagged.ok()) << unflagged.status();
+  const DamPretrimSelection& mean = unflagged->report.pretrim_selection;
+  EXPECT_EQ(mean.reach_without, selection.reach_without);
+  EXPECT_EQ(mean.reach_with, selection.reach_with);
+  EXPECT_THAT(mean.flagged, ElementsAre(false, false, false));
+  EXPECT_EQ(mean.score_rule, "mean");
+  EXPECT_NEAR(mean.score_with,
+              mean.mean_reach_with -
+                  (mean.control_reach_with[0] + mean.control_reach_with[1] +
+                   mean.control_reach_with[2]) / 3.0,
+              1e-12);
+
+  // The bound needs the choice and the differential scan.
+  options.scan_differential = false;
+  auto status = RunDam(*run.model, run.set, run.calibration, options).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("pretrim_select_max_ratio"));
+  options.scan_differential = true;
+  options.pretrim_select_max_ratio = -0.5;
+  status = RunDam(*run.model, run.set, run.calibration, options).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("pretrim_select_max_ratio"));
+}
+
 TEST(DamTest, ConsistencyVariantRuns) {
   TinyWorld run;
   DamOptions options = FastOptions();
