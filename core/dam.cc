@@ -87,6 +87,7 @@ json PretrimSelectionJson(const DamPretrimSelection& selection) {
           {"control_reach_without", selection.control_reach_without},
           {"control_reach_with", selection.control_reach_with},
           {"flagged", selection.flagged},
+          {"flag_ratios", selection.flag_ratios},
           {"score_rule", selection.score_rule},
           {"score_without", selection.score_without},
           {"score_with", selection.score_with},
@@ -1127,6 +1128,7 @@ absl::StatusOr<DamResult> RunDam(Model& model, const TaskVectorSet& set,
       const bool flagged =
           scanned[i].differential_ratio <= options.pretrim_select_max_ratio;
       selection.flagged.push_back(flagged);
+      selection.flag_ratios.push_back(scanned[i].differential_ratio);
       if (!flagged) continue;
       const auto control = [&](const std::vector<double>& reach) {
         return reach.empty() ? 0.0 : reach[i];

@@ -336,6 +336,10 @@ struct DamPretrimSelection {
   // Per task: whether pretrim_select_max_ratio flagged it; empty when that
   // option is 0.
   std::vector<bool> flagged;
+  // Per task: the differential ratio the flag was read from (the scan
+  // without the pretrim; the kept run's scanned_triggers hold the scan of
+  // the merge that was kept); empty when that option is 0.
+  std::vector<double> flag_ratios;
   // "mean" (over all tasks) or "max_flagged".
   std::string score_rule = "mean";
   // What was compared.

@@ -755,19 +755,13 @@ struct LfpmProblemForTesting::State {
     }
     if (classes.empty()) return absl::OkStatus();
     SurrogateTriggers window;
-    window.active.assign(classes.size(), 1.0);
-    window.pinned.assign(classes.size(), false);
     window.targets = std::move(classes);
     {
       torch::NoGradGuard no_grad;
       window.mask_logits = torch::stack(masks).set_requires_grad(true);
       window.pattern_logits = torch::stack(patterns).set_requires_grad(true);
     }
-    ResetTriggerOptimizer(window);
-    MiningTerms terms(0.0, &extra_generator);
-    terms.freeze_masks = true;
-    RETURN_IF_ERROR(
-        Mine(task, window, steps, options.triggers.scan_batch_size, &terms));
+    RETURN_IF_ERROR(MineWindowPatterns(task, window, steps));
     for (int64_t j = 0; j < window.size(); ++j) {
       task.window_rows.push_back(task.triggers.size() + j);
     }
@@ -787,8 +781,6 @@ struct LfpmProblemForTesting::State {
     for (int64_t row : task.window_rows) {
       window.targets.push_back(task.triggers.targets[row]);
     }
-    window.active.assign(window.targets.size(), 1.0);
-    window.pinned.assign(window.targets.size(), false);
     {
       torch::NoGradGuard no_grad;
       window.mask_logits = task.triggers.mask_logits.index_select(0, rows)
@@ -798,15 +790,24 @@ struct LfpmProblemForTesting::State {
                                   .clone()
                                   .set_requires_grad(true);
     }
-    ResetTriggerOptimizer(window);
-    MiningTerms terms(0.0, &extra_generator);
-    terms.freeze_masks = true;
-    RETURN_IF_ERROR(
-        Mine(task, window, steps, options.triggers.scan_batch_size, &terms));
+    RETURN_IF_ERROR(MineWindowPatterns(task, window, steps));
     torch::NoGradGuard no_grad;
     task.triggers.pattern_logits.index_copy_(0, rows,
                                              window.pattern_logits.detach());
     return absl::OkStatus();
+  }
+
+  // MineWindowPatterns takes `steps` mining steps on `window`'s patterns
+  // (every row active, none pinned) against the installed model, from fresh
+  // Adam moments; the boxes stay fixed, since they are the windows' point.
+  absl::Status MineWindowPatterns(TaskState& task, SurrogateTriggers& window,
+                                  int64_t steps) {
+    window.active.assign(window.targets.size(), 1.0);
+    window.pinned.assign(window.targets.size(), false);
+    ResetTriggerOptimizer(window);
+    MiningTerms terms(0.0, &extra_generator);
+    terms.freeze_masks = true;
+    return Mine(task, window, steps, options.triggers.scan_batch_size, &terms);
   }
 
   // Half-open pixel box [top, bottom) × [left, right).
@@ -1429,8 +1430,13 @@ absl::StatusOr<LfpmResult> Run(const Model& architecture,
     RETURN_IF_ERROR(state->Check());
     const bool update_step =
         step > 1 && (step - 1) % options.triggers.update_every == 0;
-    if (update_step && options.triggers.steps_per_update > 0) {
+    // Mining, the gate and the window refresh all read θ(trigger_alpha),
+    // detached; none of them changes the installed weights.
+    if (update_step && (options.triggers.steps_per_update > 0 ||
+                        options.triggers.window_refresh_steps > 0)) {
       RETURN_IF_ERROR(state->InstallDetached(options.triggers.trigger_alpha));
+    }
+    if (update_step && options.triggers.steps_per_update > 0) {
       active = 0;
       for (TaskState& task : state->tasks) {
         if (!task.unlearn) continue;
@@ -1446,7 +1452,6 @@ absl::StatusOr<LfpmResult> Run(const Model& architecture,
     // Windows are pinned, so neither the mining above nor the reach gate
     // touches them; their refresh is its own pass.
     if (update_step && options.triggers.window_refresh_steps > 0) {
-      RETURN_IF_ERROR(state->InstallDetached(options.triggers.trigger_alpha));
       for (TaskState& task : state->tasks) {
         if (!task.unlearn || task.known) continue;
         RETURN_IF_ERROR(state->RefreshWindows(task));

@@ -1118,6 +1118,8 @@ TEST(DamTest, PretrimSelectMaxRatioScoresTheWorstFlaggedTask) {
   const DamPretrimSelection& selection = selected->report.pretrim_selection;
   ASSERT_EQ(selection.flagged.size(), 3u);
   ASSERT_EQ(selection.control_reach_with.size(), 3u);
+  // The report keeps the ratios the flags were read from.
+  EXPECT_EQ(selection.flag_ratios, ratios);
   EXPECT_EQ(selection.score_rule, "max_flagged");
   double worst_without = -1.0;
   double worst_with = -1.0;
@@ -1141,6 +1143,7 @@ TEST(DamTest, PretrimSelectMaxRatioScoresTheWorstFlaggedTask) {
   EXPECT_EQ(json["options"]["pretrim_select_max_ratio"], sorted[1]);
   EXPECT_EQ(json["pretrim_selection"]["score_rule"], "max_flagged");
   EXPECT_EQ(json["pretrim_selection"]["flagged"].size(), 3u);
+  EXPECT_EQ(json["pretrim_selection"]["flag_ratios"].size(), 3u);
 
   // A bound under every ratio flags nothing: the mean rule decides, on the
   // same probes.
