@@ -387,6 +387,9 @@ std::vector<Field<LfpmOptions>> LfpmFields() {
           [](O & o) -> auto& { return o.triggers.window_placement; },
           ParseWindowPlacement, WindowPlacementName),
       Integer<O, int64_t>(
+          "trigger.windows_per_class",
+          [](O & o) -> auto& { return o.triggers.windows_per_class; }),
+      Integer<O, int64_t>(
           "trigger.window_refresh_steps",
           [](O & o) -> auto& { return o.triggers.window_refresh_steps; }),
       Boolean<O>(

@@ -739,19 +739,19 @@ struct LfpmProblemForTesting::State {
         continue;
       }
       torch::Tensor held = HeldMask(task, target)[0].to(torch::kCPU);
-      std::optional<PixelBox> placed = PlaceWindow(held);
-      if (!placed.has_value()) continue;
       const int64_t height = held.size(0);
       const int64_t width = held.size(1);
-      const int64_t top = std::max<int64_t>(0, placed->top - margin);
-      const int64_t bottom = std::min(height, placed->bottom + margin);
-      const int64_t left = std::max<int64_t>(0, placed->left - margin);
-      const int64_t right = std::min(width, placed->right + margin);
-      torch::Tensor box = torch::full({1, height, width}, -kWindowLogit);
-      box.slice(1, top, bottom).slice(2, left, right).fill_(kWindowLogit);
-      classes.push_back(target);
-      masks.push_back(box.to(device));
-      patterns.push_back(task.triggers.pattern_logits[j].detach().clone());
+      for (const PixelBox& placed : PlaceWindows(held)) {
+        const int64_t top = std::max<int64_t>(0, placed.top - margin);
+        const int64_t bottom = std::min(height, placed.bottom + margin);
+        const int64_t left = std::max<int64_t>(0, placed.left - margin);
+        const int64_t right = std::min(width, placed.right + margin);
+        torch::Tensor box = torch::full({1, height, width}, -kWindowLogit);
+        box.slice(1, top, bottom).slice(2, left, right).fill_(kWindowLogit);
+        classes.push_back(target);
+        masks.push_back(box.to(device));
+        patterns.push_back(task.triggers.pattern_logits[j].detach().clone());
+      }
     }
     if (classes.empty()) return absl::OkStatus();
     SurrogateTriggers window;
@@ -815,35 +815,50 @@ struct LfpmProblemForTesting::State {
     int64_t top, bottom, left, right;
   };
 
-  // PlaceWindow is the window's box before the margin, from the held mask
-  // `held` [H, W], per options.triggers.window_placement; nullopt when the
-  // mask holds nothing to place it on.
-  std::optional<PixelBox> PlaceWindow(const torch::Tensor& held) const {
+  // PlaceWindows is the windows' boxes before the margin, from the held
+  // mask `held` [H, W], per options.triggers.window_placement: none when the
+  // mask holds nothing to place them on.
+  std::vector<PixelBox> PlaceWindows(const torch::Tensor& held) const {
     const int64_t height = held.size(0);
     const int64_t width = held.size(1);
     if (options.triggers.window_placement == WindowPlacement::kExtent) {
       torch::Tensor pixels = held.ge(0.5).nonzero();
-      if (pixels.size(0) == 0) return std::nullopt;
+      if (pixels.size(0) == 0) return {};
       torch::Tensor rows = pixels.select(1, 0);
       torch::Tensor cols = pixels.select(1, 1);
-      return PixelBox{rows.min().item<int64_t>(), rows.max().item<int64_t>() + 1,
-                      cols.min().item<int64_t>(), cols.max().item<int64_t>() + 1};
+      return {PixelBox{rows.min().item<int64_t>(),
+                       rows.max().item<int64_t>() + 1,
+                       cols.min().item<int64_t>(),
+                       cols.max().item<int64_t>() + 1}};
     }
     const double mass = held.sum().item<double>();
-    if (!(mass > 0.0)) return std::nullopt;
+    if (!(mass > 0.0)) return {};
+    // Every square has the side the whole mask's mass gives, so a later
+    // window is as large as the first.
     const int64_t side = std::clamp<int64_t>(
         static_cast<int64_t>(std::ceil(std::sqrt(mass))), 1,
         std::min(height, width));
-    // Mass inside every side × side square, [H − side + 1, W − side + 1];
-    // the first maximum in row-major order wins ties.
-    torch::Tensor inside =
-        torch::avg_pool2d(held.unsqueeze(0).unsqueeze(0), {side, side}, {1, 1})
-            .squeeze(0)
-            .squeeze(0);
-    const int64_t best = inside.flatten().argmax().item<int64_t>();
-    const int64_t top = best / inside.size(1);
-    const int64_t left = best % inside.size(1);
-    return PixelBox{top, top + side, left, left + side};
+    torch::Tensor remaining = held.clone();
+    std::vector<PixelBox> boxes;
+    for (int64_t w = 0; w < options.triggers.windows_per_class; ++w) {
+      // Mass inside every side × side square, [H − side + 1, W − side + 1];
+      // the first maximum in row-major order wins ties.
+      torch::Tensor inside = torch::avg_pool2d(remaining.unsqueeze(0).unsqueeze(0),
+                                               {side, side}, {1, 1})
+                                 .squeeze(0)
+                                 .squeeze(0);
+      const int64_t best = inside.flatten().argmax().item<int64_t>();
+      // A later square with no mass left has nothing to sit on.
+      if (!boxes.empty() && !(inside.flatten()[best].item<double>() > 0.0)) {
+        break;
+      }
+      const int64_t top = best / inside.size(1);
+      const int64_t left = best % inside.size(1);
+      boxes.push_back(PixelBox{top, top + side, left, left + side});
+      // The next square is the densest of what this one leaves.
+      remaining.slice(0, top, top + side).slice(1, left, left + side).zero_();
+    }
+    return boxes;
   }
 
   // HeldMask is the pixel-wise maximum of the masks of `task`'s triggers
@@ -1088,7 +1103,7 @@ absl::Status ValidateOptions(const LfpmOptions& options) {
       t.scan_batch_size < 1 || t.update_every < 1 || t.steps_per_update < 0 ||
       t.merge_refine_steps < 0 || t.dropout_refine_steps < 0 ||
       t.window_steps < 0 || t.window_margin < 0 ||
-      t.window_refresh_steps < 0 ||
+      t.window_refresh_steps < 0 || t.windows_per_class < 1 ||
       !(t.mask_dropout >= 0.0 && t.mask_dropout < 1.0) ||
       !(t.dropout_base_weight >= 0.0) ||
       !(t.trigger_alpha >= 0.0 && t.trigger_alpha <= 1.0) ||
@@ -1104,9 +1119,17 @@ absl::Status ValidateOptions(const LfpmOptions& options) {
         "restart_overlap_weight >= 0, restart_mask_l1_scale > 0, "
         "dropout_refine_steps >= 0, mask_dropout in [0, 1), "
         "window_steps >= 0, window_margin >= 0, window_refresh_steps >= 0, "
+        "windows_per_class >= 1, "
         "dropout_base_weight >= 0, "
         "anomaly_gate >= 0, "
         "differential_max_ratio >= 0");
+  }
+  if (t.windows_per_class > 1 &&
+      t.window_placement != WindowPlacement::kDensest) {
+    return absl::InvalidArgumentError(
+        "LFPM trigger.windows_per_class > 1 needs "
+        "trigger.window_placement=densest: an extent box already covers "
+        "everything the mask holds");
   }
   if (options.threads < 0) {
     return absl::InvalidArgumentError("LFPM threads must be >= 0");
@@ -1845,6 +1868,7 @@ json OptionsJson(const LfpmOptions& o) {
             {"window_placement",
              std::string(WindowPlacementName(t.window_placement))},
             {"window_refresh_steps", t.window_refresh_steps},
+            {"windows_per_class", t.windows_per_class},
             {"scan_own_model", t.scan_own_model},
             {"merge_refine_steps", t.merge_refine_steps},
             {"differential_gate", t.differential_gate},

@@ -190,6 +190,14 @@ struct LfpmTriggerOptions {
   int64_t window_margin = 2;
   // How the box is placed before the margin (see WindowPlacement).
   WindowPlacement window_placement = WindowPlacement::kExtent;
+  // With `densest` placement, > 1: up to this many windows per target
+  // class, each the densest square (of the side the whole mask gives) of
+  // what the earlier squares leave of the held mask. The densest square
+  // can sit on a dense cluster off the planted patch while the patch holds
+  // a good share of the mask elsewhere (VM30 in session 31: 0% of the patch
+  // covered, 40% of the mask's mass on it); a second box can land there.
+  // Default 1.
+  int64_t windows_per_class = 1;
   // With window triggers, > 0: every `update_every` outer steps, this many
   // mining steps on the unlearned tasks' window patterns against
   // θ(trigger_alpha), the boxes fixed. A window's pattern is otherwise

@@ -1042,6 +1042,48 @@ TEST(LfpmTest, WindowTriggersAreFixedBoxesAroundTheHeldPixels) {
             absl::StatusCode::kInvalidArgument);
 }
 
+// DensestSquare searches every side × side square of `held` [H, W] for the
+// most mass, in doubles; the first in row-major order wins ties.
+std::pair<int64_t, int64_t> DensestSquare(const torch::Tensor& held,
+                                          int64_t side) {
+  const int64_t h = held.size(0), w = held.size(1);
+  double best_mass = -1.0;
+  int64_t best_top = 0, best_left = 0;
+  for (int64_t top = 0; top + side <= h; ++top) {
+    for (int64_t left = 0; left + side <= w; ++left) {
+      const double mass = held.slice(0, top, top + side)
+                              .slice(1, left, left + side)
+                              .sum()
+                              .item<double>();
+      if (mass > best_mass + 1e-9) {
+        best_mass = mass;
+        best_top = top;
+        best_left = left;
+      }
+    }
+  }
+  return {best_top, best_left};
+}
+
+// WindowBox is the square at (top, left) grown by `margin`, clamped to
+// [h, w], as a bool image.
+torch::Tensor WindowBox(int64_t h, int64_t w, int64_t top, int64_t left,
+                        int64_t side, int64_t margin) {
+  torch::Tensor box = torch::zeros({h, w}, torch::kBool);
+  box.slice(0, std::max<int64_t>(0, top - margin),
+            std::min<int64_t>(h, top + side + margin))
+      .slice(1, std::max<int64_t>(0, left - margin),
+             std::min<int64_t>(w, left + side + margin))
+      .fill_(true);
+  return box;
+}
+
+int64_t WindowSide(const torch::Tensor& held) {
+  return std::min<int64_t>(
+      std::min(held.size(0), held.size(1)),
+      static_cast<int64_t>(std::ceil(std::sqrt(held.sum().item<double>()))));
+}
+
 TEST(LfpmTest, DensestWindowIsTheSquareHoldingMostOfTheMask) {
   auto model = TinyModel();
   LfpmOptions options = RestartOptions();
@@ -1060,43 +1102,66 @@ TEST(LfpmTest, DensestWindowIsTheSquareHoldingMostOfTheMask) {
     EXPECT_TRUE(torch::allclose(after.masks[0], before.masks[0]));
     // Every mask has mass, so every class gets a window.
     ASSERT_EQ(after.masks.size(0), 2);
-    // Search every square of side ⌈√‖M‖₁⌉ for the most mass, in doubles.
     torch::Tensor held = before.masks[0][0].to(torch::kDouble);
-    const int64_t h = held.size(0), w = held.size(1);
-    const int64_t side = std::min<int64_t>(
-        std::min(h, w),
-        static_cast<int64_t>(std::ceil(std::sqrt(held.sum().item<double>()))));
-    double best_mass = -1.0;
-    int64_t best_top = 0, best_left = 0;
-    for (int64_t top = 0; top + side <= h; ++top) {
-      for (int64_t left = 0; left + side <= w; ++left) {
-        const double mass = held.slice(0, top, top + side)
-                                .slice(1, left, left + side)
-                                .sum()
-                                .item<double>();
-        if (mass > best_mass + 1e-9) {
-          best_mass = mass;
-          best_top = top;
-          best_left = left;
-        }
-      }
-    }
-    torch::Tensor expected = torch::zeros({h, w}, torch::kBool);
-    expected
-        .slice(0, std::max<int64_t>(0, best_top - 1),
-               std::min<int64_t>(h, best_top + side + 1))
-        .slice(1, std::max<int64_t>(0, best_left - 1),
-               std::min<int64_t>(w, best_left + side + 1))
-        .fill_(true);
+    const int64_t side = WindowSide(held);
+    const auto [top, left] = DensestSquare(held, side);
     torch::Tensor box = after.masks[1][0];
     EXPECT_TRUE(box.gt(0.999).logical_or(box.lt(0.001)).all().item<bool>());
-    EXPECT_TRUE(box.gt(0.5).equal(expected)) << "side " << side;
+    EXPECT_TRUE(box.gt(0.5).equal(
+        WindowBox(held.size(0), held.size(1), top, left, side, 1)))
+        << "side " << side;
   }
   auto options_json = nlohmann::json::parse(LfpmOptionsToJson(options));
   EXPECT_EQ(options_json["triggers"]["window_placement"], "densest");
   EXPECT_EQ(ParseWindowPlacement("extent").value(), WindowPlacement::kExtent);
   EXPECT_EQ(ParseWindowPlacement("densest").value(), WindowPlacement::kDensest);
   EXPECT_EQ(ParseWindowPlacement("centre").status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST(LfpmTest, SecondWindowIsTheDensestSquareTheFirstLeaves) {
+  auto model = TinyModel();
+  LfpmOptions options = RestartOptions();
+  options.triggers.restarts_per_target = 1;
+  options.triggers.window_steps = 10;
+  options.triggers.window_margin = 1;
+  options.triggers.window_placement = WindowPlacement::kDensest;
+  auto one = RunLfpm(*model, MergedTensors(), Tasks(), options);
+  ASSERT_TRUE(one.ok()) << one.status();
+  options.triggers.windows_per_class = 2;
+  auto two = RunLfpm(*model, MergedTensors(), Tasks(), options);
+  ASSERT_TRUE(two.ok()) << two.status();
+  for (size_t i = 0; i < two->report.triggers.size(); ++i) {
+    SCOPED_TRACE(absl::StrCat("task ", i));
+    const LfpmTriggerReport& single = one->report.triggers[i];
+    const LfpmTriggerReport& pair = two->report.triggers[i];
+    // The mined trigger and the first window are as with one window.
+    ASSERT_EQ(pair.masks.size(0), 3);
+    EXPECT_TRUE(torch::allclose(pair.masks[0], single.masks[0]));
+    EXPECT_TRUE(pair.masks[1].equal(single.masks[1]));
+    torch::Tensor held = single.masks[0][0].to(torch::kDouble);
+    const int64_t h = held.size(0), w = held.size(1);
+    const int64_t side = WindowSide(held);
+    const auto [first_top, first_left] = DensestSquare(held, side);
+    torch::Tensor left_over = held.clone();
+    left_over.slice(0, first_top, first_top + side)
+        .slice(1, first_left, first_left + side)
+        .zero_();
+    const auto [top, left] = DensestSquare(left_over, side);
+    torch::Tensor second = pair.masks[2][0];
+    EXPECT_TRUE(
+        second.gt(0.999).logical_or(second.lt(0.001)).all().item<bool>());
+    EXPECT_TRUE(second.gt(0.5).equal(WindowBox(h, w, top, left, side, 1)));
+    EXPECT_EQ(pair.targets[1], pair.targets[2]);
+  }
+  auto options_json = nlohmann::json::parse(LfpmOptionsToJson(options));
+  EXPECT_EQ(options_json["triggers"]["windows_per_class"], 2);
+  options.triggers.window_placement = WindowPlacement::kExtent;
+  EXPECT_EQ(RunLfpm(*model, MergedTensors(), Tasks(), options).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  options.triggers.window_placement = WindowPlacement::kDensest;
+  options.triggers.windows_per_class = 0;
+  EXPECT_EQ(RunLfpm(*model, MergedTensors(), Tasks(), options).status().code(),
             absl::StatusCode::kInvalidArgument);
 }
 
