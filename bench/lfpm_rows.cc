@@ -290,6 +290,8 @@ absl::StatusOr<LfpmRows> RunLfpmRows(const Scenario& scenario,
     if (options.adaptive_check) {
       ASSIGN_OR_RETURN(rows.ta_adaptive,
                        AdaptiveAttacks(scenario, path("TA", true), options));
+      ASSIGN_OR_RETURN(rows.clean_ta_adaptive,
+                       AdaptiveAttacks(scenario, path("TA", false), options));
     }
     for (LfpmMode mode : options.modes) {
       LfpmRow row;
@@ -340,6 +342,11 @@ absl::StatusOr<LfpmRows> RunLfpmRows(const Scenario& scenario,
         ASSIGN_OR_RETURN(
             row.adaptive,
             AdaptiveAttacks(scenario, path(row.row.method, true), options));
+        if (row.clean_repaired) {
+          ASSIGN_OR_RETURN(
+              row.clean_adaptive,
+              AdaptiveAttacks(scenario, path(row.row.method, false), options));
+        }
       }
       rows.rows.push_back(std::move(row));
     }
@@ -440,6 +447,11 @@ std::string LfpmRowsToText(const Scenario& scenario, const LfpmRows& rows) {
     };
     print("TA", rows.ta_adaptive);
     for (const LfpmRow& row : rows.rows) print(row.row.method, row.adaptive);
+    out += "the same attack on the clean fine-tunes' merge (no backdoor):\n";
+    print("TA", rows.clean_ta_adaptive);
+    for (const LfpmRow& row : rows.rows) {
+      if (row.clean_repaired) print(row.row.method, row.clean_adaptive);
+    }
   }
   return out;
 }
@@ -461,11 +473,13 @@ std::string LfpmRowsToJson(const Scenario& scenario, const LfpmRows& rows) {
                   {"report", json::parse(LfpmReportToJson(row.report))}};
     if (row.clean_repaired) {
       entry["clean_report"] = json::parse(LfpmReportToJson(row.clean_report));
+      entry["clean_adaptive"] = AdaptiveJson(row.clean_adaptive);
     }
     lfpm.push_back(std::move(entry));
   }
   json root = {{"table", json::parse(TableToJson(scenario, table))},
                {"ta_adaptive", AdaptiveJson(rows.ta_adaptive)},
+               {"clean_ta_adaptive", AdaptiveJson(rows.clean_ta_adaptive)},
                {"lfpm", lfpm}};
   return root.dump(2) + "\n";
 }

@@ -114,13 +114,20 @@ struct LfpmRow {
   // backdoor; `clean_repaired` says whether it ran.
   bool clean_repaired = false;
   LfpmReport clean_report;
+  // The adaptive attack against the clean merge's repair: the control for
+  // `adaptive`, what a re-optimized patch reaches on a repaired model that
+  // never had a backdoor.
+  std::vector<AdaptiveAttack> clean_adaptive;
 };
 
 struct LfpmRows {
   // The undefended TA merge, the repair's starting point.
   TableRow ta;
-  // The adaptive attack against TA itself (the reference).
+  // The adaptive attack against TA itself (the reference), and against
+  // the clean fine-tunes' TA merge: the ASR a universal patch reaches with
+  // no backdoor at all.
   std::vector<AdaptiveAttack> ta_adaptive;
+  std::vector<AdaptiveAttack> clean_ta_adaptive;
   std::vector<LfpmRow> rows;
 };
 
@@ -136,7 +143,9 @@ absl::StatusOr<LfpmRows> RunLfpmRows(const Scenario& scenario,
 std::string LfpmRowsToText(const Scenario& scenario, const LfpmRows& rows);
 // LfpmRowsToJson returns {"table": TableToJson, "lfpm": [{"method",
 // "seconds", "seconds_per_step", "peak_rss_bytes", "adaptive": [..],
-// "patch_overlap": [..], "report": LfpmReportToJson}], "ta_adaptive": [..]}.
+// "patch_overlap": [..], "report": LfpmReportToJson, and with the clean
+// repair "clean_report", "clean_adaptive": [..]}], "ta_adaptive": [..],
+// "clean_ta_adaptive": [..]}.
 std::string LfpmRowsToJson(const Scenario& scenario, const LfpmRows& rows);
 
 }  // namespace mergeguard::bench

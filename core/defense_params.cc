@@ -309,6 +309,9 @@ std::vector<Field<LfpmOptions>> LfpmFields() {
           "batch_size", [](O & o) -> auto& { return o.batch_size; }),
       Boolean<O>(
           "use_labels", [](O & o) -> auto& { return o.use_labels; }),
+      Number<O>(
+          "target_hold_weight",
+          [](O & o) -> auto& { return o.target_hold_weight; }),
       Integer<O, int64_t>(
           "report_examples", [](O & o) -> auto& { return o.report_examples; }),
       Integer<O, uint64_t>(

@@ -428,6 +428,30 @@ struct LfpmProblemForTesting::State {
         .to(device);
   }
 
+  // TargetHold is the mean over the batch of max(0, p(t|x) − θm's p(t|x))
+  // on inputs labeled other than t, summed over the distinct classes t that
+  // the task's counted triggers (active ones when `gated`) target.
+  torch::Tensor TargetHold(const TaskState& task, const torch::Tensor& idx,
+                           const torch::Tensor& y,
+                           const torch::Tensor& clean_log_probs, bool gated) {
+    std::set<int64_t> held;
+    for (int64_t j = 0; j < task.triggers.size(); ++j) {
+      if (task.triggers.targets[j] >= 0 &&
+          (!gated || task.triggers.active[j] > 0.0)) {
+        held.insert(task.triggers.targets[j]);
+      }
+    }
+    torch::Tensor hold = torch::zeros({}, clean_log_probs.options());
+    if (held.empty()) return hold;
+    torch::Tensor merged = task.merged_log_probs.index_select(0, idx);
+    for (int64_t t : held) {
+      torch::Tensor rise = torch::relu(clean_log_probs.select(1, t).exp() -
+                                       merged.select(1, t).exp());
+      hold = hold + (rise * y.ne(t).to(rise.dtype())).mean();
+    }
+    return hold;
+  }
+
   // Loss returns L(α) on `batch` (per task: input indices) given the
   // detached endpoint features f(θm + τab; x) per task. Installs θ(α).
   // With `gated`, L_bd and the invariance term count only the triggers
@@ -462,6 +486,10 @@ struct LfpmProblemForTesting::State {
       torch::Tensor clean;
       if (task.labeled) {
         clean = torch::nll_loss(clean_log_probs, y);
+        if (options.target_hold_weight > 0.0) {
+          clean = clean + options.target_hold_weight *
+                              TargetHold(task, idx, y, clean_log_probs, gated);
+        }
       } else {
         torch::Tensor target = task.merged_log_probs.index_select(0, idx);
         clean = (target.exp() * (target - clean_log_probs)).sum(1).mean();
@@ -1089,10 +1117,11 @@ absl::Status ValidateOptions(const LfpmOptions& options) {
         "report_examples >= 1");
   }
   if (!(options.learning_rate >= 0.0) || !(options.beta >= 0.0) ||
-      !(options.gamma >= 0.0) || !(options.ctl_path_weight >= 0.0)) {
+      !(options.gamma >= 0.0) || !(options.ctl_path_weight >= 0.0) ||
+      !(options.target_hold_weight >= 0.0)) {
     return absl::InvalidArgumentError(
         "LFPM needs learning_rate >= 0 (0: the mode's default) and beta, "
-        "gamma, ctl_path_weight >= 0");
+        "gamma, ctl_path_weight, target_hold_weight >= 0");
   }
   if (options.mode == LfpmMode::kPeft &&
       (options.lora_rank < 1 || !(options.lora_alpha > 0.0))) {
@@ -1838,6 +1867,7 @@ json OptionsJson(const LfpmOptions& o) {
            std::string(LearningRateScheduleName(o.learning_rate_schedule))},
           {"batch_size", o.batch_size},
           {"use_labels", o.use_labels},
+          {"target_hold_weight", o.target_hold_weight},
           {"device", o.device},
           {"seed", o.seed},
           {"threads", o.threads},

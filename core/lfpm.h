@@ -296,6 +296,14 @@ struct LfpmOptions {
   // Use calibration labels when present; false treats every set as
   // unlabeled (pseudo-labels and KL to θm).
   bool use_labels = true;
+  // Weight of the target hold (labeled tasks only; 0 = off): on clean
+  // calibration inputs whose label is not a class that the task's counted
+  // triggers target, the mean of max(0, p(t | x; θ(α)) − p(t | x; θm)) per
+  // such class t, added to L_clean. Fitting the labels can move a class
+  // boundary toward the suspected target (shirts into T-shirts on
+  // Fashion-MNIST), which the ASR then counts; the hold is one-sided, so
+  // θm's own pull toward t (a backdoor's residue) is not taught back.
+  double target_hold_weight = 0.0;
   LfpmTriggerOptions triggers;
   // "cpu" or "cuda[:N]".
   std::string device = "cpu";

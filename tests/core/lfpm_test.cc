@@ -1465,6 +1465,64 @@ LfpmKnownTrigger KnownPatch(int64_t target) {
   return {trigger, target};
 }
 
+// The target hold adds W·Σ_t mean(max(0, p(t|x) − θm's p(t|x))·[y ≠ t])
+// over the classes t that a labeled task's triggers target: nothing while
+// τab = 0, and exactly that once τab moves; an unlabeled task adds nothing.
+TEST(LfpmTest, TargetHoldPenalizesRisesOfTheTargetClassOnOtherLabels) {
+  auto model = TinyModel();
+  NamedTensors merged = MergedTensors();
+  std::vector<LfpmTask> tasks = Tasks();
+  const int64_t target = 2;
+  tasks[0].known_trigger = KnownPatch(target);
+  LfpmOptions options = FastOptions(LfpmMode::kFull);
+  LfpmOptions held = options;
+  held.target_hold_weight = 5.0;
+  auto plain = LfpmProblemForTesting::Create(*model, merged, tasks, options);
+  auto holding = LfpmProblemForTesting::Create(*model, merged, tasks, held);
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  ASSERT_TRUE(holding.ok()) << holding.status();
+  for (double alpha : {0.5, 1.0}) {
+    auto without = (*plain)->LossAt(alpha);
+    auto with = (*holding)->LossAt(alpha);
+    ASSERT_TRUE(without.ok() && with.ok());
+    EXPECT_NEAR(with->item<double>(), without->item<double>(), 1e-6) << alpha;
+  }
+
+  PerturbTrainable(**plain, 0.05);
+  PerturbTrainable(**holding, 0.05);
+  const int64_t b = options.batch_size;  // LossAt's batch: the first b
+  torch::Tensor x = tasks[0].inputs.slice(0, 0, b);
+  torch::Tensor y = tasks[0].labels.slice(0, 0, b);
+  Head head{Find(merged, "a/head.weight"), Find(merged, "a/head.bias")};
+  auto probability_of_target = [&](LfpmProblemForTesting& problem,
+                                   double alpha) {
+    auto features = problem.Features(alpha, x);
+    EXPECT_TRUE(features.ok()) << features.status();
+    return torch::softmax(head.Logits(*features), 1).select(1, target);
+  };
+  torch::Tensor before = probability_of_target(**holding, 0.0);
+  for (double alpha : {0.5, 1.0}) {
+    torch::Tensor rise =
+        (probability_of_target(**holding, alpha) - before).clamp_min(0.0);
+    const double hold =
+        (rise * y.ne(target).to(torch::kFloat32)).mean().item<double>();
+    auto without = (*plain)->LossAt(alpha);
+    auto with = (*holding)->LossAt(alpha);
+    ASSERT_TRUE(without.ok() && with.ok());
+    // The total is the mean over the two tasks.
+    EXPECT_NEAR(with->item<double>() - without->item<double>(),
+                held.target_hold_weight * hold / 2.0, 1e-5)
+        << alpha;
+    if (alpha == 1.0) {
+      EXPECT_GT(hold, 1e-4);  // so the check can fail
+    }
+  }
+
+  held.target_hold_weight = -1.0;
+  EXPECT_EQ(RunLfpm(*model, merged, tasks, held).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST(LfpmTest, KnownTriggerReplacesMiningAndSkipsTheGates) {
   auto model = TinyModel();
   LfpmOptions options = FastOptions(LfpmMode::kFull);
@@ -1661,7 +1719,10 @@ TEST(LfpmScenarioTest, TinyScenarioAsrBelowTaskArithmetic) {
   options.lfpm.triggers.scan_batch_size = 8;
   options.lfpm.triggers.rescan_after = false;
   options.modes = {LfpmMode::kFull};
-  options.adaptive_check = false;
+  // A short adaptive attack: its ASR figures are checked for bookkeeping,
+  // not strength.
+  options.adaptive_patch.steps = 2;
+  options.adaptive_patch.batch_size = 16;
   auto rows = bench::RunLfpmRows(built->scenario, options);
   ASSERT_TRUE(rows.ok()) << rows.status();
   ASSERT_EQ(rows->rows.size(), 1u);
@@ -1754,6 +1815,26 @@ TEST(LfpmScenarioTest, TinyScenarioAsrBelowTaskArithmetic) {
   ASSERT_TRUE(overlaps.ok()) << overlaps.status();
   EXPECT_EQ((*overlaps)[0].pattern_gap, (std::vector<double>{0.0}));
   EXPECT_EQ((*overlaps)[0].pattern_correlation, (std::vector<double>{0.0}));
+  // The adaptive attack runs on all four models; each one's `original_asr`
+  // is the scenario trigger's ASR that the table measured separately.
+  auto expect_attack = [&](const std::vector<bench::AdaptiveAttack>& attacks,
+                           const bench::ModelEvaluation& evaluation,
+                           const std::string& model) {
+    ASSERT_EQ(attacks.size(), 1u) << model;
+    ASSERT_EQ(evaluation.asr.size(), 1u) << model;
+    EXPECT_EQ(attacks[0].task, compromised) << model;
+    EXPECT_NEAR(attacks[0].original_asr, evaluation.asr[0].asr, 1e-9) << model;
+    EXPECT_GE(attacks[0].adaptive_asr, 0.0) << model;
+    EXPECT_LE(attacks[0].adaptive_asr, 1.0) << model;
+  };
+  expect_attack(rows->ta_adaptive, rows->ta.backdoored, "TA");
+  expect_attack(rows->clean_ta_adaptive, rows->ta.clean, "clean TA");
+  expect_attack(row.adaptive, row.row.backdoored, "LFPM");
+  expect_attack(row.clean_adaptive, row.row.clean, "clean LFPM");
+  EXPECT_EQ(rows_json["clean_ta_adaptive"].size(), 1u);
+  EXPECT_EQ(rows_json["lfpm"][0]["clean_adaptive"].size(), 1u);
+  EXPECT_NE(bench::LfpmRowsToText(built->scenario, *rows).find("no backdoor"),
+            std::string::npos);
   const double ta_asr = bench::MeanAsr(rows->ta.backdoored);
   const double lfpm_asr = bench::MeanAsr(rows->rows[0].row.backdoored);
   // The scenario must plant a backdoor that survives TA, or the comparison
