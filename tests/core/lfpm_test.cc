@@ -1467,13 +1467,15 @@ LfpmKnownTrigger KnownPatch(int64_t target) {
 
 // The target hold adds W·Σ_t mean(max(0, p(t|x) − θm's p(t|x))·[y ≠ t])
 // over the classes t that a labeled task's triggers target: nothing while
-// τab = 0, and exactly that once τab moves; an unlabeled task adds nothing.
+// τab = 0, and exactly that once τab moves. Task "b" is unlabeled and has
+// a targeted trigger too: it adds nothing.
 TEST(LfpmTest, TargetHoldPenalizesRisesOfTheTargetClassOnOtherLabels) {
   auto model = TinyModel();
   NamedTensors merged = MergedTensors();
   std::vector<LfpmTask> tasks = Tasks();
   const int64_t target = 2;
   tasks[0].known_trigger = KnownPatch(target);
+  tasks[1].known_trigger = KnownPatch(target);
   LfpmOptions options = FastOptions(LfpmMode::kFull);
   LfpmOptions held = options;
   held.target_hold_weight = 5.0;
