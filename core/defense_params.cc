@@ -286,6 +286,9 @@ std::vector<Field<LfpmOptions>> LfpmFields() {
           "lora_rank", [](O & o) -> auto& { return o.lora_rank; }),
       Number<O>(
           "lora_alpha", [](O & o) -> auto& { return o.lora_alpha; }),
+      Boolean<O>(
+          "peft_dense_vectors",
+          [](O & o) -> auto& { return o.peft_dense_vectors; }),
       Number<O>(
           "beta", [](O & o) -> auto& { return o.beta; }),
       Number<O>(

@@ -129,7 +129,9 @@ struct AdaptedTensor {
   size_t parameter = 0;  // index into Model::Parameters()
   std::string name;
   std::vector<int64_t> shape;
-  torch::Tensor dense;   // full mode: same shape as the parameter
+  // Exactly one of `dense` (full mode, or a 1-D parameter under
+  // peft_dense_vectors) and the LoRA pair is set.
+  torch::Tensor dense;   // same shape as the parameter
   torch::Tensor lora_a;  // PEFT: [r, in]
   torch::Tensor lora_b;  // PEFT: [out, r]
 };
@@ -345,14 +347,14 @@ struct LfpmProblemForTesting::State {
 
   // Tau returns τab for `t`, with autograd to its leaves.
   torch::Tensor Tau(const AdaptedTensor& t) const {
-    if (options.mode == LfpmMode::kFull) return t.dense;
+    if (t.dense.defined()) return t.dense;
     return (torch::matmul(t.lora_b, t.lora_a) * lora_scale).view(t.shape);
   }
 
   std::vector<torch::Tensor> Trainable() const {
     std::vector<torch::Tensor> leaves;
     for (const AdaptedTensor& t : adapted) {
-      if (options.mode == LfpmMode::kFull) {
+      if (t.dense.defined()) {
         leaves.push_back(t.dense);
       } else {
         leaves.push_back(t.lora_a);
@@ -1167,7 +1169,10 @@ absl::Status ValidateOptions(const LfpmOptions& options) {
 }
 
 bool Adapts(const LfpmOptions& options, const ParameterInfo& info) {
-  if (options.mode == LfpmMode::kPeft && info.shape.size() < 2) return false;
+  if (options.mode == LfpmMode::kPeft && info.shape.size() < 2 &&
+      !options.peft_dense_vectors) {
+    return false;
+  }
   if (options.layer_prefixes.empty()) return true;
   for (const std::string& prefix : options.layer_prefixes) {
     if (absl::StartsWith(info.name, prefix)) return true;
@@ -1224,7 +1229,7 @@ absl::StatusOr<std::unique_ptr<LfpmProblemForTesting::State>> CreateState(
     t.parameter = i;
     t.name = info.name;
     t.shape = info.shape;
-    if (options.mode == LfpmMode::kFull) {
+    if (options.mode == LfpmMode::kFull || info.shape.size() < 2) {
       t.dense = torch::zeros(info.shape, torch::TensorOptions(state->device))
                     .set_requires_grad(true);
     } else {
@@ -1245,7 +1250,8 @@ absl::StatusOr<std::unique_ptr<LfpmProblemForTesting::State>> CreateState(
   if (state->adapted.empty()) {
     return absl::InvalidArgumentError(
         "LFPM adapts no parameter: layer_prefixes match none of the "
-        "architecture's (PEFT adapts weights of rank >= 2 only)");
+        "architecture's (PEFT adapts weights of rank >= 2 only, unless "
+        "peft_dense_vectors is set)");
   }
 
   std::set<std::string> names;
@@ -1856,6 +1862,7 @@ json OptionsJson(const LfpmOptions& o) {
           {"layer_prefixes", o.layer_prefixes},
           {"lora_rank", o.lora_rank},
           {"lora_alpha", o.lora_alpha},
+          {"peft_dense_vectors", o.peft_dense_vectors},
           {"beta", o.beta},
           {"gamma", o.gamma},
           {"ctl_path_weight", o.ctl_path_weight},

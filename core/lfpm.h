@@ -268,6 +268,10 @@ struct LfpmOptions {
   // LoRA rank r and scale numerator: ΔW = B·A·(lora_alpha / r).
   int64_t lora_rank = 8;
   double lora_alpha = 8.0;
+  // PEFT mode: also train the 1-D parameters (biases, norm scales) densely,
+  // as PEFT's bias="all" does. Off by default: the spec's PEFT mode has
+  // LoRA factors only (docs/lfpm.md, "Dense vectors in PEFT mode").
+  bool peft_dense_vectors = false;
   // Weights of the backdoor-unlearning and CTL terms:
   // L(α) = L_clean + β·L_bd + γ·L_ctl.
   double beta = 1.0;

@@ -330,6 +330,41 @@ TEST(LfpmTest, LoraDeltaIsBTimesAScaled) {
   EXPECT_TRUE(torch::allclose(*actual, expected->detach(), 1e-4, 1e-5));
 }
 
+TEST(LfpmTest, PeftDenseVectorsTrainBiasesDenselyBesideTheLoraFactors) {
+  auto model = TinyModel();
+  LfpmOptions options = FastOptions(LfpmMode::kPeft);
+  options.lora_rank = 2;
+  options.peft_dense_vectors = true;
+  auto problem =
+      LfpmProblemForTesting::Create(*model, MergedTensors(), Tasks(), options);
+  ASSERT_TRUE(problem.ok()) << problem.status();
+  // conv: A, B, then its bias densely; fc likewise.
+  std::vector<torch::Tensor> leaves = (*problem)->Trainable();
+  ASSERT_EQ(leaves.size(), 6u);
+  EXPECT_EQ(leaves[2].sizes().vec(), (std::vector<int64_t>{4}));
+  EXPECT_EQ(leaves[5].sizes().vec(), (std::vector<int64_t>{16}));
+  // τab still starts at 0: B = 0 and the dense vectors are zeros.
+  auto zero = (*problem)->Tau();
+  ASSERT_TRUE(zero.ok());
+  ASSERT_EQ(zero->size(), 4u);
+  for (const auto& [name, tensor] : *zero) {
+    EXPECT_EQ(tensor.abs().max().item<float>(), 0.0f) << name;
+  }
+  PerturbTrainable(**problem, 0.5);
+  auto tau = (*problem)->Tau();
+  ASSERT_TRUE(tau.ok());
+  EXPECT_EQ((*tau)[1].first, "conv.bias");
+  EXPECT_TRUE(torch::equal((*tau)[1].second, leaves[2].detach()));
+  EXPECT_TRUE(torch::allclose(
+      (*tau)[2].second, torch::matmul(leaves[4], leaves[3]) * 4.0));
+  // Without the flag, PEFT leaves the biases at θm.
+  options.peft_dense_vectors = false;
+  auto plain =
+      LfpmProblemForTesting::Create(*model, MergedTensors(), Tasks(), options);
+  ASSERT_TRUE(plain.ok());
+  EXPECT_EQ((*plain)->Trainable().size(), 4u);
+}
+
 TEST(LfpmTest, LayerPrefixesRestrictTau) {
   auto model = TinyModel();
   LfpmOptions options = FastOptions(LfpmMode::kFull);
