@@ -51,9 +51,11 @@ commands:
         [--train-attacked-head] [--badmerging-interpolation features|weights]
         [--badmerging-weight W] [--badmerging-clean-weight C]
         [--badmerging-max-norm R] [--finetune-steps N] [--finetune-lr X]
-        [--finetune-train-head] [--pretrain-steps N]
+        [--finetune-train-head] [--pretrain-steps N] [--pretrain-shards N]
       Builds a scenario directory (reused when DIR already holds the same
-      configuration).
+      configuration). --pretrain-shards (default 2) splits each pretraining
+      batch into data-parallel shards; it shapes the base. --threads only
+      says how many jobs run at once: it does not change what is built.
   eval --scenario DIR --model FILE [--json] [--threads N]
       Per-task accuracy, mean, normalized accuracy and ASR of a model.
   eval --scenario DIR --rows NAME=CLEAN:BACKDOORED[,NAME=..] [--json]
@@ -209,7 +211,8 @@ absl::Status RunBuild(int argc, char** argv) {
                     "badmerging-max-norm",
                     "finetune-steps",
                     "finetune-lr",
-                    "pretrain-steps"},
+                    "pretrain-steps",
+                    "pretrain-shards"},
                    {"force", "train-attacked-head", "finetune-train-head"});
   if (!parsed.ok()) return parsed.status();
   const Flags& flags = *parsed;
@@ -242,6 +245,7 @@ absl::Status RunBuild(int argc, char** argv) {
   RETURN_IF_ERROR(flags.Number("finetune-steps", &options.finetune_steps));
   RETURN_IF_ERROR(flags.Number("finetune-lr", &options.finetune_learning_rate));
   RETURN_IF_ERROR(flags.Number("pretrain-steps", &options.pretrain_steps));
+  RETURN_IF_ERROR(flags.Number("pretrain-shards", &options.pretrain_shards));
   options.finetune_train_head = flags.Has("finetune-train-head");
   if (options.attack.badmerging_clean_weight < 0.0 ||
       options.attack.badmerging_max_norm < 0.0 || options.finetune_steps < 0 ||

@@ -61,7 +61,8 @@ json BaseJson(const BuildOptions& options, const PresetConfig& config) {
       {"architecture", std::string(ArchitectureName(options.architecture))},
       {"seed", options.seed},
       {"data", DataJson(config.data)},
-      {"pretrain", OptimizerJson(config.pretrain)}};
+      {"pretrain", OptimizerJson(config.pretrain)},
+      {"pretrain_shards", options.pretrain_shards}};
   // Written only past revision 1, so scenarios built before revisions
   // existed keep their hash.
   const int revision = ArchitectureRevision(options.architecture);
@@ -328,6 +329,12 @@ absl::StatusOr<BuildResult> BuildScenario(const BuildOptions& options) {
     return absl::InvalidArgumentError("no output directory (--out)");
   }
   const PresetConfig config = ResolvedConfig(options);
+  if (options.pretrain_shards < 1 ||
+      options.pretrain_shards > config.pretrain.batch_size) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--pretrain-shards must be between 1 and the pretraining batch size (",
+        config.pretrain.batch_size, "), not ", options.pretrain_shards));
+  }
   const json config_json = ConfigJson(options, config);
   const std::string config_hash = Sha256Hex(config_json.dump());
   const std::vector<std::string> compromised =
@@ -401,7 +408,8 @@ absl::StatusOr<BuildResult> BuildScenario(const BuildOptions& options) {
     ASSIGN_OR_RETURN(
         TrainReport report,
         Pretrain(*base, world.pretrain, world.pretrain_classes, config.pretrain,
-                 TaskSeed(options.seed, "", "pretrain"), threads));
+                 TaskSeed(options.seed, "", "pretrain"),
+                 options.pretrain_shards, threads));
     Log(options, absl::StrFormat("  pretraining loss %.4f, %.1f s",
                                  report.final_loss, report.seconds));
     RETURN_IF_ERROR(base->Save(architecture_path));

@@ -96,11 +96,16 @@ struct BuildOptions {
   bool finetune_train_head = false;
   // Override of the preset's pretraining steps; 0 keeps the preset's.
   int64_t pretrain_steps = 0;
+  // Pretraining splits each batch into this many data-parallel shards.
+  // It shapes the base (gradients are summed shard by shard), so it is part
+  // of the configuration; `threads` only says how many run at once. 2 is
+  // what every build on the 2-core machines before it had.
+  int pretrain_shards = 2;
   // The scenario directory to write.
   std::string out_dir;
-  // Threads in all (0 = hardware concurrency). Fine-tunes run in parallel,
-  // one thread each; results depend on this number only through
-  // pretraining, which uses all of them.
+  // Threads in all (0 = hardware concurrency). Pretraining shards and
+  // fine-tunes run in parallel, one thread each; results do not depend on
+  // this number.
   int threads = 0;
   DataSources sources = DefaultDataSources();
   // Shared stage cache (pretrained base, clean fine-tunes), keyed by the
@@ -124,8 +129,9 @@ struct BuildResult {
 };
 
 // ConfigHash returns the hex sha256 of the canonical JSON of the
-// configuration (preset, architecture, attack, seed, schedules, data sizes,
-// format version). Thread count and paths are excluded.
+// configuration (preset, architecture, attack, seed, schedules, pretraining
+// shards, data sizes, format version). Thread count and paths are excluded:
+// they do not change what is built.
 std::string ConfigHash(const BuildOptions& options);
 
 // BuildScenario builds (or reuses) the scenario of `options`. The directory

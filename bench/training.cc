@@ -202,16 +202,21 @@ absl::string_view BadMergingInterpolationName(BadMergingInterpolation kind) {
 absl::StatusOr<TrainReport> Pretrain(Model& model, const ImageSet& corpus,
                                      int64_t num_classes,
                                      const OptimizerOptions& options,
-                                     uint64_t seed, int replicas) {
+                                     uint64_t seed, int shards, int threads) {
   RETURN_IF_ERROR(CheckOptions(options, corpus));
-  if (replicas < 1) {
-    return absl::InvalidArgumentError("replicas must be at least 1");
+  if (shards < 1 || shards > options.batch_size) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "pretraining shards must be between 1 and the batch size (",
+        options.batch_size, "), not ", shards));
+  }
+  if (threads < 1) {
+    return absl::InvalidArgumentError("threads must be at least 1");
   }
   return CallTorch("Pretrain", [&]() -> absl::StatusOr<TrainReport> {
     const auto start = std::chrono::steady_clock::now();
     at::Generator generator = at::make_generator<at::CPUGeneratorImpl>(seed);
-    // The master copy (model + head) is what Adam updates; replicas compute
-    // gradients on contiguous shards of each batch, one thread each, and
+    // The master copy (model + head) is what Adam updates; one replica per
+    // shard computes the gradient of a contiguous slice of each batch, and
     // their sum is the gradient of the whole batch's mean loss.
     Head head;
     head.weight = torch::empty({num_classes, model.FeatureDim()})
@@ -223,7 +228,7 @@ absl::StatusOr<TrainReport> Pretrain(Model& model, const ImageSet& corpus,
     parameters.push_back(head.bias);
     std::vector<std::unique_ptr<Model>> workers;
     std::vector<std::vector<torch::Tensor>> worker_parameters;
-    for (int r = 0; r < replicas; ++r) {
+    for (int r = 0; r < shards; ++r) {
       ASSIGN_OR_RETURN(std::unique_ptr<Model> replica, model.Clone());
       std::vector<torch::Tensor> replica_parameters =
           TrainableBackbone(*replica);
@@ -238,17 +243,17 @@ absl::StatusOr<TrainReport> Pretrain(Model& model, const ImageSet& corpus,
                         .weight_decay(options.weight_decay));
     BatchSampler sampler(corpus.size(), options.batch_size, generator);
     LossTracker tracker(options.steps);
-    std::vector<double> shard_loss(replicas);
-    std::vector<absl::Status> shard_status(replicas);
+    std::vector<double> shard_loss(shards);
+    std::vector<absl::Status> shard_status(shards);
     for (int64_t step = 0; step < options.steps; ++step) {
       SetLearningRate(optimizer, Schedule(options, step));
       torch::Tensor batch = sampler.Next();
       const int64_t batch_size = batch.size(0);
-      ParallelFor(replicas, replicas, [&](size_t r) {
+      ParallelFor(shards, threads, [&](size_t r) {
         at::set_num_threads(1);
         shard_status[r] = CallTorch("Pretrain shard", [&]() -> absl::Status {
-          const int64_t begin = batch_size * r / replicas;
-          const int64_t end = batch_size * (r + 1) / replicas;
+          const int64_t begin = batch_size * r / shards;
+          const int64_t end = batch_size * (r + 1) / shards;
           torch::Tensor shard = batch.slice(0, begin, end);
           std::vector<torch::Tensor>& p = worker_parameters[r];
           for (torch::Tensor& t : p) {
@@ -268,20 +273,20 @@ absl::StatusOr<TrainReport> Pretrain(Model& model, const ImageSet& corpus,
         });
       });
       double loss = 0.0;
-      for (int r = 0; r < replicas; ++r) {
+      for (int r = 0; r < shards; ++r) {
         RETURN_IF_ERROR(shard_status[r]);
         loss += shard_loss[r] / static_cast<double>(batch_size);
       }
       torch::NoGradGuard no_grad;
       for (size_t i = 0; i < parameters.size(); ++i) {
         torch::Tensor grad = worker_parameters[0][i].grad().clone();
-        for (int r = 1; r < replicas; ++r) {
+        for (int r = 1; r < shards; ++r) {
           grad.add_(worker_parameters[r][i].grad());
         }
         parameters[i].mutable_grad() = grad;
       }
       optimizer.step();
-      for (int r = 0; r < replicas; ++r) {
+      for (int r = 0; r < shards; ++r) {
         for (size_t i = 0; i < parameters.size(); ++i) {
           worker_parameters[r][i].copy_(parameters[i]);
         }

@@ -38,14 +38,17 @@ struct TrainReport {
 
 // Pretrain trains every backbone parameter of `model` with a temporary
 // linear head over `num_classes` classes on `corpus`, then drops the head.
-// Each batch is split over `replicas` model copies, one thread each (data
-// parallel), which holds up on busy machines where one process's intra-op
-// threads would wait on each other at every operator; the result depends on
-// `replicas`.
+// Each batch is split into `shards` contiguous shards, each run on its own
+// model copy with one intra-op thread (data parallel), which holds up on
+// busy machines where one process's intra-op threads would wait on each
+// other at every operator. Up to `threads` shards run at once. The result
+// depends on `shards` (the order in which gradients are summed) but not on
+// `threads`, so a base is the same on any machine size.
 absl::StatusOr<TrainReport> Pretrain(Model& model, const ImageSet& corpus,
                                      int64_t num_classes,
                                      const OptimizerOptions& options,
-                                     uint64_t seed, int replicas = 1);
+                                     uint64_t seed, int shards = 1,
+                                     int threads = 1);
 
 // FitLinearProbe returns a head trained on `model`'s frozen features of
 // `train` (features are computed once).

@@ -240,9 +240,26 @@ TEST(BenchEndToEndTest, ScheduleOverridesChangeConfigAndHash) {
             preset_config.pretrain.steps * 2);
   EXPECT_NE(ConfigHash(pretrain), ConfigHash(preset));
   EXPECT_NE(ConfigHash(pretrain), ConfigHash(train_head));
+
+  // The shard count shapes the base; the thread count does not.
+  BuildOptions shards = preset;
+  shards.pretrain_shards = 1;
+  EXPECT_NE(ConfigHash(shards), ConfigHash(preset));
+  BuildOptions threads = preset;
+  threads.threads = preset.threads + 1;
+  EXPECT_EQ(ConfigHash(threads), ConfigHash(preset));
+  BuildOptions too_many = preset;
+  too_many.pretrain_shards =
+      static_cast<int>(preset_config.pretrain.batch_size) + 1;
+  too_many.out_dir = (fs::temp_directory_path() / "never-built").string();
+  auto refused = BuildScenario(too_many);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(refused.status().message(), HasSubstr("--pretrain-shards"));
 }
 
-// Without the stage cache, the same seed gives the same bytes.
+// Without the stage cache, the same seed gives the same bytes, whatever
+// the thread count.
 TEST(BenchEndToEndTest, SeededBuildsAreReproducible) {
   const fs::path root = NewRoot();
   BuildOptions first = TinyOptions(root, "repro-a");
@@ -250,6 +267,7 @@ TEST(BenchEndToEndTest, SeededBuildsAreReproducible) {
   first.cache_dir.clear();
   BuildOptions second = first;
   second.out_dir = (root / "repro-b").string();
+  second.threads = 1;
   auto a = BuildScenario(first);
   ASSERT_TRUE(a.ok()) << a.status();
   auto b = BuildScenario(second);

@@ -166,6 +166,44 @@ TEST(UniversalPatchTest, OptimizationRaisesTheTargetRate) {
   EXPECT_GT(target_rate(*adapted), target_rate(initial));
 }
 
+// The pretrained base is a function of the shard count, not of how many
+// threads run the shards: builds on machines of any size agree.
+TEST(PretrainTest, ShardsShapeTheBaseAndThreadsDoNot) {
+  ImageSet corpus{
+      torch::randint(0, 256, {64, 28, 28}, torch::kInt64).to(torch::kUInt8),
+      torch::randint(0, 10, {64}, torch::kInt64)};
+  OptimizerOptions options{/*steps=*/4, /*batch_size=*/16,
+                           /*learning_rate=*/0.01, /*weight_decay=*/0.0,
+                           /*warmup_fraction=*/0.0};
+  auto pretrained = [&](int shards, int threads) {
+    auto model = BuildArchitecture(Architecture::kCnn, 6);
+    EXPECT_TRUE(model.ok());
+    auto report =
+        Pretrain(**model, corpus, 10, options, /*seed=*/2, shards, threads);
+    EXPECT_TRUE(report.ok()) << report.status();
+    return (*model)->Backbone();
+  };
+  const NamedTensors two_on_one = pretrained(2, 1);
+  const NamedTensors two_on_two = pretrained(2, 2);
+  const NamedTensors one_shard = pretrained(1, 1);
+  ASSERT_EQ(two_on_one.size(), two_on_two.size());
+  bool shards_differ = false;
+  for (size_t i = 0; i < two_on_one.size(); ++i) {
+    EXPECT_TRUE(torch::equal(two_on_one[i].second, two_on_two[i].second))
+        << two_on_one[i].first;
+    if (!torch::equal(two_on_one[i].second, one_shard[i].second)) {
+      shards_differ = true;
+    }
+  }
+  // Summing shard gradients rounds differently from one whole batch.
+  EXPECT_TRUE(shards_differ);
+
+  auto model = BuildArchitecture(Architecture::kCnn, 6);
+  ASSERT_TRUE(model.ok());
+  EXPECT_FALSE(Pretrain(**model, corpus, 10, options, 2, /*shards=*/0).ok());
+  EXPECT_FALSE(Pretrain(**model, corpus, 10, options, 2, /*shards=*/17).ok());
+}
+
 TEST(BadMergingTest, ParsesInterpolationNames) {
   EXPECT_EQ(*ParseBadMergingInterpolation("weights"),
             BadMergingInterpolation::kWeights);
