@@ -99,7 +99,7 @@ struct BuildOptions {
   // Pretraining splits each batch into this many data-parallel shards.
   // It shapes the base (gradients are summed shard by shard), so it is part
   // of the configuration; `threads` only says how many run at once. 2 is
-  // what every build on the 2-core machines before it had.
+  // what a default (all-cores) build on the 2-core machines had before.
   int pretrain_shards = 2;
   // The scenario directory to write.
   std::string out_dir;
