@@ -257,7 +257,11 @@ struct LfpmProgress {
 
 // LfpmOptions: ALGORITHMS.md §4 defaults; where the spec is silent, the
 // values below are ours (docs/lfpm.md).
-inline constexpr double kLfpmPeftLearningRate = 1e-3;
+// Both rates depart from the spec's 1e-3: full mode diverged there, and PEFT
+// mode missed the accuracy target on the two-compromised ViT and the
+// adaptive check on the two-compromised CNN (docs/lfpm.md, "PEFT's
+// learning rate").
+inline constexpr double kLfpmPeftLearningRate = 3e-4;
 inline constexpr double kLfpmFullLearningRate = 1e-4;
 
 struct LfpmOptions {
@@ -289,8 +293,8 @@ struct LfpmOptions {
   int64_t path_nodes = 4;
   // Outer steps (one Adam step on τab each).
   int64_t steps = 300;
-  // Adam's learning rate on τab; 0 picks the mode's default: 1e-3 (the
-  // spec) for PEFT, 1e-4 for full, where 1e-3 diverged (docs/lfpm.md).
+  // Adam's learning rate on τab; 0 picks the mode's default:
+  // kLfpmPeftLearningRate or kLfpmFullLearningRate.
   double learning_rate = 0.0;
   LearningRateSchedule learning_rate_schedule = LearningRateSchedule::kConstant;
   // Calibration inputs per task per outer step (shared by the K nodes);

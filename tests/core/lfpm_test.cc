@@ -521,6 +521,20 @@ TEST(LfpmTest, ReportHasPathCurveTriggersAndAnomalies) {
   EXPECT_EQ(untargeted->report.triggers[0].targets, (std::vector<int64_t>{-1}));
 }
 
+TEST(LfpmTest, ZeroLearningRatePicksTheModesDefaultAndTheRecordSaysWhichRan) {
+  LfpmOptions options = FastOptions(LfpmMode::kPeft);
+  EXPECT_EQ(LfpmEffectiveLearningRate(options), 3e-4);
+  // A job's recorded options carry the rate that ran, not the 0 it asked for.
+  EXPECT_EQ(nlohmann::json::parse(LfpmOptionsToJson(options))["learning_rate"],
+            3e-4);
+  options.mode = LfpmMode::kFull;
+  EXPECT_EQ(LfpmEffectiveLearningRate(options), 1e-4);
+  options.learning_rate = 2e-3;
+  EXPECT_EQ(LfpmEffectiveLearningRate(options), 2e-3);
+  options.mode = LfpmMode::kPeft;
+  EXPECT_EQ(LfpmEffectiveLearningRate(options), 2e-3);
+}
+
 TEST(LfpmTest, CosineScheduleShrinksTheLateSteps) {
   LfpmOptions options = FastOptions(LfpmMode::kFull);
   options.steps = 8;
